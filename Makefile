@@ -1,0 +1,33 @@
+# The two commands of the README: `make run` (the main job) and `make test`.
+# Both create .venv and install what they need on first use.
+
+SHARED ?= ../shared
+VENV ?= .venv
+BIN := $(VENV)/bin
+# DeepSpeed JIT-compiles ops on first use; keep them with the checkout so later runs reuse them.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: run test install clean
+
+# torch goes first and exactly pinned: that resolves to the local CPU wheel, where a range would
+# pull gigabytes of CUDA packages.
+$(BIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/dolly data prepare \
+		--source $(SHARED)/data/databricks-dolly-15k.jsonl \
+		--tokenizer $(SHARED)/tokenizer/pythia \
+		--out runs/data
+
+test: install
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) runs .cache

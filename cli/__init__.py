@@ -1,0 +1,27 @@
+"""`dolly`: one command line for the whole system. Each concept's commands live in their own
+module; heavy imports (Ray, torch) happen inside commands, so `--help` stays instant."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from cli import data
+from contract.errors import UserError
+
+app = typer.Typer(
+    help="dolly-ray: instruction-tune Pythia on databricks-dolly-15k with Ray, and serve it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data.app, name="data")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)

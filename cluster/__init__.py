@@ -1,0 +1,1 @@
+"""Where Ray work runs: cluster connection, job submission, hardware presets."""

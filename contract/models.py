@@ -1,0 +1,122 @@
+"""Tokenizer and model loading, set up the way Dolly sets them up.
+
+Every stage loads through here, so the special tokens, the pad token and the embedding size
+cannot differ between the model that was trained and the one that is served.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, PreTrainedTokenizerBase
+
+from contract.prompt import SPECIAL_TOKENS
+
+# hidden / layers / heads of EleutherAI's Pythia suite; every model uses rotary_pct 0.25,
+# parallel residual, 2048 positions, an MLP four times the hidden size (14m: 512) and untied
+# embeddings, so a random model of the same name has the same parameter count and FLOPs.
+PYTHIA_SHAPES = {
+    "14m": (128, 6, 4),
+    "70m": (512, 6, 8),
+    "160m": (768, 12, 12),
+    "410m": (1024, 24, 16),
+    "1b": (2048, 16, 8),
+    "1.4b": (2048, 24, 16),
+    "2.8b": (2560, 32, 32),
+    "6.9b": (4096, 32, 32),
+    "12b": (5120, 36, 40),
+}
+_RANDOM_NAME = re.compile(r"^pythia-(?P<size>[0-9.]+[mb])-random$")
+
+# Dolly's fallback when neither the model nor the tokenizer states a context length.
+DEFAULT_MAX_LENGTH = 1024
+
+
+def random_pythia_size(name: str) -> str | None:
+    """'1.4b' for 'pythia-1.4b-random'; None for any other name."""
+    match = _RANDOM_NAME.match(name)
+    if match is None:
+        return None
+    size = match["size"]
+    if size not in PYTHIA_SHAPES:
+        raise ValueError(f"unknown Pythia shape {name!r}; known: " + ", ".join(f"pythia-{s}-random" for s in PYTHIA_SHAPES))
+    return size
+
+
+def pythia_config(size: str) -> GPTNeoXConfig:
+    """The GPTNeoX config of a Pythia model of this size ('14m' ... '12b'), for random init."""
+    hidden, layers, heads = PYTHIA_SHAPES[size]
+    return GPTNeoXConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=512 if size == "14m" else 4 * hidden,
+        rotary_pct=0.25,
+        max_position_embeddings=2048,
+        vocab_size=50688 if size == "12b" else 50304,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer with Dolly's settings: pad = eos, plus the three special tokens.
+
+    Takes a Hub id or a local folder. Cached, because Ray workers call it once per batch.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
+    return tokenizer
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+
+
+def resize_for_tokenizer(model, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Size the embeddings to the tokenizer, as Dolly does (pythia's 50304 rows become 50280).
+
+    Rounded up to a multiple of 8 so that other bases keep tensor-core-friendly shapes; on
+    Pythia the result equals dolly-v2's vocabulary exactly.
+    """
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+
+
+def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
+    """The context length to train with, and where it came from (for the report).
+
+    Dolly's order: the model config's n_positions / max_position_embeddings / seq_length, else
+    1024. The tokenizer's model_max_length sits between the two, for tokenizer-only folders.
+    """
+    if model_name_or_path:
+        size = random_pythia_size(model_name_or_path)
+        if size is not None:
+            return pythia_config(size).max_position_embeddings, f"{model_name_or_path} config"
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_name_or_path)
+        for key in ("n_positions", "max_position_embeddings", "seq_length"):
+            value = getattr(config, key, None)
+            if value:
+                return int(value), f"{model_name_or_path} config ({key})"
+    limit = getattr(tokenizer, "model_max_length", None)
+    if limit and limit < 1_000_000:  # transformers uses a huge sentinel for "unknown"
+        return int(limit), "tokenizer model_max_length"
+    return DEFAULT_MAX_LENGTH, "Dolly's default (no length in the model or tokenizer config)"
+
+
+def load_model(name_or_path: str, tokenizer: PreTrainedTokenizerBase, **kwargs):
+    """A causal LM from a Hub id, a local folder, or a 'pythia-<size>-random' shape, resized for
+    the tokenizer. kwargs go to `from_pretrained` (dtype, gguf_file, ...)."""
+    size = random_pythia_size(name_or_path)
+    if size is not None:
+        model = AutoModelForCausalLM.from_config(pythia_config(size), dtype=kwargs.get("dtype"))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    resize_for_tokenizer(model, tokenizer)
+    return model

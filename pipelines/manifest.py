@@ -1,0 +1,109 @@
+"""The manifest beside the shards: what they were built from, and a check that training reads
+exactly that.
+
+Shards tokenized with one tokenizer and trained with another give a model that learns garbage
+without any error; so training calls `verify_manifest` first and refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from contract import prompt as contract_prompt
+from contract.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+
+
+class ManifestError(UserError):
+    pass
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of what decides token ids: vocabulary, merges, added tokens, normalization, and the
+    pad token. Call-time truncation and padding state is left out."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    spec["pad_token"] = tokenizer.pad_token
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def contract_fingerprint() -> str:
+    """sha256 of the prompt template's strings: shards rendered with another template are stale."""
+    parts = [contract_prompt.render_training_example("I", "R", "C"), *contract_prompt.SPECIAL_TOKENS]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_shards(data_dir: Path) -> dict[str, dict]:
+    """{relative path: {sha256, rows}} for every Parquet shard under the split folders."""
+    shards = {}
+    for split in SPLITS:
+        for path in sorted((data_dir / split).glob("*.parquet")):
+            shards[str(path.relative_to(data_dir))] = {
+                "sha256": file_sha256(path),
+                "rows": pq.ParquetFile(path).metadata.num_rows,
+            }
+    return shards
+
+
+def write_manifest(data_dir: Path, manifest: dict) -> Path:
+    manifest = {"format_version": FORMAT_VERSION, **manifest, "shards": list_shards(data_dir)}
+    path = data_dir / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(data_dir: Path) -> dict:
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise ManifestError(f"{path} not found: prepare the data first with `dolly data prepare --out {data_dir}`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{path} has format {manifest.get('format_version')}, expected {FORMAT_VERSION}: re-run `dolly data prepare`")
+    return manifest
+
+
+def verify_manifest(data_dir: Path, tokenizer=None) -> dict:
+    """Check the shards against their manifest (and, given one, the tokenizer training will use).
+
+    Returns the manifest. Raises ManifestError naming what differs and how to fix it.
+    """
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    redo = f"re-run `dolly data prepare --out {data_dir}`"
+    if manifest["contract"]["fingerprint"] != contract_fingerprint():
+        raise ManifestError(f"{data_dir} was rendered with a different prompt template: {redo}")
+    if tokenizer is not None:
+        expected = manifest["tokenizer"]["fingerprint"]
+        actual = tokenizer_fingerprint(tokenizer)
+        if actual != expected:
+            raise ManifestError(
+                f"{data_dir} was tokenized with {manifest['tokenizer']['name_or_path']!r} (fingerprint "
+                f"{expected[:12]}), but this tokenizer ({tokenizer.name_or_path!r}) has fingerprint {actual[:12]}: "
+                f"train with the same tokenizer, or {redo} --tokenizer {tokenizer.name_or_path}"
+            )
+    actual_shards = list_shards(data_dir)
+    recorded = manifest["shards"]
+    for name in sorted(set(recorded) | set(actual_shards)):
+        if name not in actual_shards:
+            raise ManifestError(f"shard {data_dir / name} is listed in the manifest but missing: {redo}")
+        if name not in recorded:
+            raise ManifestError(f"shard {data_dir / name} is not in the manifest (a leftover from another run?): {redo}")
+        if actual_shards[name]["sha256"] != recorded[name]["sha256"]:
+            raise ManifestError(f"shard {data_dir / name} changed since it was written (sha256 differs): {redo}")
+    return manifest

@@ -1,0 +1,105 @@
+"""Where a corpus comes from: a local file or folder, a pyarrow/fsspec URI, or a Hub dataset id.
+
+All three end as a list of JSONL / JSON / Parquet files on a pyarrow filesystem, plus a
+fingerprint of their content, so that the rest of the pipeline reads them the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+
+from contract.errors import UserError
+from pipelines.records import SOURCE_SUFFIXES
+
+DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class SourceError(UserError):
+    pass
+
+
+@dataclass
+class Source:
+    spec: str  # what the user passed
+    kind: str  # "local", "uri" or "hub"
+    filesystem: pafs.FileSystem
+    files: list[str]
+    file_hashes: dict[str, str] = field(default_factory=dict)
+
+    def display_name(self, path: str) -> str:
+        """A file's name as the user would write it: with its URI scheme, if it came from one."""
+        return f"{self.spec.split('://', 1)[0]}://{path}" if self.kind == "uri" else path
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the files' content hashes, in path order."""
+        digest = hashlib.sha256()
+        for path in self.files:
+            digest.update(self.file_hashes[path].encode())
+        return digest.hexdigest()
+
+
+def resolve_source(spec: str, hub_cache_dir: str | None = None) -> Source:
+    """Find the corpus files behind `spec` and hash them. Raises SourceError saying what to pass instead."""
+    if "://" in spec:
+        filesystem, path = pafs.FileSystem.from_uri(spec)
+        kind = "uri"
+    elif os.path.exists(spec):
+        filesystem, path, kind = pafs.LocalFileSystem(), os.path.abspath(spec), "local"
+    elif _HUB_ID.match(spec):
+        filesystem, path, kind = pafs.LocalFileSystem(), _download_from_hub(spec, hub_cache_dir), "hub"
+    else:
+        raise SourceError(
+            f"source {spec!r} is not an existing file or folder, a URI (s3://, gs://, file://) or a Hub "
+            "dataset id (owner/name); e.g. --source ../shared/data/databricks-dolly-15k.jsonl"
+        )
+    files = _list_corpus_files(filesystem, path, spec)
+    source = Source(spec=spec, kind=kind, filesystem=filesystem, files=files)
+    source.file_hashes = {f: _sha256(filesystem, f) for f in files}
+    return source
+
+
+def _list_corpus_files(filesystem: pafs.FileSystem, path: str, spec: str) -> list[str]:
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise SourceError(f"source {spec!r} does not exist")
+    if info.type == pafs.FileType.File:
+        if not path.endswith(SOURCE_SUFFIXES):
+            raise SourceError(f"source {spec!r} is not a {'/'.join(SOURCE_SUFFIXES)} file")
+        return [path]
+    found = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = sorted(
+        f.path for f in found
+        if f.type == pafs.FileType.File and f.path.endswith(SOURCE_SUFFIXES) and "/." not in f.path[len(path):]
+    )
+    if not files:
+        raise SourceError(f"folder {spec!r} holds no {', '.join(SOURCE_SUFFIXES)} files")
+    return files
+
+
+def _sha256(filesystem: pafs.FileSystem, path: str) -> str:
+    digest = hashlib.sha256()
+    with filesystem.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download_from_hub(repo_id: str, cache_dir: str | None) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            repo_id, repo_type="dataset", cache_dir=cache_dir, allow_patterns=[f"*{s}" for s in SOURCE_SUFFIXES]
+        )
+    except Exception as e:  # offline, unknown id, gated: all mean "use a local copy"
+        raise SourceError(
+            f"could not fetch Hub dataset {repo_id!r} ({type(e).__name__}: {e}). Without the Hub, pass a local "
+            "copy, e.g. --source ../shared/data/databricks-dolly-15k.jsonl"
+        ) from None

@@ -1,0 +1,1 @@
+"""Ray Serve applications: the model behind an OpenAI-compatible API."""

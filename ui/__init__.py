@@ -1,0 +1,1 @@
+"""The Gradio chat page in front of Serve."""

@@ -49,22 +49,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def list_shards(data_dir: Path) -> dict[str, dict]:
-    """{relative path: {sha256, rows}} for every Parquet shard under the split folders."""
-    shards = {}
-    for split in SPLITS:
-        for path in sorted((data_dir / split).glob("*.parquet")):
-            shards[str(path.relative_to(data_dir))] = {
-                "sha256": file_sha256(path),
-                "rows": pq.ParquetFile(path).metadata.num_rows,
-            }
-    return shards
+def shard_hashes(data_dir: Path) -> dict[str, str]:
+    """{path relative to data_dir: sha256} of every Parquet shard under the split folders."""
+    return {
+        str(path.relative_to(data_dir)): file_sha256(path)
+        for split in SPLITS
+        for path in sorted((data_dir / split).glob("*.parquet"))
+    }
 
 
 def write_manifest(data_dir: Path, manifest: dict) -> Path:
-    manifest = {"format_version": FORMAT_VERSION, **manifest, "shards": list_shards(data_dir)}
+    shards = {name: {"sha256": digest, "rows": pq.ParquetFile(data_dir / name).metadata.num_rows}
+              for name, digest in shard_hashes(data_dir).items()}
     path = data_dir / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest, "shards": shards}, indent=2) + "\n")
     return path
 
 
@@ -97,13 +95,13 @@ def verify_manifest(data_dir: Path, tokenizer=None) -> dict:
                 f"{expected[:12]}), but this tokenizer ({tokenizer.name_or_path!r}) has fingerprint {actual[:12]}: "
                 f"train with the same tokenizer, or {redo} --tokenizer {tokenizer.name_or_path}"
             )
-    actual_shards = list_shards(data_dir)
+    actual_shards = shard_hashes(data_dir)
     recorded = manifest["shards"]
     for name in sorted(set(recorded) | set(actual_shards)):
         if name not in actual_shards:
             raise ManifestError(f"shard {data_dir / name} is listed in the manifest but missing: {redo}")
         if name not in recorded:
             raise ManifestError(f"shard {data_dir / name} is not in the manifest (a leftover from another run?): {redo}")
-        if actual_shards[name]["sha256"] != recorded[name]["sha256"]:
+        if actual_shards[name] != recorded[name]["sha256"]:
             raise ManifestError(f"shard {data_dir / name} changed since it was written (sha256 differs): {redo}")
     return manifest

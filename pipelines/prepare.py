@@ -92,8 +92,9 @@ def prepare(config: PrepareConfig, console: Console | None = None, ray_address: 
         summary = records.drop_columns(["raw", "input_ids", "labels"]).to_pandas()
         counts = _count(summary)
 
-        rejects = records.filter(expr="reason != ''").select_columns(["source", "line", "reason", "detail", "raw"])
-        rejects = rejects.to_pandas().sort_values(["source", "line"])
+        reject_columns = ["source", "line", "reason", "detail", "raw"]
+        rejects = records.filter(expr="reason != ''").select_columns(reject_columns).take_all()
+        rejects = pd.DataFrame(rejects, columns=reject_columns).sort_values(["source", "line"])
         _write_rejects(out / REJECTS_NAME, rejects)
         defects = rejects[rejects["reason"] != Reject.TOO_LONG.value]
         if config.on_bad == "fail" and len(defects):

@@ -100,6 +100,6 @@ def _download_from_hub(repo_id: str, cache_dir: str | None) -> str:
         )
     except Exception as e:  # offline, unknown id, gated: all mean "use a local copy"
         raise SourceError(
-            f"could not fetch Hub dataset {repo_id!r} ({type(e).__name__}: {e}). Without the Hub, pass a local "
+            f"could not fetch Hub dataset {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}). Without the Hub, pass a local "
             "copy, e.g. --source ../shared/data/databricks-dolly-15k.jsonl"
         ) from None

@@ -1,0 +1,67 @@
+"""The `dolly` command as a user meets it: help, setting errors that name the setting, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+DOLLY = [str(Path(sys.executable).parent / "dolly")]
+
+
+def dolly(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # A wide terminal, so rich does not wrap the messages the tests look for.
+    env = {**os.environ, "COLUMNS": "300"}
+    return subprocess.run(DOLLY + list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
+
+
+def test_help_lists_every_prepare_setting_with_its_meaning():
+    result = dolly("data", "prepare", "--help")
+    assert result.returncode == 0
+    for setting in ("source", "tokenizer", "max_length", "length_policy", "on_bad", "test_size", "pack", "seed"):
+        assert setting in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("test_size=-1", "setting 'test_size': Input should be greater than or equal to 0"),
+        ("length_policy=chop", "setting 'length_policy': Input should be 'drop' or 'truncate'"),
+        ("tokeniser=x", "setting 'tokeniser': Extra inputs are not permitted"),
+        ("test_size", "'test_size' is not key=value"),
+    ],
+)
+def test_a_bad_setting_is_named_and_nothing_runs(argument, message, tmp_path):
+    result = dolly("data", "prepare", argument, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert message in " ".join(result.stderr.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_source_is_a_one_line_error_not_a_traceback(tmp_path, tokenizer_path):
+    result = dolly("data", "prepare", "--source", str(tmp_path / "missing.jsonl"), "--tokenizer", tokenizer_path)
+    assert result.returncode == 1
+    assert "error:" in result.stderr and "not an existing file or folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_prepare_from_yaml_then_stats_reports_and_verifies(tmp_path, tokenizer_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"instruction": f"Q{i}?", "context": "", "response": f"A{i}.", "category": "open_qa"})
+                                for i in range(6)) + "\n{broken\n")
+    config = tmp_path / "prep.yaml"
+    config.write_text(f"source: {corpus}\ntokenizer: {tokenizer_path}\ntest_size: 5\n")
+    out = tmp_path / "out"
+    prepared = dolly("data", "prepare", "--config", str(config), "test_size=2", "--out", str(out))
+    assert prepared.returncode == 0, prepared.stderr
+    assert "read 7 = kept 6 + rejected 1 (reconciled)" in prepared.stdout
+    assert json.loads((out / "manifest.json").read_text())["splits"]["test"]["examples"] == 2  # key=value beat YAML
+
+    stats = dolly("data", "stats", str(out), "--tokenizer", tokenizer_path)
+    assert stats.returncode == 0, stats.stderr
+    assert "Verified" in stats.stdout and "not_json 1" in stats.stdout

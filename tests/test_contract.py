@@ -1,0 +1,82 @@
+"""The prompt contract: Dolly's strings byte for byte, its special tokens, and response extraction."""
+
+from __future__ import annotations
+
+import pytest
+
+from contract import (
+    END_KEY,
+    extract_response,
+    load_model,
+    pythia_config,
+    render_generation_prompt,
+    render_training_example,
+    special_token_ids,
+)
+
+INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+
+
+def test_training_example_without_context_is_dollys_exact_text():
+    assert render_training_example("Name a colour.", "Blue.") == (
+        f"{INTRO}\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.\n\n### End"
+    )
+
+
+def test_training_example_with_context_has_an_input_block():
+    assert render_training_example("Summarize.", "Short.", context="A long text.") == (
+        f"{INTRO}\n\n### Instruction:\nSummarize.\n\nInput:\nA long text.\n\n### Response:\nShort.\n\n### End"
+    )
+
+
+def test_generation_prompt_ends_with_response_key_and_newline():
+    assert render_generation_prompt("Name a colour.") == f"{INTRO}\n\n### Instruction:\nName a colour.\n\n### Response:\n"
+
+
+def test_generation_prompt_with_context_mirrors_training_format():
+    prompt = render_generation_prompt("Summarize.", "A long text.")
+    assert prompt == f"{INTRO}\n\n### Instruction:\nSummarize.\n\nInput:\nA long text.\n\n### Response:\n"
+    assert render_training_example("Summarize.", "Short.", "A long text.").startswith(prompt)
+
+
+def test_empty_context_renders_no_input_block():
+    assert render_generation_prompt("Q", "") == render_generation_prompt("Q")
+    assert "Input:" not in render_training_example("Q", "A", "")
+
+
+@pytest.mark.parametrize(
+    ("completion", "response"),
+    [
+        ("Blue.\n\n### End", "Blue."),
+        ("  Blue.\n\n### End\nrambling after the end", "Blue."),
+        ("Blue.\n\n### Instruction:\nInvented next question", "Blue."),
+        ("Blue, without an end marker", "Blue, without an end marker"),
+        ("### End", ""),
+    ],
+)
+def test_extract_response_stops_at_end_marker(completion, response):
+    assert extract_response(completion) == response
+
+
+def test_tokenizer_gets_dollys_special_tokens_and_pad_equals_eos(tokenizer):
+    assert special_token_ids(tokenizer) == {"### End": 50277, "### Instruction:": 50278, "### Response:\n": 50279}
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.convert_tokens_to_ids(END_KEY) == 50277
+
+
+def test_model_embeddings_are_resized_to_dolly_v2s_vocabulary(tokenizer):
+    model = load_model("pythia-14m-random", tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == 50280
+    assert model.get_output_embeddings().weight.shape[0] == 50280
+
+
+def test_random_pythia_14m_has_pythia_14ms_parameter_count():
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(pythia_config("14m"))
+    assert sum(p.numel() for p in model.parameters()) == 14_067_712
+
+
+def test_unknown_random_shape_is_refused_with_the_known_names(tokenizer):
+    with pytest.raises(ValueError, match="pythia-70m-random"):
+        load_model("pythia-3m-random", tokenizer)

@@ -44,7 +44,7 @@ def stats(
     tokenizer: Optional[str] = typer.Option(None, help="also check the shards were made with this tokenizer"),
 ) -> None:
     """Verify prepared shards against their manifest and print their report."""
-    from contract import load_tokenizer
+    from contract.models import load_tokenizer
     from pipelines.manifest import verify_manifest
     from pipelines.report import print_report
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, PreTrainedTokenizerBase
 
 from contract.prompt import SPECIAL_TOKENS
 
@@ -97,9 +97,10 @@ def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenize
         size = random_pythia_size(model_name_or_path)
         if size is not None:
             return pythia_config(size).max_position_embeddings, f"{model_name_or_path} config"
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(model_name_or_path)
+        except (OSError, ValueError):  # a tokenizer-only folder, or an unreachable Hub
+            config = None
         for key in ("n_positions", "max_position_embeddings", "seq_length"):
             value = getattr(config, key, None)
             if value:

@@ -19,7 +19,7 @@ import ray
 from rich.console import Console
 
 from cluster.connect import ray_session
-from contract import load_tokenizer, max_length_for, special_token_ids
+from contract.models import load_tokenizer, max_length_for, special_token_ids
 from contract.errors import UserError
 from pipelines import manifest as mf
 from pipelines.configs import PrepareConfig
@@ -55,7 +55,7 @@ def prepare(config: PrepareConfig, console: Console | None = None, ray_address: 
         source = resolve_source(config.source)
     console.print(f"[bold]Source[/] {config.source} ({source.kind}, {len(source.files)} file(s), sha256 {source.fingerprint[:12]})")
     tokenizer = load_tokenizer(config.tokenizer)
-    max_length, max_length_from = (config.max_length, "--max-length") if config.max_length else max_length_for(config.model, tokenizer)
+    max_length, max_length_from = (config.max_length, "--max-length") if config.max_length else max_length_for(config.model or config.tokenizer, tokenizer)
     fingerprints = {
         "source": source.fingerprint,
         "tokenizer": mf.tokenizer_fingerprint(tokenizer),

@@ -70,6 +70,7 @@ def plot_token_lengths(kept: pd.DataFrame, max_length: int, path: Path) -> Path:
         ax.axvline(max_length, color="#c0392b", linestyle="--", linewidth=1)
         ax.set_title(f"{category} (n={len(lengths):,}, median {int(lengths.median()) if len(lengths) else 0})", fontsize=9)
         ax.set_yscale("log")
+        ax.set_ylabel("examples (log)", fontsize=8)
     for ax in list(axes.flat)[len(categories):]:
         ax.axis("off")
     for ax in axes[-1]:

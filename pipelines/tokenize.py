@@ -13,7 +13,8 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from contract import RESPONSE_KEY_NL, load_tokenizer, render_generation_prompt, render_training_example
+from contract import RESPONSE_KEY_NL, render_generation_prompt, render_training_example
+from contract.models import load_tokenizer
 from pipelines.records import RecordError, Reject, validate_record
 
 IGNORE_INDEX = -100

@@ -26,7 +26,7 @@ def tokenizer_path() -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
-    from contract import load_tokenizer
+    from contract.models import load_tokenizer
 
     return load_tokenizer(tokenizer_path)
 

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from contract import (
-    END_KEY,
-    extract_response,
-    load_model,
-    pythia_config,
-    render_generation_prompt,
-    render_training_example,
-    special_token_ids,
-)
+from contract import END_KEY, extract_response, render_generation_prompt, render_training_example
+from contract.models import load_model, pythia_config, special_token_ids
 
 INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
@@ -80,3 +73,11 @@ def test_random_pythia_14m_has_pythia_14ms_parameter_count():
 def test_unknown_random_shape_is_refused_with_the_known_names(tokenizer):
     with pytest.raises(ValueError, match="pythia-70m-random"):
         load_model("pythia-3m-random", tokenizer)
+
+
+def test_max_length_comes_from_the_model_config_then_the_tokenizer(tokenizer, tokenizer_path):
+    from contract.models import max_length_for
+
+    assert max_length_for("pythia-70m-random", tokenizer) == (2048, "pythia-70m-random config")
+    # The shared folder holds only a tokenizer: its model_max_length is the next source.
+    assert max_length_for(tokenizer_path, tokenizer) == (2048, "tokenizer model_max_length")

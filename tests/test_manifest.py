@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from contract import load_tokenizer
+from contract.models import load_tokenizer
 from pipelines.configs import PrepareConfig
 from pipelines.manifest import ManifestError, verify_manifest
 from pipelines.prepare import prepare

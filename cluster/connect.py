@@ -11,11 +11,22 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
 
 # Enough logical slots for a data pipeline and two training workers on 2 cores.
 MIN_LOCAL_CPUS = 8
+# `ray start` turns token auth on when this file exists; a client then has to send the token,
+# which Ray only does in token mode.
+AUTH_TOKEN = Path.home() / ".ray" / "auth_token"
+
+
+def client_auth_env() -> dict[str, str]:
+    """The environment a client needs to join a cluster that `ray start` started on this machine."""
+    if AUTH_TOKEN.exists() and "RAY_AUTH_MODE" not in os.environ:
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
 
 
 @contextlib.contextmanager
@@ -33,6 +44,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address == "local":
         kwargs.update(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+    else:
+        os.environ.update(client_auth_env())
     ray.init(address=address, **kwargs)
     try:
         yield

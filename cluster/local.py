@@ -1,0 +1,193 @@
+"""A local multi-process Ray cluster for tests and demos: `dolly cluster up|down|status`.
+
+Each node is `ray start --block` in its own session, so `down` stops exactly the processes this
+cluster started (not every Ray on the machine, as `ray stop` would), and checks none are left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cluster.connect import AUTH_TOKEN, client_auth_env
+from contract.errors import UserError
+
+STATE_FILE = Path(os.environ.get("DOLLY_CLUSTER_STATE", Path.home() / ".cache" / "dolly-ray" / "cluster.json"))
+DEFAULT_RAY_TEMP = Path(tempfile.gettempdir()) / "ray"
+
+
+@dataclass
+class LocalCluster:
+    address: str  # host:port of the head's GCS, for ray.init(address=...)
+    dashboard_url: str  # for the Jobs SDK and `dolly submit --address`
+    temp_dir: str
+    sessions: list[int]  # one process session per node: the head first
+    log_dir: str
+
+    @property
+    def token_auth(self) -> bool:
+        return AUTH_TOKEN.exists()  # `ray start` turns token auth on when this file exists
+
+
+def _ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _session_alive(session: int) -> bool:
+    return any(_session_of(pid) == session for pid in _pids())
+
+
+def _pids() -> list[int]:
+    """Running processes. Zombies are left out: a node started by this very process stays one
+    until reaped, though it has stopped."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(entry))
+        except OSError:
+            pass  # it exited while we looked
+    return pids
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _dashboard_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered; with token auth on, unauthenticated calls get 401
+    except OSError:
+        return False
+
+
+def clear_stale_address(temp_dir: Path = DEFAULT_RAY_TEMP) -> str | None:
+    """Remove `ray_current_cluster` when the head it names is gone: a bare `ray.init()` would
+    otherwise hang trying to join it. Returns the stale address it removed, if any."""
+    address_file = Path(temp_dir) / "ray_current_cluster"
+    if not address_file.exists():
+        return None
+    address = address_file.read_text().strip()
+    host, _, port = address.rpartition(":")
+    import socket
+
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=1).close()
+        return None
+    except (OSError, ValueError):
+        address_file.unlink(missing_ok=True)
+        return address
+
+
+def read_state() -> LocalCluster | None:
+    return LocalCluster(**json.loads(STATE_FILE.read_text())) if STATE_FILE.exists() else None
+
+
+def up(workers: int = 1, cpus_per_node: int = 4, port: int = 6390, dashboard_port: int = 8265,
+       timeout_s: float = 120) -> LocalCluster:
+    """Start a head and `workers` worker nodes on this machine; return once the dashboard answers."""
+    existing = read_state()
+    if existing and any(_session_alive(s) for s in existing.sessions):
+        raise UserError(f"a cluster is already up at {existing.address} ({existing.dashboard_url}): `dolly cluster down` first")
+    clear_stale_address()
+    # A short path: Ray's unix sockets live under it and must stay under 108 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="dolly-ray-", dir="/tmp")
+    log_dir = Path(temp_dir) / "logs-dolly"
+    log_dir.mkdir()
+    common = ["--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
+    nodes = [[_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *common]]
+    nodes += [[_ray_bin(), "start", f"--address=127.0.0.1:{port}", *common] for _ in range(workers)]
+    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, [], str(log_dir))
+    try:
+        for i, command in enumerate(nodes):
+            with open(log_dir / f"node-{i}.log", "w") as log:
+                # Worker nodes join the head as clients: with token auth on, they need token mode.
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                           env={**os.environ, **client_auth_env()})
+            cluster.sessions.append(process.pid)
+            # `ray start` prints this once its node has joined; the head must be up before workers start.
+            log_file = log_dir / f"node-{i}.log"
+            _wait(lambda: "Ray runtime started" in log_file.read_text(), timeout_s, f"node {i} of {cluster.address}", log_dir)
+        _wait(lambda: _dashboard_up(cluster.dashboard_url), timeout_s, f"the dashboard at {cluster.dashboard_url}", log_dir)
+        STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+        STATE_FILE.write_text(json.dumps(asdict(cluster), indent=2))
+    except BaseException:
+        _stop_sessions(cluster.sessions)
+        raise
+    return cluster
+
+
+def _wait(condition, timeout_s: float, what: str, log_dir: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise UserError(f"{what} did not come up within {timeout_s:.0f} s; see the logs in {log_dir}")
+
+
+def down() -> LocalCluster | None:
+    """Stop the cluster `up` started, and every process it spawned. Returns it, or None if none was up."""
+    cluster = read_state()
+    if cluster is None:
+        clear_stale_address()
+        return None
+    _stop_sessions(cluster.sessions)
+    STATE_FILE.unlink(missing_ok=True)
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)
+    clear_stale_address()
+    return cluster
+
+
+def _stop_sessions(sessions: list[int], grace_s: float = 20) -> None:
+    # Workers first, then the head: the head's GCS outliving its raylets avoids noisy reconnects.
+    for session in reversed(sessions):
+        _signal_session(session, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_session_alive(s) for s in sessions):
+        time.sleep(0.5)
+    for session in sessions:
+        _signal_session(session, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # SIGKILL is not instant either
+    while time.monotonic() < deadline and any(_session_alive(s) for s in sessions):
+        time.sleep(0.2)
+    leftover = [pid for pid in _pids() if _session_of(pid) in sessions]
+    if leftover:
+        raise UserError(f"processes {leftover} of the local cluster did not stop; kill them by hand")
+
+
+def _signal_session(session: int, sig: int) -> None:
+    for pid in _pids():
+        if _session_of(pid) == session:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+
+def status() -> dict:
+    cluster = read_state()
+    stale = clear_stale_address()
+    if cluster is None:
+        return {"up": False, "stale_address_removed": stale}
+    alive = [s for s in cluster.sessions if _session_alive(s)]
+    return {"up": bool(alive) and _dashboard_up(cluster.dashboard_url), "address": cluster.address,
+            "dashboard": cluster.dashboard_url, "nodes_running": len(alive), "nodes": len(cluster.sessions),
+            "token_auth": cluster.token_auth, "logs": cluster.log_dir, "stale_address_removed": stale}

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from cli import data
+from cli import cluster, data, serve, ui
 from contract.errors import UserError
 
 app = typer.Typer(
@@ -17,6 +17,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data.app, name="data")
+app.command(name="serve", epilog=serve.EPILOG)(serve.serve)
+app.command(name="ui", epilog=ui.EPILOG)(ui.ui)
+app.add_typer(cluster.app, name="cluster")
 
 
 def main() -> None:

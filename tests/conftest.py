@@ -11,6 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DOLLY_SHARED", REPO.parent / "shared")).resolve()
 CORPUS = SHARED / "data" / "databricks-dolly-15k.jsonl"
 PYTHIA_TOKENIZER = SHARED / "tokenizer" / "pythia"
+# DeepSpeed JIT-compiles a comm op on first use (~30 s): one stable folder (the Makefile's) builds
+# it once. Set before any Ray cluster starts, so that its workers inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 
 def require_shared(path: Path) -> Path:
@@ -47,3 +50,50 @@ def ray_cluster():
         yield
     finally:
         ray.shutdown()
+
+
+def export_tiny_model(folder: Path, tokenizer_path: str, seed: int = 0) -> Path:
+    """A random pythia-14m-shaped model exported the way training exports one: safetensors, the
+    tokenizer with Dolly's tokens, and a generation config whose eos is `### End`. Its output
+    layer is scaled up so that each next token clearly wins: greedy decoding then gives the same
+    text alone or batched, whatever order float sums take."""
+    import torch
+    from transformers import GenerationConfig
+
+    from contract import END_KEY
+    from contract.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    torch.manual_seed(seed)
+    model = load_model("pythia-14m-random", tokenizer)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(50)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY), pad_token_id=tokenizer.pad_token_id,
+                     do_sample=True, top_p=0.92, top_k=0, max_new_tokens=256).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_path) -> Path:
+    """An exported tiny model folder (see export_tiny_model), made once per session."""
+    return export_tiny_model(tmp_path_factory.mktemp("tiny-model"), tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, corpus_path, tokenizer_path, ray_cluster) -> Path:
+    """Training shards small enough to overfit in seconds: the first 6 short records of the real
+    corpus (4 to train on, 2 held out), at most 128 tokens each."""
+    import json
+
+    from pipelines.configs import PrepareConfig
+    from pipelines.prepare import prepare
+
+    folder = tmp_path_factory.mktemp("train-data")
+    records = (json.loads(line) for line in corpus_path.open())
+    short = [r for r in records if len(r["instruction"]) + len(r["context"]) + len(r["response"]) < 200]
+    (folder / "slice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:6]))
+    prepare(PrepareConfig(source=str(folder / "slice.jsonl"), output_dir=folder / "shards", tokenizer=tokenizer_path,
+                          max_length=128, test_size=2))
+    return folder / "shards"

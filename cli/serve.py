@@ -1,0 +1,83 @@
+"""`dolly serve`: a model behind an OpenAI-compatible API on Ray Serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from cli.configs import load_config, settings_help
+from contract.errors import UserError
+from services.config import ServeConfig
+
+EPILOG = settings_help(ServeConfig)
+
+
+def serve(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. deployment.max_replicas=4"),
+    model: Optional[str] = typer.Option(None, help="exported model: a folder, or NAME@latest / NAME@N from the registry"),
+    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
+    registry: Optional[Path] = typer.Option(None, help="model registry root (default: runs/registry)"),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="no API keys: local demos only"),
+    host: str = typer.Option("127.0.0.1", help="HTTP address to listen on (0.0.0.0 to reach it from other machines)"),
+    port: int = typer.Option(8000, help="HTTP port"),
+    detach: bool = typer.Option(False, help="deploy onto the cluster at --address and return (e.g. to switch versions in place)"),
+    ui: bool = typer.Option(False, "--ui", help="also serve the Gradio chat page at /ui/, beside the API"),
+    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to run on (default: an embedded local one)"),
+) -> None:
+    """Serve an exported model: POST /v1/completions, /v1/chat/completions (streaming or not), GET /v1/models and /healthz. API keys come from $DOLLY_API_KEYS or auth.api_keys_file.
+
+    Deploying another version under the same app_name onto a running cluster (--address, --detach) replaces the replicas in place, without failing requests.
+
+    Example: DOLLY_API_KEYS=secret dolly serve --model dolly@latest
+    """
+    from pipelines.registry import resolve
+    from services.auth import INSECURE_BANNER, ApiKeys
+
+    flags = dict(model=model, registry=registry, auth={"insecure_no_auth": True} if insecure_no_auth else None)
+    settings = load_config(ServeConfig, config, flags, overrides or [])
+    if detach and not address:
+        raise UserError("--detach needs --address (or RAY_ADDRESS): an embedded cluster ends with this command")
+    resolve(settings.model, settings.registry)  # fail before the heavy imports and Ray's start
+    if not settings.auth.insecure_no_auth and not address:
+        ApiKeys(settings.auth)  # the replicas read the keys where they run: here, on an embedded cluster
+
+    from ray import serve as ray_serve
+
+    from cluster.connect import ray_session
+    from services.app import build_app
+
+    application = build_app(settings)
+    console = Console(stderr=True)
+    if settings.auth.insecure_no_auth:
+        console.print(f"[bold red]{INSECURE_BANNER}[/]", highlight=False)
+    with ray_session(address):
+        ray_serve.start(http_options={"host": host, "port": port})
+        try:
+            ray_serve.run(application, name=settings.app_name, route_prefix=settings.route_prefix)
+            api_url = f"http://127.0.0.1:{port}{settings.route_prefix.rstrip('/')}/v1"
+            console.print(f"[green]Serving[/] {settings.model} at http://{host}:{port}{settings.route_prefix.rstrip('/')}/v1")
+            if ui:
+                from ui.config import UIConfig
+                from ui.deployment import build_page_app
+
+                page = UIConfig(api_url=api_url, api_key_file=settings.auth.api_keys_file)
+                ray_serve.run(build_page_app(page), name="chat-page", route_prefix="/ui")
+                console.print(f"[green]Chat page[/] at http://{host}:{port}/ui/")
+            if not detach:
+                console.print("Ctrl-C stops it.")
+                _wait_forever()
+        finally:
+            if not detach:
+                ray_serve.shutdown()
+
+
+def _wait_forever() -> None:
+    import threading
+
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,53 @@
+"""Bearer API keys, required unless a demo explicitly turns them off.
+
+Keys come from an environment variable (comma-separated) or a file with one key per line (a
+mounted k8s Secret), read where the ingress runs; they never travel in the Serve config.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+
+from contract.errors import UserError
+from services.config import AuthConfig
+
+logger = logging.getLogger("ray.serve")
+
+INSECURE_BANNER = (
+    "\n" + "!" * 78 + "\n"
+    "!!  --insecure-no-auth: this API answers ANYONE who can reach it, without an API key.\n"
+    "!!  Use it for local demos only; never expose this server beyond the local machine.\n"
+    + "!" * 78
+)
+
+
+def load_api_keys(config: AuthConfig) -> list[str]:
+    keys = [k.strip() for k in os.environ.get(config.api_keys_env, "").split(",")]
+    if config.api_keys_file is not None:
+        if not config.api_keys_file.is_file():
+            raise UserError(f"auth.api_keys_file {config.api_keys_file} does not exist (mount the Secret there, or fix the path)")
+        keys += [line.strip() for line in config.api_keys_file.read_text().splitlines()]
+    return [k for k in keys if k]
+
+
+class ApiKeys:
+    def __init__(self, config: AuthConfig):
+        self.required = not config.insecure_no_auth
+        self._keys = [k.encode() for k in load_api_keys(config)] if self.required else []
+        if self.required and not self._keys:
+            raise UserError(f"no API keys: set {config.api_keys_env}=key1,key2 or auth.api_keys_file=<file>, "
+                            "or pass --insecure-no-auth for a local demo")
+        if not self.required:
+            logger.warning(INSECURE_BANNER)
+
+    def allows(self, authorization: str | None) -> bool:
+        if not self.required:
+            return True
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            return False
+        # Compare against every key in constant time, so timing reveals neither key nor match.
+        matches = [hmac.compare_digest(key.strip().encode(), k) for k in self._keys]
+        return any(matches)

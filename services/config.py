@@ -1,0 +1,141 @@
+"""One typed config for the serving application. It compiles into the Ray Serve deployment
+options of the two deployments (the OpenAI ingress and the model replicas) and the engine options
+of the model replicas, so a YAML file, `key=value` overrides, `serve run` args and a KubeRay
+`serveConfigV2` all say the same thing in the same words."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.registry import DEFAULT_ROOT
+
+API_KEYS_ENV = "DOLLY_API_KEYS"
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingDefaults(_Settings):
+    """What a request gets for the parameters it leaves out: Dolly's InstructionTextGenerationPipeline."""
+
+    temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy decoding")
+    top_p: float = Field(0.92, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="0 disables top-k, as in Dolly")
+    max_tokens: int = Field(256, ge=1, description="new tokens at most (Dolly's max_new_tokens)")
+
+
+class EngineConfig(_Settings):
+    """How a model replica turns prompts into tokens."""
+
+    batching: Literal["dynamic", "continuous"] = Field(
+        "dynamic",
+        description="dynamic: @serve.batch groups arriving requests, which join the running decode between steps "
+        "(the faster on CPU, see bench/RESULTS.md); continuous: transformers' continuous-batching manager (paged KV cache)")
+    max_batch_size: int = Field(32, ge=1, description="requests decoded together at most")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="dynamic: how long @serve.batch waits for more arrivals to prefill together")
+    stream_interval_s: float = Field(0.05, ge=0, description="streamed text leaves a replica at most this often (each send is a Ray round trip)")
+    max_context: int | None = Field(None, ge=16, description="prompt + answer tokens at most (default: the model config's max_position_embeddings)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
+    torch_threads: int | None = Field(None, ge=1, description="CPU threads per replica (default: torch's)")
+
+
+class ModelDeploymentConfig(_Settings):
+    """The Serve options of the model replicas."""
+
+    min_replicas: int = Field(1, ge=0, description="never fewer replicas (>= 1 keeps the chat page clear of cold starts)")
+    max_replicas: int = Field(2, ge=1, description="never more replicas")
+    target_ongoing_requests: float = Field(16, gt=0, description="autoscaling aims at this many requests in flight per replica")
+    upscale_delay_s: float = Field(10, ge=0, description="load must stay high this long before a replica is added")
+    downscale_delay_s: float = Field(300, ge=0, description="load must stay low this long before a replica is removed")
+    metrics_interval_s: float = Field(2, gt=0, description="how often replicas report load to the autoscaler")
+    look_back_period_s: float = Field(10, gt=0, description="window the autoscaler averages load over")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica works on at once (>= engine.max_batch_size)")
+    max_queued_requests: int = Field(128, ge=-1, description="requests waiting for a replica before new ones get 503 (-1: unbounded)")
+    retry_after_s: int = Field(2, ge=0, description="the Retry-After header of a 503 on overflow")
+    health_check_period_s: float = Field(10, gt=0, description="how often Serve checks a replica")
+    health_check_timeout_s: float = Field(30, gt=0, description="a replica that does not answer its check this fast is replaced")
+    graceful_shutdown_wait_loop_s: float = Field(2, gt=0, description="a stopping replica checks this often whether its requests are done")
+    graceful_shutdown_timeout_s: float = Field(60, ge=0, description="a stopping replica gets this long to finish its requests")
+    num_cpus: float = Field(1, ge=0, description="logical CPUs each replica claims (fractional is fine)")
+    num_gpus: float = Field(0, ge=0, description="GPUs each replica claims")
+
+
+class IngressConfig(_Settings):
+    """The Serve options of the HTTP ingress, which validates, authenticates and streams."""
+
+    num_replicas: int = Field(1, ge=1, description="ingress replicas")
+    num_cpus: float = Field(0.25, ge=0, description="logical CPUs each ingress replica claims")
+    max_ongoing_requests: int = Field(512, ge=1, description="HTTP requests one ingress replica holds at once")
+
+
+class AuthConfig(_Settings):
+    api_keys_env: str = Field(API_KEYS_ENV, description="environment variable with comma-separated API keys")
+    api_keys_file: Path | None = Field(None, description="file with one API key per line (e.g. a mounted k8s Secret)")
+    insecure_no_auth: bool = Field(False, description="accept requests without a key: local demos only")
+
+
+class ServeConfig(_Settings):
+    """`dolly serve`: a model behind an OpenAI-compatible API on Ray Serve."""
+
+    model: str = Field(..., description="exported model: a folder, or NAME@latest / NAME@N from the registry")
+    registry: Path = Field(DEFAULT_ROOT, description="model registry root that NAME@version resolves in")
+    served_model_name: str | None = Field(None, description="the id clients send as `model` (default: the registry name or folder name)")
+    app_name: str = Field("dolly", description="Serve application name")
+    route_prefix: str = Field("/", description="HTTP path the API is mounted at")
+    log_content: bool = Field(False, description="log prompts and answers (off: only sizes and timings are logged)")
+    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults, description="sampling parameters a request leaves out")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="batching, context, dtype and device of a replica")
+    deployment: ModelDeploymentConfig = Field(default_factory=ModelDeploymentConfig, description="replicas, autoscaling, queues, health, shutdown")
+    ingress: IngressConfig = Field(default_factory=IngressConfig, description="the HTTP ingress deployment")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        d = self.deployment
+        if d.min_replicas > d.max_replicas:
+            raise ValueError(f"deployment.min_replicas ({d.min_replicas}) is above deployment.max_replicas ({d.max_replicas})")
+        if d.max_ongoing_requests < self.engine.max_batch_size:
+            raise ValueError(
+                f"deployment.max_ongoing_requests ({d.max_ongoing_requests}) is below engine.max_batch_size "
+                f"({self.engine.max_batch_size}): a replica would never see a full batch; raise the first or lower the second")
+        return self
+
+    def model_deployment_options(self) -> dict:
+        d = self.deployment
+        return dict(
+            autoscaling_config=dict(
+                min_replicas=d.min_replicas,
+                initial_replicas=max(d.min_replicas, 1),
+                max_replicas=d.max_replicas,
+                target_ongoing_requests=d.target_ongoing_requests,
+                upscale_delay_s=d.upscale_delay_s,
+                downscale_delay_s=d.downscale_delay_s,
+                metrics_interval_s=d.metrics_interval_s,
+                look_back_period_s=d.look_back_period_s,
+            ),
+            max_ongoing_requests=d.max_ongoing_requests,
+            max_queued_requests=d.max_queued_requests,
+            health_check_period_s=d.health_check_period_s,
+            health_check_timeout_s=d.health_check_timeout_s,
+            graceful_shutdown_wait_loop_s=d.graceful_shutdown_wait_loop_s,
+            graceful_shutdown_timeout_s=d.graceful_shutdown_timeout_s,
+            ray_actor_options=dict(num_cpus=d.num_cpus, num_gpus=d.num_gpus),
+        )
+
+    def ingress_deployment_options(self) -> dict:
+        i = self.ingress
+        return dict(
+            num_replicas=i.num_replicas,
+            max_ongoing_requests=i.max_ongoing_requests,
+            # The ingress never queues much: overflow is decided at the model replicas' queue.
+            max_queued_requests=i.max_ongoing_requests,
+            backpressure_config=dict(status_code=503, retry_after_s=self.deployment.retry_after_s),
+            # In-flight streams finish before an old ingress goes away in a version switch.
+            graceful_shutdown_timeout_s=self.deployment.graceful_shutdown_timeout_s,
+            ray_actor_options=dict(num_cpus=i.num_cpus),
+        )

@@ -1,0 +1,229 @@
+"""The two ways a model replica batches concurrent requests (`engine.batching`):
+
+- `dynamic`: `@serve.batch` gathers the requests that arrive together; they are prefilled as
+  one group and join the rows being decoded (services/decode.py) at the next step.
+- `continuous`: transformers' continuous-batching manager, which admits and retires requests at
+  every step over a paged KV cache.
+
+Both give each request its own stream of `Step`s; a consumer that stops listening sets
+`Job.done`, and the engine drops the request at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ray import serve
+
+from services.config import EngineConfig
+from services.decode import BatchDecoder
+from services.sampling import SamplingParams
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+    done: bool = False  # set when the consumer stops listening or the request ends; the engine then drops it
+    started: bool = False
+    produced: int = 0
+    steps: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+@dataclass(frozen=True)
+class Step:
+    token: int | None  # None when the request ends without a new token
+    finish: str | None = None  # "stop" | "length" once the request is done; "error" if decoding failed
+
+
+class DynamicBatchingEngine:
+    """`@serve.batch` gathers the requests that arrive together into one prefill; the group then
+    joins the running decode loop between two steps (while it has fewer than max_batch_size
+    rows), and each request leaves the loop at the step it ends. A request never waits for a
+    whole batch to finish, only for room and the next step."""
+
+    def __init__(self, model, stop_ids: set[int], pad_id: int, config: EngineConfig):
+        self._decoder = BatchDecoder(model, pad_id)
+        self._stop_ids = stop_ids
+        self._max_rows = config.max_batch_size
+        self._admit.set_max_batch_size(config.max_batch_size)
+        self._admit.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._pending: deque[Job] = deque()
+        self._loop: asyncio.Task | None = None
+        self._failure: Exception | None = None
+        self.waiting = 0
+        self.last_batch_size = 0
+
+    @property
+    def running(self) -> int:
+        return len(self._decoder.rows)
+
+    def alive(self) -> bool:
+        return self._failure is None
+
+    def shutdown(self) -> None:
+        """Nothing runs without requests."""
+
+    async def steps(self, job: Job) -> AsyncIterator[Step]:
+        if self._failure is not None:
+            raise RuntimeError("this replica's decode loop has failed") from self._failure
+        self.waiting += 1
+        admission = asyncio.ensure_future(self._admit(job))
+        try:
+            while True:
+                step = await job.steps.get()
+                if step.finish == "error":
+                    raise RuntimeError("this replica's decode loop has failed") from self._failure
+                yield step
+                if step.finish:
+                    return
+        finally:
+            job.done = True
+            if not job.started:
+                self.waiting -= 1
+            admission.cancel()
+
+    @serve.batch(max_batch_size=32)
+    async def _admit(self, jobs: list[Job]) -> list[None]:
+        self._pending.extend(jobs)
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._decode_loop())
+        return [None] * len(jobs)
+
+    async def _decode_loop(self) -> None:
+        jobs: dict[int, Job] = {}  # decoder row -> its job
+        group: list[Job] = []
+        try:
+            while True:
+                if group := self._take_pending(self._max_rows - len(jobs)):
+                    for job in group:  # before the prefill, which a client may leave during
+                        job.started = True
+                    self.waiting -= len(group)
+                    rows, tokens = await asyncio.to_thread(
+                        self._decoder.add, [j.prompt_ids for j in group], [j.params for j in group])
+                    jobs.update(zip(rows, group))
+                    self._deliver(jobs, rows, tokens)
+                for row in [r for r, j in jobs.items() if j.done]:
+                    del jobs[row]
+                self._decoder.keep([r for r in self._decoder.rows if r in jobs])
+                if not jobs:
+                    if self._pending:
+                        continue
+                    return
+                self.last_batch_size = len(jobs)
+                self._deliver(jobs, self._decoder.rows, await asyncio.to_thread(self._decoder.step))
+        except Exception as e:  # every waiting consumer is told; the health check then replaces the replica
+            logger.exception("the decode loop failed")
+            self._failure = e
+            for job in [*jobs.values(), *group, *self._pending]:  # a job told twice stops at the first
+                job.steps.put_nowait(Step(None, "error"))
+
+    def _take_pending(self, room: int) -> list[Job]:
+        group = []
+        while self._pending and len(group) < room:
+            job = self._pending.popleft()
+            if not job.done:  # its client left while it waited
+                group.append(job)
+        return group
+
+    def _deliver(self, jobs: dict[int, Job], rows: list[int], tokens: list[int]) -> None:
+        for row, token in zip(rows, tokens):
+            job = jobs[row]
+            if job.done:
+                continue
+            if token in self._stop_ids:
+                step = Step(None, "stop")
+            else:
+                job.produced += 1
+                step = Step(token, "length" if job.produced >= job.params.max_tokens else None)
+            job.steps.put_nowait(step)
+            job.done = step.finish is not None
+
+
+_PAGE = 256  # tokens per KV-cache page in continuous batching (transformers' default)
+
+
+class ContinuousBatchingEngine:
+    """transformers' manager draws from one random stream for all requests: a per-request seed
+    cannot be honoured, and the ingress refuses one when this engine is configured."""
+
+    def __init__(self, model, stop_ids: set[int], pad_id: int, config: EngineConfig, context_limit: int):
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        self._stop_ids = sorted(stop_ids)
+        self._vocab = model.config.vocab_size
+        # Per-request temperature, top-k and top-p exist only for warpers the base config turns
+        # on; these base values switch all three on and every request overrides them.
+        base = GenerationConfig(do_sample=True, temperature=0.5, top_k=self._vocab, top_p=0.5,
+                                eos_token_id=self._stop_ids, pad_token_id=pad_id)
+        # transformers sizes the KV cache from free device memory; on a CPU that is most of the
+        # host's RAM (14 GB and 45 s before the first token, measured with a 14M model), so
+        # there it gets room for max_batch_size full contexts instead.
+        sizing = {} if model.device.type == "cuda" else dict(
+            num_blocks=math.ceil(config.max_batch_size * context_limit / _PAGE), page_size=_PAGE, max_batch_tokens=512)
+        self._manager = model.init_continuous_batching(
+            generation_config=base,
+            continuous_batching_config=ContinuousBatchingConfig(
+                per_request_processors=True, max_requests_per_batch=config.max_batch_size, allow_block_sharing=False,
+                **sizing),
+        )
+        self._manager.start()
+        self.running = 0
+        self.waiting = 0
+        self.last_batch_size = 0
+
+    def alive(self) -> bool:
+        return self._manager.is_running()
+
+    async def steps(self, job: Job) -> AsyncIterator[Step]:
+        p = job.params
+        outputs: asyncio.Queue = asyncio.Queue()
+        request_id = uuid.uuid4().hex
+        self._manager.register_result_handler(request_id, outputs.put_nowait)
+        greedy = p.temperature == 0
+        self._manager.add_request(
+            job.prompt_ids, request_id=request_id, max_new_tokens=p.max_tokens, streaming=True,
+            eos_token_id=self._stop_ids, temperature=1.0 if greedy else float(p.temperature),
+            top_k=1 if greedy else (p.top_k or self._vocab), top_p=float(p.top_p))
+        self.running += 1
+        seen = 0
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                if output.error:
+                    raise RuntimeError(f"continuous batching failed: {output.error}")
+                finished = output.is_finished()
+                self.last_batch_size = self.running
+                for token in output.generated_tokens[seen:]:
+                    seen += 1
+                    if token in self._stop_ids:
+                        yield Step(None, "stop")
+                        return
+                    yield Step(token, "length" if seen >= p.max_tokens else None)
+                    if seen >= p.max_tokens:
+                        return
+            yield Step(None, "stop")
+        finally:
+            self.running -= 1
+            if not finished:
+                self._manager.cancel_request(request_id)
+            job.done = True
+
+    def shutdown(self) -> None:
+        self._manager.stop(block=True, timeout=10)
+
+
+def make_engine(model, stop_ids: set[int], pad_id: int, config: EngineConfig, context_limit: int):
+    if config.batching == "dynamic":
+        return DynamicBatchingEngine(model, stop_ids, pad_id, config)
+    return ContinuousBatchingEngine(model, stop_ids, pad_id, config, context_limit)

@@ -1,0 +1,110 @@
+"""An exported model, loaded for serving, that turns a prompt into a stream of response text.
+
+Loading is strict: safetensors weights only and never `trust_remote_code`, so serving a folder
+cannot run code that came with it. Everything about the prompt, the special tokens and the
+response comes from the shared contract.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from contract import END_KEY, INSTRUCTION_KEY
+from contract.errors import UserError
+from contract.models import load_model, load_tokenizer, max_length_for
+from services.config import EngineConfig
+from services.engines import Job, make_engine
+from services.sampling import SamplingParams
+from services.text import TextStream
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_export(folder: Path) -> None:
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder} is not an exported model folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"{folder} has no .safetensors weights: serving loads safetensors only; "
+                        "export with save_pretrained(safe_serialization=True)")
+
+
+def device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if config.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if config.dtype == "float16" and device.type == "cpu":
+        raise UserError("engine.dtype=float16 needs a GPU; on CPU use float32 or bfloat16")
+    return device, _DTYPES[config.dtype]
+
+
+def context_limit(folder: Path, tokenizer, config: EngineConfig) -> int:
+    return config.max_context or max_length_for(str(folder), tokenizer)[0]
+
+
+def stop_token_ids(folder: Path, tokenizer) -> set[int]:
+    """`### End` (Dolly's eos), `### Instruction:` (a model starting a new question has finished
+    its answer), and whatever eos the export's generation config names."""
+    ids = {tokenizer.convert_tokens_to_ids(END_KEY), tokenizer.convert_tokens_to_ids(INSTRUCTION_KEY)}
+    if (folder / "generation_config.json").exists():
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+@dataclass
+class Usage:
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    first_token_s: float | None = None
+    batch_size: int = 0
+
+
+class TextGenerator:
+    """One replica's model and batching engine."""
+
+    def __init__(self, folder: Path, config: EngineConfig):
+        check_export(folder)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        device, dtype = device_and_dtype(config)
+        self.tokenizer = load_tokenizer(str(folder))
+        model = load_model(str(folder), self.tokenizer, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        self.model = model.to(device).eval()
+        self.context_limit = context_limit(folder, self.tokenizer, config)
+        self.engine = make_engine(self.model, stop_token_ids(folder, self.tokenizer), self.tokenizer.pad_token_id, config,
+                                  self.context_limit)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, usage: Usage) -> AsyncIterator[str]:
+        """The response as text deltas; `usage` is filled in as it goes (finish_reason last)."""
+        if len(prompt_ids) + params.max_tokens > self.context_limit:
+            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed the "
+                            f"context of {self.context_limit} tokens")
+        text = TextStream(self.tokenizer, params.stop)
+        started = time.perf_counter()
+        job = Job(prompt_ids, params)
+        async with aclosing(self.engine.steps(job)) as steps:
+            async for step in steps:
+                if step.token is not None:
+                    if usage.first_token_s is None:
+                        usage.first_token_s = time.perf_counter() - started
+                        usage.batch_size = self.engine.last_batch_size
+                    usage.completion_tokens += 1
+                    delta = text.add([step.token])
+                    if text.stopped:
+                        usage.finish_reason = "stop"
+                        yield delta
+                        return
+                    if delta:
+                        yield delta
+                if step.finish:
+                    usage.finish_reason = step.finish
+                    break
+        usage.finish_reason = usage.finish_reason or "stop"
+        yield text.finish()

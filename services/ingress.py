@@ -1,0 +1,275 @@
+"""The OpenAI-compatible HTTP API in front of the model replicas.
+
+It authenticates, validates, folds the request into a Dolly prompt that fits the context, and
+relays the model's text as one JSON answer or as Server-Sent Events. Bad input is answered with
+OpenAI's error shape and a status that names the problem: 401 without a valid key, 422 for a
+malformed body (naming the field), 400 for a prompt longer than the context, 503 with
+Retry-After when the model replicas' queues are full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from contract.models import load_tokenizer
+from services.auth import ApiKeys
+from services.config import ServeConfig
+from services.generator import context_limit
+from services.metrics import IngressMetrics
+from services.prompts import Prompt, PromptBuilder, PromptTooLong
+from services.protocol import ChatRequest, CompletionRequest
+
+logger = logging.getLogger("ray.serve")
+
+ENDPOINTS = ("/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@serve.deployment(name="OpenAIIngress")
+@serve.ingress()
+class OpenAIIngress:
+    def __init__(self, model: DeploymentHandle, folder: str, version: str, config: ServeConfig):
+        self._model = model
+        self.version = version
+        self.served_name = config.served_model_name or version.split("@")[0]
+        self._names = {self.served_name, version}
+        self._config = config
+        tokenizer = load_tokenizer(folder)
+        self._prompts = PromptBuilder(tokenizer, context_limit(Path(folder), tokenizer, config.engine))
+        self._keys = ApiKeys(config.auth)
+        self.metrics = IngressMetrics()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return openai_api(self)
+
+    def authorize(self, request: Request) -> None:
+        if not self._keys.allows(request.headers.get("authorization")):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="authentication_error",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.served_name, "object": "model", "created": 0,
+                                            "owned_by": "dolly-ray", "version": self.version}]}
+
+    async def answer(self, body: CompletionRequest | ChatRequest):
+        chat = isinstance(body, ChatRequest)
+        if body.model not in self._names:
+            raise ApiError(404, f"model {body.model!r} is not served here; it is {self.served_name!r}", "model",
+                           kind="not_found_error")
+        if body.seed is not None and self._config.engine.batching == "continuous":
+            raise ApiError(400, "seed needs engine.batching=dynamic: continuous batching has one random stream "
+                                "for all requests", "seed")
+        limit = self._prompts.context_limit
+        if (body.requested_max_tokens or 0) >= limit:
+            raise ApiError(422, f"max_tokens must be below the model's context of {limit} tokens", "max_tokens")
+        max_tokens = body.requested_max_tokens or self._config.defaults.max_tokens
+        try:
+            prompt = (self._prompts.chat(body.messages, max_tokens) if chat
+                      else self._prompts.completion(body.prompt, body.context, max_tokens))
+        except PromptTooLong as e:
+            raise ApiError(400, str(e), "messages" if chat else "prompt") from None
+        # A whole answer needs no intermediate events: only the first, which shows the request was admitted.
+        interval_s = self._config.engine.stream_interval_s if body.stream else math.inf
+        events = self._model.options(stream=True).generate.remote(
+            prompt.ids, body.sampling(self._config.defaults, prompt.max_tokens), interval_s)
+        try:
+            first = await events.__anext__()
+        except BackPressureError:
+            retry = str(self._config.deployment.retry_after_s)
+            raise ApiError(503, f"all model replicas are busy: retry in {retry} s", kind="overloaded_error",
+                           headers={"Retry-After": retry}) from None
+        reply = _Reply(body, prompt, chat, self.version, limit, self._config.log_content)
+        if body.stream:
+            return StreamingResponse(reply.sse(first, events), media_type="text/event-stream",
+                                     headers=reply.headers)
+        return JSONResponse(await reply.whole(first, events), headers=reply.headers)
+
+
+class _Reply:
+    """One answer, in OpenAI's completion or chat shape."""
+
+    def __init__(self, body: CompletionRequest | ChatRequest, prompt: Prompt, chat: bool, version: str,
+                 context_limit: int, log_content: bool):
+        self._body, self._prompt, self._chat = body, prompt, chat
+        self.version, self._context_limit, self._log_content = version, context_limit, log_content
+        self._id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self._created = int(time.time())
+        self._started = time.perf_counter()
+        self._object = ("chat.completion.chunk" if body.stream else "chat.completion") if chat else "text_completion"
+        self.headers = {"X-Dolly-Trimmed-Turns": str(prompt.trimmed_turns)}
+
+    @property
+    def _meta(self) -> dict:
+        return {"model_version": self.version, "trimmed_turns": self._prompt.trimmed_turns,
+                "context_limit": self._context_limit}
+
+    def _usage(self, completion_tokens: int) -> dict:
+        prompt_tokens = len(self._prompt.ids)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _envelope(self, choices: list, **extra) -> dict:
+        return {"id": self._id, "object": self._object, "created": self._created, "model": self.version,
+                "choices": choices, **extra}
+
+    def _choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+        if not self._chat:
+            return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        if not self._body.stream:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+        delta = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+
+    async def whole(self, first: dict, events) -> dict:
+        parts, event = [], first
+        async with _cancelled_unless_done(events):
+            while True:
+                parts.append(event.get("text", ""))
+                if "finish_reason" in event:
+                    break
+                event = await events.__anext__()
+        text = "".join(parts)
+        self._log(text, event)
+        return self._envelope([self._choice(text, event["finish_reason"])], usage=self._usage(event["completion_tokens"]),
+                              dolly=self._meta)
+
+    async def sse(self, first: dict, events) -> AsyncIterator[str]:
+        parts, event = [], first
+        async with _cancelled_unless_done(events):
+            yield _sse(self._envelope([self._choice("", None, first=True)], dolly=self._meta))
+            while True:
+                if event.get("text"):
+                    parts.append(event["text"])
+                    yield _sse(self._envelope([self._choice(event["text"], None)]))
+                if "finish_reason" in event:
+                    break
+                event = await events.__anext__()
+        yield _sse(self._envelope([self._choice(None, event["finish_reason"])]))
+        options = self._body.stream_options
+        if options is not None and options.include_usage:
+            yield _sse(self._envelope([], usage=self._usage(event["completion_tokens"])))
+        yield "data: [DONE]\n\n"
+        self._log("".join(parts), event)
+
+    def _log(self, text: str, end: dict) -> None:
+        seconds = time.perf_counter() - self._started
+        content = (f" prompt={self._body.model_dump_json(include={'prompt', 'context', 'messages'})} answer={text!r}"
+                   if self._log_content else "")
+        logger.info("%s %s prompt_tokens=%d completion_tokens=%d trimmed_turns=%d finish=%s %.3fs%s",
+                    self._id, self.version, len(self._prompt.ids), end["completion_tokens"],
+                    self._prompt.trimmed_turns, end["finish_reason"], seconds, content)
+
+
+@contextlib.asynccontextmanager
+async def _cancelled_unless_done(events):
+    """A client that leaves mid-answer cancels the generation in the model replica."""
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        if not done:
+            events.cancel()
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def _field(error: dict) -> str:
+    """('body', 'messages', 1, 'content') -> 'messages.1.content'; a body that is not JSON -> 'body'."""
+    if error["type"] == "json_invalid":
+        return "body"
+    return ".".join(str(part) for part in error["loc"][1:]) or "body"
+
+
+def openai_api(server: OpenAIIngress) -> FastAPI:
+    api = FastAPI(title="dolly-ray", description="Dolly behind an OpenAI-compatible API")
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError):
+        return error.response()
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError):
+        problems = error.errors()
+        fields = [_field(p) for p in problems]
+        message = "; ".join(f"{f}: {p['msg']}" for f, p in zip(fields, problems))
+        return ApiError(422, message, fields[0] if fields else None).response()
+
+    def authorized(request: Request) -> None:  # a plain function: FastAPI cannot resolve a bound method's annotations
+        server.authorize(request)
+
+    @api.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": server.version}
+
+    @api.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return server.models()
+
+    @api.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest):
+        return await server.answer(body)
+
+    @api.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatRequest):
+        return await server.answer(body)
+
+    return _Recorded(api, server.metrics)
+
+
+class _Recorded:
+    """Counts every answer by endpoint and status code, and times it to its last byte; a client
+    that leaves before the end is counted as 499, as nginx does."""
+
+    def __init__(self, app, metrics: IngressMetrics):
+        self._app, self._metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self._app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, recording_send)
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            path = scope["path"].removeprefix(scope.get("root_path", ""))  # under a route_prefix
+            endpoint = path if path in ENDPOINTS else "other"
+            self._metrics.answered(endpoint, status, time.perf_counter() - started)

@@ -1,0 +1,65 @@
+"""Requests -> Dolly prompts that fit the model's context.
+
+Dolly was trained single-turn, so a conversation is folded into one prompt: the last user
+message is the instruction, and the system messages and earlier turns become its `Input:`
+context. When that does not fit with room for the answer, the oldest turns go first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from contract import render_generation_prompt
+from contract.errors import UserError
+
+_SPEAKERS = {"user": "User", "assistant": "Assistant"}
+
+
+class PromptTooLong(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    max_tokens: int  # what the answer may use: the request's, or less where the context ends first
+    trimmed_turns: int = 0
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, context_limit: int):
+        self._tokenizer = tokenizer
+        self.context_limit = context_limit
+
+    def completion(self, instruction: str, context: str, max_tokens: int) -> Prompt:
+        return self._fit(self._ids(render_generation_prompt(instruction, context)), max_tokens)
+
+    def chat(self, messages: list, max_tokens: int) -> Prompt:
+        *history, last = messages
+        system = [m.content for m in history if m.role == "system"]
+        turns = [f"{_SPEAKERS[m.role]}: {m.content}" for m in history if m.role != "system"]
+
+        def ids(dropped: int) -> list[int]:
+            return self._ids(render_generation_prompt(last.content, "\n".join(system + turns[dropped:])))
+
+        # The fewest oldest turns to drop so that the answer still has max_tokens of room;
+        # dropping more never lengthens the prompt, so a binary search finds it.
+        budget = self.context_limit - max_tokens
+        low, high = 0, len(turns)
+        while low < high:
+            middle = (low + high) // 2
+            if len(ids(middle)) <= budget:
+                high = middle
+            else:
+                low = middle + 1
+        prompt = self._fit(ids(low), max_tokens)
+        return Prompt(prompt.ids, prompt.max_tokens, trimmed_turns=low)
+
+    def _ids(self, text: str) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _fit(self, ids: list[int], max_tokens: int) -> Prompt:
+        if len(ids) >= self.context_limit:
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens, but the model's context is {self.context_limit} "
+                                f"tokens (prompt and answer together): shorten the prompt")
+        return Prompt(ids, min(max_tokens, self.context_limit - len(ids)))

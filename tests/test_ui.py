@@ -1,0 +1,297 @@
+"""The chat page as a person meets it: headless Chromium (Debian's) driven by Playwright, against
+a real Ray Serve backend serving a tiny model. Screenshots land in tests/artifacts/.
+
+Tests run in file order and share one backend; the last one stops it."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.config import ServeConfig
+from ui.config import UIConfig
+
+pytestmark = pytest.mark.timeout(300)
+ARTIFACTS = Path(__file__).parent / "artifacts"
+KEY = "ui-test-key"
+CHROMIUM = "/usr/bin/chromium"
+# Without the networking flags, this machine's closed network floods Chromium with refused connections.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's chromium, installed if missing (Playwright's own browser download cannot work here)."""
+    if not Path(CHROMIUM).exists():
+        if shutil.which("apt-get") is None:
+            pytest.skip("no chromium and no apt-get to install it")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=900)
+    return CHROMIUM
+
+
+@dataclass
+class Backend:
+    api_url: str
+    key_file: Path
+    port: int
+
+
+@pytest.fixture(scope="module")
+def backend(ray_cluster, tiny_model, tmp_path_factory):
+    from ray import serve
+
+    from services.app import build_app
+
+    key_file = tmp_path_factory.mktemp("ui") / "key"
+    key_file.write_text(f"{KEY}\n")
+    config = ServeConfig(model=str(tiny_model), auth={"api_keys_file": str(key_file)}, engine={"max_context": 512},
+                         deployment={"num_cpus": 0.5}, ingress={"num_cpus": 0.25})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(config), name=config.app_name, route_prefix="/")
+        yield Backend(f"http://127.0.0.1:{port}/v1", key_file, port)
+    finally:
+        serve.shutdown()
+
+
+def launch(config: UIConfig) -> tuple[str, object]:
+    from ui.page import launch_page
+
+    config = config.model_copy(update={"port": free_port()})
+    return f"http://127.0.0.1:{config.port}/", launch_page(config, block=False)
+
+
+@pytest.fixture(scope="module")
+def page_url(backend):
+    url, page = launch(UIConfig(api_url=backend.api_url, api_key_file=backend.key_file))
+    try:
+        yield url
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def tab(browser, page_url, request):
+    tab = browser.new_page(viewport={"width": 1280, "height": 1100})
+    tab.goto(page_url)
+    tab.wait_for_selector("#model-banner :text('Serving')", timeout=60_000)
+    yield tab
+    ARTIFACTS.mkdir(exist_ok=True)
+    tab.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    tab.close()
+
+
+def answer(tab) -> str:
+    bots = tab.locator("#chatbot [data-testid='bot']")
+    return bots.last.inner_text() if bots.count() else ""
+
+
+def watch_answer(tab, seconds: float) -> list[str]:
+    """The answer's text, sampled as it streams in."""
+    seen, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.append(answer(tab))
+        tab.wait_for_timeout(150)
+    return seen
+
+
+def send(tab, message: str) -> None:
+    tab.fill("#message textarea", message)
+    tab.click("#send")
+
+
+def test_the_page_names_the_served_model(tab, tiny_model):
+    assert f"Serving {tiny_model.name}" in tab.inner_text("#model-banner")
+
+
+def test_a_registered_model_shows_its_version():
+    from openai.types import Model
+
+    from ui.page import _model_label
+
+    assert _model_label(Model(id="dolly", created=0, object="model", owned_by="me", version="dolly@3")) == "**dolly** (version dolly@3)"
+
+
+def test_a_message_gets_an_answer_that_streams_in(tab):
+    send(tab, "Name a colour.")
+    samples = watch_answer(tab, 12)
+    tab.wait_for_selector("#chatbot [data-testid='user'] :text('Name a colour.')")
+    growing = [s for s in dict.fromkeys(samples) if s.strip()]
+    assert len(growing) >= 3, f"the answer should arrive in pieces, saw {growing[:3]}"
+    assert all(a in b for a, b in zip(growing, growing[1:])) or len(growing[-1]) >= len(growing[0])
+
+
+def test_the_context_box_reaches_the_model_as_dollys_input(tab):
+    # A context longer than the model's 512-token window can only be refused if it reached the API.
+    tab.fill("#context textarea", "word " * 700)
+    send(tab, "Summarize this.")
+    tab.wait_for_selector("#status :text('The request was refused')", timeout=60_000)
+    assert "512" in tab.inner_text("#status")
+    tab.fill("#context textarea", "Cats sleep for most of the day.")
+    send(tab, "Summarize this.")
+    tab.wait_for_function("() => document.querySelectorAll(\"#chatbot [data-testid='bot']\").length >= 1", timeout=60_000)
+    assert tab.inner_text("#status").strip() == ""
+
+
+def test_an_example_fills_instruction_and_context_and_is_answered(tab):
+    tab.get_by_role("button", name="closed QA").click()
+    assert tab.input_value("#message textarea") == "When was the Eiffel Tower finished?"
+    assert "Eiffel Tower" in tab.input_value("#context textarea")
+    tab.click("#send")
+    tab.wait_for_function("() => document.querySelectorAll(\"#chatbot [data-testid='bot']\").length >= 1", timeout=60_000)
+    tab.wait_for_selector("#chatbot [data-testid='user'] :text('Eiffel Tower')")
+
+
+def test_stop_halts_a_streaming_answer(tab):
+    send(tab, "Write a long story about the sea.")
+    tab.wait_for_function("() => { const b = document.querySelectorAll(\"#chatbot [data-testid='bot']\");"
+                          " return b.length && b[b.length-1].innerText.trim().length > 0; }", timeout=60_000)
+    tab.click("#stop")
+    tab.wait_for_timeout(500)
+    stopped = answer(tab)
+    tab.wait_for_timeout(2500)
+    assert answer(tab) == stopped, "no more text arrives after Stop"
+
+
+def test_the_api_key_never_reaches_the_browser(page_url):
+    for path in ("", "config", "gradio_api/info"):
+        assert KEY not in httpx.get(page_url + path, timeout=30).text
+
+
+def test_gradio_client_drives_the_named_chat_endpoint(page_url):
+    from gradio_client import Client
+
+    history, message, status = Client(page_url, verbose=False).predict(
+        "Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat")
+    assert status == "" and message == ""
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[-1]["content"]
+
+
+def test_a_rejected_api_key_is_explained(backend, tmp_path):
+    from gradio_client import Client
+
+    wrong = tmp_path / "wrong-key"
+    wrong.write_text("not-the-key\n")
+    url, page = launch(UIConfig(api_url=backend.api_url, api_key_file=wrong))
+    try:
+        history, _, status = Client(url, verbose=False).predict("Hi", [], "", 1.0, 0.92, 16, api_name="/chat")
+    finally:
+        page.close()
+    assert "rejected this page's API key" in status and history == []
+
+
+def test_the_optional_login_guards_the_page(backend, tmp_path):
+    logins = tmp_path / "logins"
+    logins.write_text("ada:lovelace\n")
+    url, page = launch(UIConfig(api_url=backend.api_url, api_key_file=backend.key_file, auth_file=logins))
+    try:
+        assert httpx.get(url + "gradio_api/info", timeout=30).status_code == 401
+        assert httpx.post(url + "login", data={"username": "ada", "password": "wrong"}, timeout=30).status_code >= 400
+        with httpx.Client(timeout=30) as browser:
+            assert browser.post(url + "login", data={"username": "ada", "password": "lovelace"}).status_code == 200
+            assert browser.get(url + "gradio_api/info").status_code == 200
+    finally:
+        page.close()
+
+
+def test_the_page_mounts_in_serve_beside_the_api(backend):
+    from gradio_client import Client
+    from ray import serve
+
+    from ui.deployment import build_page_app
+
+    serve.run(build_page_app(UIConfig(api_url=backend.api_url, api_key_file=backend.key_file)),
+              name="chat-page", route_prefix="/ui")
+    try:
+        page = httpx.get(f"http://127.0.0.1:{backend.port}/ui/", timeout=60)
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+        history, _, status = Client(f"http://127.0.0.1:{backend.port}/ui/", verbose=False).predict(
+            "Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat")
+        assert status == "" and history[-1]["content"]
+    finally:
+        serve.delete("chat-page")
+
+
+def test_a_stopped_backend_shows_a_readable_error(tab, backend):
+    from ray import serve
+
+    serve.shutdown()
+    send(tab, "Are you there?")
+    tab.wait_for_selector("#status :text('not reachable')", timeout=60_000)
+    assert backend.api_url in tab.inner_text("#status")
+    assert tab.input_value("#message textarea") == "Are you there?", "the message is kept, to send again"
+
+
+def test_error_messages_for_a_busy_server_say_when_to_retry():
+    import openai
+
+    from ui.page import error_message
+
+    response = httpx.Response(503, headers={"retry-after": "2"}, request=httpx.Request("POST", "http://x/v1/chat/completions"))
+    busy = openai.APIStatusError("busy", response=response, body=None)
+    assert error_message(busy, "http://x/v1") == "⚠️ The model is busy with other requests. Try again in 2 s."
+
+
+def test_dolly_serve_with_ui_starts_the_api_and_the_page_in_one_command(tiny_model, tmp_path):
+    import os
+    import sys
+
+    port = free_port()
+    keys = tmp_path / "keys"
+    keys.write_text("first-key\nsecond-key\n")
+    command = [str(Path(sys.executable).parent / "dolly"), "serve", "--model", str(tiny_model), "--port", str(port),
+               "--ui", f"auth.api_keys_file={keys}", "engine.max_context=512"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert server.poll() is None, server.stdout.read()[-3000:]
+        from gradio_client import Client
+
+        history, _, status = Client(f"http://127.0.0.1:{port}/ui/", verbose=False).predict(
+            "Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat")
+        assert status == "" and history[-1]["content"], "the page reached the API with the first key"
+    finally:
+        import signal
+
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from cli import cluster, data, serve, ui
+from cli import cluster, data, serve, submit, train, ui
 from contract.errors import UserError
 
 app = typer.Typer(
@@ -17,6 +17,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data.app, name="data")
+app.command(name="train", epilog=train.EPILOG)(train.train)
+app.add_typer(submit.app, name="submit")
 app.command(name="serve", epilog=serve.EPILOG)(serve.serve)
 app.command(name="ui", epilog=ui.EPILOG)(ui.ui)
 app.add_typer(cluster.app, name="cluster")

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cluster.presets import PRESETS
 from pipelines.records import DOLLY_CATEGORIES
 from pipelines.sources import DOLLY_HUB_ID
 
@@ -33,3 +34,93 @@ class PrepareConfig(BaseModel):
     cpus_per_task: float = Field(0.5, gt=0, description="logical CPUs each Ray Data task claims; fractional so data and training can share small machines")
     concurrency: int | None = Field(None, ge=1, description="most tokenization tasks at once (default: this machine's cores: more only thrash, as the tokenizer is multi-threaded)")
     force: bool = Field(False, description="prepare again even if output_dir already holds the same preparation")
+
+
+class TrainConfig(BaseModel):
+    """`dolly train`: full fine-tuning with Ray Train + DeepSpeed ZeRO on prepared shards.
+
+    `preset` fills in the settings this config leaves unset (see cluster/presets.py); settings
+    given explicitly always win.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # What to train on
+    base_model: str = Field("EleutherAI/pythia-2.8b", description="HF causal-LM folder or Hub id, or a random shape 'pythia-14m-random' ... 'pythia-12b-random'")
+    tokenizer: str | None = Field(None, description="tokenizer folder or Hub id (default: base_model's; required for random shapes)")
+    gguf_file: str | None = Field(None, description="GGUF file inside base_model's folder to load (de-quantised), e.g. SmolLM2's")
+    data_dir: Path = Field(Path("runs/data"), description="shards and manifest written by `dolly data prepare`")
+    source: str | None = Field(None, description="raw corpus to prepare into data_dir first (file, folder, Hub id or URI); null: train on data_dir as it is")
+    max_length: int | None = Field(None, ge=16, description="when preparing from source: longest example in tokens (default: the model's context)")
+    pack: bool = Field(False, description="when preparing from source: pack several examples per row")
+    test_size: int = Field(200, ge=1, description="when preparing from source: held-out examples (Dolly's notebook: 200)")
+
+    # Hardware and parallelism
+    preset: Literal["a100", "a10", "v100", "h100", "cpu"] | None = Field(None, description="hardware preset: device memory, peak FLOP/s and a recipe for unset settings")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU)")
+    use_gpu: bool = Field(False, description="one GPU per worker with NCCL; false: CPU workers with gloo")
+    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs each worker claims")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters")
+    offload_optimizer: bool = Field(False, description="keep optimizer state (and the update) in CPU memory (ZeRO 1-3)")
+    offload_params: bool = Field(False, description="keep parameters in CPU memory between uses (ZeRO-3 only)")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("fp32", description="training precision; bf16/fp16 keep fp32 master weights")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: far less memory, ~30% more compute")
+    device_memory_gib: float | None = Field(None, gt=0, description="memory of one device for the preflight (default: the preset's, else host memory / workers)")
+    host_memory_gib: float | None = Field(None, gt=0, description="CPU memory of one node for the preflight (default: the preset's, else this machine's)")
+    preflight: bool = Field(True, description="refuse a plan whose estimated memory does not fit before any worker starts")
+
+    # Optimisation
+    micro_batch_size: int = Field(4, ge=1, description="rows per worker per forward pass")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
+    lr: float = Field(5e-6, gt=0, description="peak learning rate of AdamW (Dolly's notebook: 5e-6)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(50, ge=0, description="optimizer steps of linear warmup from 0 to lr")
+    decay: Literal["constant", "linear", "cosine"] = Field("cosine", description="schedule after warmup (Dolly's WarmupLR is 'constant')")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="lr at the end of a linear or cosine decay, as a fraction of lr")
+    epochs: int = Field(2, ge=1, description="passes over the training split (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to train for; overrides epochs")
+    seed: int = Field(42, description="seed of model init and data order")
+
+    # Evaluation, logging, checkpoints
+    eval_every: int = Field(50, ge=1, description="held-out loss every N optimizer steps (and at the end)")
+    eval_batches: int | None = Field(None, ge=1, description="most held-out micro-batches per worker per evaluation (default: the whole test split)")
+    log_every: int = Field(10, ge=1, description="metrics every N optimizer steps")
+    checkpoint_every: int = Field(200, ge=1, description="verified checkpoint every N optimizer steps (and at the end)")
+    num_to_keep: int = Field(3, ge=1, description="most recent checkpoints kept in storage")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts from the latest verified checkpoint before the run fails")
+    resume_from: str | None = Field(None, description="checkpoint folder to start from (default: this run's latest verified checkpoint, if any)")
+    run_name: str = Field("dolly", pattern=r"^[A-Za-z0-9._-]+$", description="the run's name: a re-run with the same name and storage resumes it")
+    storage_path: str = Field("runs/train", description="where checkpoints go: a folder (local, NFS, PVC) or s3:// URI")
+    output_dir: Path = Field(Path("runs/train"), description="local folder for the run's logs, loss curve and export (shared across nodes on a cluster)")
+    mlflow: bool = Field(False, description="also log parameters, metrics, the loss curve and the model card to MLflow")
+    mlflow_tracking_uri: str = Field("file:runs/mlruns", description="MLflow tracking URI: a local file store by default, or an MLflow server's URL")
+
+    # Export
+    export_dtype: Literal["bf16", "fp16"] = Field("bf16", description="dtype of the exported safetensors")
+    register_as: str | None = Field("dolly", description="registry name the export is registered under (NAME@latest); null: do not register")
+    registry: Path = Field(Path("runs/registry"), description="model registry folder")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, values):
+        if isinstance(values, dict) and values.get("preset") in PRESETS:
+            return {**PRESETS[values["preset"]].settings, **values}
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage=3 (got zero_stage={self.zero_stage}): set zero_stage=3 or offload_params=false")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO (zero_stage 1, 2 or 3): set zero_stage=2 or offload_optimizer=false")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision=fp16 needs GPUs (DeepSpeed's CPU backend has no fp16): use precision=bf16 or fp32 on CPU")
+        if self.tokenizer is None and self.base_model.startswith("pythia-") and self.base_model.endswith("-random"):
+            raise ValueError(f"base_model={self.base_model!r} is a random shape with no tokenizer of its own: set tokenizer (e.g. ../shared/tokenizer/pythia)")
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.base_model

@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from contract import prompt as contract_prompt
@@ -41,10 +42,11 @@ def contract_fingerprint() -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path, filesystem: pafs.FileSystem | None = None) -> str:
+    """sha256 of a file on a pyarrow filesystem (local by default: s3:// and gs:// work alike)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
+    with (filesystem or pafs.LocalFileSystem()).open_input_stream(str(path)) as stream:
+        while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 

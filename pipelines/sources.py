@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from contract.errors import UserError
+from pipelines.manifest import file_sha256
 from pipelines.records import SOURCE_SUFFIXES
 
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
@@ -61,7 +62,7 @@ def resolve_source(spec: str, hub_cache_dir: str | None = None) -> Source:
         )
     files = _list_corpus_files(filesystem, path, spec)
     source = Source(spec=spec, kind=kind, filesystem=filesystem, files=files)
-    source.file_hashes = {f: _sha256(filesystem, f) for f in files}
+    source.file_hashes = {f: file_sha256(f, filesystem) for f in files}
     return source
 
 
@@ -81,14 +82,6 @@ def _list_corpus_files(filesystem: pafs.FileSystem, path: str, spec: str) -> lis
     if not files:
         raise SourceError(f"folder {spec!r} holds no {', '.join(SOURCE_SUFFIXES)} files")
     return files
-
-
-def _sha256(filesystem: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with filesystem.open_input_stream(path) as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download_from_hub(repo_id: str, cache_dir: str | None) -> str:

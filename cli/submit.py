@@ -1,0 +1,41 @@
+"""`dolly submit ...`: run a dolly command on a Ray cluster as a Ray job."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from cli.configs import load_config, parse_overrides
+from pipelines.configs import TrainConfig
+
+app = typer.Typer(help="Run dolly commands on a Ray cluster as Ray jobs (token auth handled).", no_args_is_help=True)
+
+
+@app.command()
+def train(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any `dolly train` setting, e.g. max_steps=100"),
+    address: str = typer.Option(..., envvar="RAY_ADDRESS", help="the cluster's dashboard, e.g. http://HEAD:8265"),
+    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of `dolly train` settings"),
+    working_dir: Path = typer.Option(Path("."), exists=True, file_okay=False, help="code to run: uploaded to the cluster as the job's working dir"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="stream the job's logs and exit with its status"),
+) -> None:
+    """Run `dolly train` on a cluster: the settings are checked here first, then travel with the job
+    as `key=value` arguments. Paths in them are read on the cluster, relative to the job's working
+    dir (a copy of --working-dir): give absolute or s3:// paths for data, storage and outputs.
+
+    Example: dolly submit train --address http://head:8265 --config train.yaml num_workers=8
+    """
+    load_config(TrainConfig, config, {}, overrides or [])  # a bad setting fails here, not minutes later on the cluster
+    from cluster.jobs import submit
+
+    settings = yaml.safe_load(config.read_text()) if config else {}
+    settings.update(parse_overrides(overrides or []))
+    arguments = [f"{key}={json.dumps(value)}" for key, value in settings.items()]  # JSON is YAML, as `key=value` reads it
+    entrypoint = shlex.join(["dolly", "train", *arguments])
+    sys.exit(submit(address, entrypoint, working_dir.absolute(), follow=wait))

@@ -1,0 +1,30 @@
+"""`dolly train`: fine-tune a base model on prepared shards with Ray Train + DeepSpeed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.configs import load_config, settings_help
+from pipelines.configs import TrainConfig
+
+EPILOG = settings_help(TrainConfig)
+
+
+def train(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_steps=100 zero_stage=3"),
+    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
+    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to run on (default: an embedded local one)"),
+) -> None:
+    """Full fine-tuning with DeepSpeed ZeRO on Ray Train workers: preflight, verified checkpoints,
+    resume, metrics, export and registration.
+
+    Example: dolly train --config train.yaml preset=a100 num_workers=8
+    """
+    settings = load_config(TrainConfig, config, {}, overrides or [])  # a bad setting fails before heavy imports
+    from pipelines.train import train as run_train
+
+    run_train(settings, ray_address=address)
+

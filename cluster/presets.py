@@ -1,0 +1,60 @@
+"""Hardware presets: what a device can hold and do, and the training settings that suit it.
+
+A preset fills in the settings a config leaves unset (explicit settings always win), and tells
+the memory preflight how much a device holds and the metrics what its peak FLOP/s are. The
+GPU recipes are Dolly's DeepSpeed configs (A100: ZeRO-3 bf16; A10: plus optimizer offload; V100:
+plus fp16) with Dolly's per-device batch sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PresetName = Literal["a100", "a10", "v100", "h100", "cpu"]
+
+
+class HardwarePreset(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    description: str
+    device_memory_gib: float | None = Field(description="memory of one device; None: the worker shares host memory (CPU)")
+    host_memory_gib: float | None = Field(description="CPU memory of one node, where offloaded state lives; None: this machine's")
+    devices_per_node: int
+    peak_tflops: float | None = Field(description="dense peak of one device at the preset's precision (for MFU); None: unknown")
+    settings: dict = Field(description="TrainConfig settings the preset implies")
+
+
+PRESETS: dict[str, HardwarePreset] = {
+    "a100": HardwarePreset(
+        description="NVIDIA A100 40 GB (Dolly's 8-GPU node): ZeRO-3, bf16",
+        device_memory_gib=40, host_memory_gib=1024, devices_per_node=8, peak_tflops=312,
+        settings=dict(use_gpu=True, zero_stage=3, precision="bf16", offload_optimizer=False, micro_batch_size=6,
+                      gradient_checkpointing=True),
+    ),
+    "a10": HardwarePreset(
+        description="NVIDIA A10 24 GB: ZeRO-3, bf16, optimizer offloaded to CPU",
+        device_memory_gib=24, host_memory_gib=192, devices_per_node=4, peak_tflops=125,
+        settings=dict(use_gpu=True, zero_stage=3, precision="bf16", offload_optimizer=True, micro_batch_size=4,
+                      gradient_checkpointing=True),
+    ),
+    "v100": HardwarePreset(
+        description="NVIDIA V100 16 GB (no bf16): ZeRO-3, fp16, optimizer offloaded to CPU",
+        device_memory_gib=16, host_memory_gib=256, devices_per_node=8, peak_tflops=125,
+        settings=dict(use_gpu=True, zero_stage=3, precision="fp16", offload_optimizer=True, micro_batch_size=3,
+                      gradient_checkpointing=True),
+    ),
+    "h100": HardwarePreset(
+        description="NVIDIA H100 80 GB SXM: ZeRO-2 (memory to spare, less communication than ZeRO-3), bf16",
+        device_memory_gib=80, host_memory_gib=2048, devices_per_node=8, peak_tflops=989,
+        settings=dict(use_gpu=True, zero_stage=2, precision="bf16", offload_optimizer=False, micro_batch_size=8,
+                      gradient_checkpointing=True),
+    ),
+    "cpu": HardwarePreset(
+        description="CPU workers over gloo (tests, laptops): ZeRO-2, fp32",
+        device_memory_gib=None, host_memory_gib=None, devices_per_node=2, peak_tflops=None,
+        settings=dict(use_gpu=False, zero_stage=2, precision="fp32", offload_optimizer=False, micro_batch_size=4,
+                      gradient_checkpointing=False),
+    ),
+}

@@ -1,0 +1,182 @@
+"""Verified DeepSpeed checkpoints: written by every rank, checked before Ray Train records them,
+and checked again before anything resumes from them.
+
+A checkpoint folder in storage holds DeepSpeed's files (each rank writes its own partition) and
+one manifest per rank, `ranks/rank_<r>.json`, listing that rank's files with size and sha256.
+At save time each rank reloads its files before the manifest is written, and the checkpoint is
+reported only if every rank succeeded. At resume time a checkpoint counts only if every rank's
+manifest is there and every file matches it; anything else (an upload cut short, a truncated or
+altered file) is skipped with a warning and the next older one is tried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+
+from pipelines.manifest import file_sha256
+
+log = logging.getLogger(__name__)
+
+TAG = "state"  # DeepSpeed's tag: the sub-folder its files go in
+MANIFESTS = "ranks"
+CLIENT_STATE = "dolly"  # our training state, apart from the keys DeepSpeed adds to client_state
+_NAME = re.compile(r"^checkpoint_(?P<step>\d{8})_(?P<stamp>\d+)$")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A checkpoint folder in storage."""
+
+    path: str  # path within `filesystem` (no scheme)
+    filesystem: pafs.FileSystem
+    step: int
+
+
+def storage(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a local folder or a URI such as s3://bucket/prefix."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).absolute())
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """A name that sorts by step and never repeats: a run that resumes from an older checkpoint
+    writes its own, instead of merging files into a stale folder of the same step."""
+    stamp = _broadcast(time.time_ns())
+    return f"checkpoint_{step:08d}_{stamp}"
+
+
+def save(engine, step: int, client_state: dict) -> Path | None:
+    """Every rank: write this rank's part of the checkpoint into a fresh local folder, reload it
+    to prove it readable, and list it in the rank's manifest.
+
+    Returns the folder to report if every rank succeeded, else None (after a warning): a
+    checkpoint that one rank could not write or read back is never reported.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f"ckpt{step}_rank{dist.get_rank()}_"))
+    try:
+        engine.save_checkpoint(str(folder), tag=TAG, client_state={CLIENT_STATE: client_state})
+        files = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            if path.suffix == ".pt":
+                torch.load(path, map_location="cpu", weights_only=False)
+            files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        (folder / MANIFESTS).mkdir()
+        manifest = {"step": step, "world_size": dist.get_world_size(), "files": files}
+        (folder / MANIFESTS / f"rank_{dist.get_rank()}.json").write_text(json.dumps(manifest, indent=1))
+        ok = True
+    except Exception as e:  # a failed save must not kill a run that can go on to the next one
+        log.warning("rank %d could not write or read back checkpoint at step %d: %r", dist.get_rank(), step, e)
+        ok = False
+    if _all_ranks(ok):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    if dist.get_rank() == 0:
+        log.warning("checkpoint at step %d failed verification on some rank: not reported; training goes on", step)
+    return None
+
+
+def candidates(run_uri: str) -> list[Stored]:
+    """The run's checkpoint folders in storage, newest step first."""
+    fs, root = storage(run_uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    found = [(int(m["step"]), int(m["stamp"]), info.path) for info in infos
+             if info.type == pafs.FileType.Directory and (m := _NAME.match(info.base_name))]
+    return [Stored(path, fs, step) for step, _, path in sorted(found, reverse=True)]
+
+
+def latest_verified(choices: list[Stored]) -> Stored | None:
+    """Every rank: the newest checkpoint that passes `problem` on all ranks; the others are
+    skipped with a warning naming what is wrong."""
+    for stored in choices:
+        issue = problem(stored, dist.get_world_size(), dist.get_rank())
+        if _all_ranks(issue is None):
+            return stored
+        if dist.get_rank() == 0:
+            log.warning("skipping checkpoint %s: %s", stored.path, issue or "a file failed verification on another rank")
+    return None
+
+
+def problem(stored: Stored, world_size: int, rank: int) -> str | None:
+    """What is wrong with a stored checkpoint for a run of `world_size` ranks, or None.
+
+    Every rank checks that all manifests and files are present at their recorded sizes; each
+    rank hashes only the files its own manifest lists, so the work is shared.
+    """
+    fs = stored.filesystem
+    manifests = []
+    for r in range(world_size):
+        try:
+            with fs.open_input_stream(f"{stored.path}/{MANIFESTS}/rank_{r}.json") as f:
+                manifests.append(json.loads(f.read()))
+        except (OSError, ValueError) as e:
+            return f"manifest of rank {r} missing or unreadable ({e.__class__.__name__})"
+    for r, manifest in enumerate(manifests):
+        if manifest["world_size"] != world_size:
+            return f"written by {manifest['world_size']} workers; this run has {world_size} (set num_workers={manifest['world_size']} to resume it)"
+        for name, expected in manifest["files"].items():
+            info = fs.get_file_info(f"{stored.path}/{name}")
+            if info.type != pafs.FileType.File:
+                return f"rank {r}'s file {name} is missing"
+            if info.size != expected["size"]:
+                return f"rank {r}'s file {name} has {info.size} bytes, {expected['size']} were written"
+            if r == rank and file_sha256(f"{stored.path}/{name}", fs) != expected["sha256"]:
+                return f"rank {r}'s file {name} changed since it was written (sha256 differs)"
+    return None
+
+
+def sweep_untracked(run_uri: str) -> None:
+    """Rank 0, after reporting a checkpoint: delete the run's checkpoint folders that Ray Train
+    does not track and that are older than all it does. Those are uploads a failure cut off
+    before Ray registered them (verified or not): Ray's num_to_keep never sees them, and they
+    would pile up. Folders Ray tracks are Ray's to delete (its run snapshot must find them)."""
+    from ray.train import get_all_reported_checkpoints
+
+    tracked = {str(Path(c.checkpoint.path)) for c in get_all_reported_checkpoints()}
+    stored = candidates(run_uri)
+    oldest_tracked = min((s.step for s in stored if s.path in tracked), default=None)
+    for s in stored:
+        if oldest_tracked is not None and s.path not in tracked and s.step < oldest_tracked:
+            log.warning("deleting checkpoint %s: left over from a failed attempt, older than every checkpoint kept", s.path)
+            s.filesystem.delete_dir(s.path)
+
+
+def load(engine, stored: Stored) -> dict:
+    """Restore model, optimizer and schedule from a verified checkpoint; returns the client state."""
+    from ray.train import Checkpoint
+
+    with Checkpoint(path=stored.path, filesystem=stored.filesystem).as_directory() as folder:
+        _, client_state = engine.load_checkpoint(folder, tag=TAG)
+    if client_state is None:
+        raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {stored.path}")
+    return client_state[CLIENT_STATE]
+
+
+def _all_ranks(ok: bool) -> bool:
+    flag = torch.tensor([int(ok)], device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _broadcast(value: int) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
+def collective_device() -> torch.device:
+    # NCCL only moves CUDA tensors; gloo only CPU ones.
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+

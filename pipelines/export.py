@@ -1,0 +1,107 @@
+"""The end of a run: one plain Hugging Face folder that `transformers.pipeline` loads as it is.
+
+    model.safetensors        consolidated 16-bit weights (gathered from every rank under ZeRO-3)
+    config.json, tokenizer   the tokenizer with Dolly's special tokens
+    generation_config.json   eos = the `### End` id, and Dolly's sampling defaults
+    README.md                model card: base model, data fingerprint, hyperparameters, metrics
+    training.json            the same facts, for programs
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import GenerationConfig
+
+from contract import END_KEY
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TRAINING_FACTS = "training.json"
+
+
+def export(engine, tokenizer, folder: Path, dtype: str, facts: dict) -> Path | None:
+    """Every rank (ZeRO-3 gathers the weights from all of them); rank 0 writes `folder` and
+    returns it, the others return None. The folder appears complete or not at all."""
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if dist.get_rank() == 0 else None
+    if dist.get_rank() != 0:
+        return None
+    state = {name: tensor.detach().to("cpu", DTYPES[dtype]).contiguous() for name, tensor in state.items()}
+    staging = folder.with_name(folder.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model = engine.module
+    saved_config = model.config
+    model.config = copy.deepcopy(saved_config)
+    model.config.dtype = DTYPES[dtype]
+    model.config.use_cache = True  # training turned it off; generation wants it
+    try:
+        model.save_pretrained(staging, state_dict=state)
+    finally:
+        model.config = saved_config
+    tokenizer.save_pretrained(staging)
+    generation_config(tokenizer).save_pretrained(staging)
+    (staging / TRAINING_FACTS).write_text(json.dumps(facts, indent=2, default=str) + "\n")
+    (staging / "README.md").write_text(model_card(facts))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return folder
+
+
+def generation_config(tokenizer) -> GenerationConfig:
+    """Dolly's generation defaults, stopping at `### End` (Dolly's slow answers ran to
+    max_new_tokens whenever this was missed)."""
+    return GenerationConfig(
+        eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY),
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        max_new_tokens=256,
+        top_p=0.92,
+        top_k=0,
+    )
+
+
+def model_card(facts: dict) -> str:
+    config, metrics, data = facts["config"], facts["metrics"], facts["data"]
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in config.items())
+    results = "\n".join(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+                        for key, value in metrics.items())
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+base_model: {config['base_model']}
+tags: [dolly, instruction-tuning, ray, deepspeed]
+---
+
+# {facts['run_name']}
+
+{config['base_model']} fully fine-tuned on an instruction corpus in Dolly 2.0's prompt format, with
+Ray Train and DeepSpeed ZeRO-{config['zero_stage']} ({config['precision']}, {config['num_workers']} workers).
+Weights are {config['export_dtype']} safetensors. Prompt it with Dolly's template
+(`contract.prompt.render_generation_prompt`); generation stops at the `{END_KEY}` token.
+
+## Data
+
+- data manifest: `{data['manifest_sha256']}` (sha256 of `manifest.json` in `{data['dir']}`)
+- source fingerprint: `{data['source_fingerprint']}`
+- tokenizer fingerprint: `{data['tokenizer_fingerprint']}`
+- training rows: {data['train_rows']}, packed: {data['packed']}
+
+## Final metrics
+
+| metric | value |
+|---|---:|
+{results}
+
+## Hyperparameters
+
+| setting | value |
+|---|---|
+{rows}
+"""

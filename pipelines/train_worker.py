@@ -1,0 +1,229 @@
+"""What each Ray Train worker runs: DeepSpeed over the worker's shard of the data, with metrics,
+verified checkpoints, resume, and the export at the end.
+
+Every rank runs the same number of forward passes and collectives in the same order (ZeRO-3
+gathers parameters inside each forward): the data shards are equal-sized, batches drop the last
+partial one, and all decisions (when to log, evaluate, checkpoint, stop) depend on the step only.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import time
+from pathlib import Path
+
+import deepspeed
+import ray.train
+import torch
+import torch.distributed as dist
+from transformers.integrations import HfDeepSpeedConfig
+
+from contract.models import load_model, load_tokenizer
+from pipelines import checkpoints
+from pipelines.batches import Collate
+from pipelines.configs import TrainConfig
+from pipelines.deepspeed_config import deepspeed_config, lr_factor
+from pipelines.export import DTYPES as EXPORT_DTYPES, export
+from pipelines.metrics import LOSS_CURVE, MetricsSink, flops_per_token, memory_gib, plot_loss_curve, read_history
+
+DTYPES = {**EXPORT_DTYPES, "fp32": torch.float32}
+
+
+def train_loop(loop_config: dict) -> dict:
+    config = TrainConfig.model_validate(loop_config["config"])
+    plan: dict = loop_config["plan"]  # worked out by the driver: total_steps, run_uri, peak_flops, data facts
+    total_steps, n_params = plan["total_steps"], plan["n_params"]
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(config.seed)
+    deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
+    tokenizer = load_tokenizer(config.tokenizer_path)
+    engine, model = _engine(config, tokenizer, total_steps)
+
+    state = {"step": 0, "micro_batches": 0, "tokens": 0, "resumes": [], "unverified_checkpoints": 0}
+    start = _resume_point(config, plan["run_uri"])
+    if start is not None:
+        state = checkpoints.load(engine, start)
+        state["resumes"] = [*state["resumes"], {"checkpoint": start.path, "step": state["step"]}]
+        if rank == 0:
+            print(f"resumed from verified checkpoint {start.path} at step {state['step']}", flush=True)
+
+    log_dir = Path(config.output_dir) / config.run_name
+    sink = MetricsSink(log_dir, total_steps, state["step"], {"run_name": config.run_name, **plan["hyperparameters"]},
+                       config.mlflow_tracking_uri if config.mlflow else None) if rank == 0 else None
+    eval_batches = _held_out(config, tokenizer)
+    batches = _micro_batches(config, tokenizer, state["micro_batches"], plan["micro_batches_per_epoch"])
+    window = _new_window()
+    metrics: dict = {}
+    engine.train()
+
+    while state["step"] < total_steps:
+        waited = time.perf_counter()
+        number, batch = next(batches)
+        window["data_s"] += time.perf_counter() - waited
+        n_tokens = int(batch.pop("n_tokens"))
+        loss = engine(**batch, use_cache=False).loss
+        engine.backward(loss)
+        engine.step()
+        state["micro_batches"] = number + 1
+        window["loss"] += loss.item()
+        window["micro"] += 1
+        window["tokens"] += n_tokens
+        window["rows_len"] += batch["input_ids"].shape[1] * batch["input_ids"].shape[0]
+        window["rows"] += batch["input_ids"].shape[0]
+        if window["micro"] % config.grad_accum:
+            continue
+        state["step"] += 1
+        step = state["step"]
+        last = step == total_steps
+        if rank == 0:
+            sink.progress(1, window["loss"] / window["micro"])
+        if not (step % config.log_every == 0 or step % config.eval_every == 0 or step % config.checkpoint_every == 0 or last):
+            continue
+
+        metrics = _window_metrics(window, engine, plan, n_params, model.config, state["micro_batches"])
+        state["tokens"] += metrics.pop("tokens")
+        if step % config.eval_every == 0 or last:
+            metrics["eval_loss"] = _evaluate(engine, eval_batches)
+            engine.train()
+        if rank == 0:
+            sink.write(step, metrics)
+        report = {"step": step, **metrics}
+        if step % config.checkpoint_every == 0 or last:
+            folder = checkpoints.save(engine, step, state)
+            if folder is not None:
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                                 checkpoint_dir_name=checkpoints.checkpoint_dir_name(step))
+                shutil.rmtree(folder, ignore_errors=True)
+                if rank == 0:
+                    checkpoints.sweep_untracked(plan["run_uri"])
+            else:
+                state["unverified_checkpoints"] += 1
+                ray.train.report(report)
+        else:
+            ray.train.report(report)
+        window = _new_window()
+
+    facts = {
+        "run_name": config.run_name,
+        "config": config.model_dump(mode="json"),
+        "data": plan["data"],
+        "metrics": {"step": state["step"], "tokens_seen": state["tokens"], **metrics},
+        "resumes": state["resumes"],
+    }
+    exported = export(engine, tokenizer, log_dir / "export", config.export_dtype, facts)
+    final = {"step": state["step"], **metrics, "resumes": state["resumes"], "unverified_checkpoints": state["unverified_checkpoints"]}
+    if rank == 0:
+        curve = plot_loss_curve(read_history(log_dir), log_dir / LOSS_CURVE, f"{config.run_name}: {config.base_model}")
+        final.update(export_dir=str(exported), loss_curve=str(curve))
+        if config.register_as:
+            from pipelines import registry
+
+            version = registry.register(exported, config.register_as, config.registry)
+            final["registered"] = f"{config.register_as}@{version}"
+        sink.close([curve, exported / "README.md"])
+    return final  # the driver's Result.return_value (rank 0's)
+
+
+def _engine(config: TrainConfig, tokenizer, total_steps: int):
+    """(DeepSpeed engine, the HF model inside it): AdamW, the lr schedule, ZeRO as configured."""
+    ds_config = deepspeed_config(config)
+    # Alive while the model loads, this makes transformers build it already partitioned under
+    # ZeRO-3 (no rank ever holds the whole model) and resize the embeddings partitioned too.
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    model_kwargs = {"dtype": DTYPES[config.precision]} | ({"gguf_file": config.gguf_file} if config.gguf_file else {})
+    model = load_model(config.base_model, tokenizer, **model_kwargs)
+    model.config.use_cache = False  # required for packed rows; useless in training anyway
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, config=config, total_steps=total_steps)),
+    )
+    return engine, model
+
+
+def _resume_point(config: TrainConfig, run_uri: str) -> checkpoints.Stored | None:
+    """The checkpoint to start from: `resume_from` if given (it must verify), else this run's
+    newest verified checkpoint, else none (a fresh start)."""
+    if config.resume_from:
+        fs, path = checkpoints.storage(config.resume_from)
+        explicit = checkpoints.Stored(path, fs, step=-1)
+        if checkpoints.latest_verified([explicit]) is None:
+            raise RuntimeError(f"resume_from={config.resume_from!r} is not a complete, verified checkpoint (see the warning above)")
+        return explicit
+    return checkpoints.latest_verified(checkpoints.candidates(run_uri))
+
+
+def _micro_batches(config: TrainConfig, tokenizer, done: int, per_epoch: int):
+    """(number, batch) of this worker's micro-batches, epoch after epoch, numbered from the start
+    of the run; after a resume, the `done` ones already trained on are passed over."""
+    shard = ray.train.get_dataset_shard("train")
+    collate = Collate(tokenizer.pad_token_id)
+    epoch = done // per_epoch
+    while True:
+        batches = shard.iter_torch_batches(batch_size=config.micro_batch_size, collate_fn=collate, drop_last=True)
+        for index, batch in enumerate(batches):
+            number = epoch * per_epoch + index
+            if number >= done:
+                yield number, batch
+        epoch += 1
+
+
+def _held_out(config: TrainConfig, tokenizer) -> list[dict]:
+    """This worker's held-out batches, read once: every evaluation scores the same examples, so
+    the held-out curve moves only when the model does."""
+    collate = Collate(tokenizer.pad_token_id)
+    batches = []
+    for batch in ray.train.get_dataset_shard("test").iter_torch_batches(batch_size=config.micro_batch_size,
+                                                                         collate_fn=collate, drop_last=False):
+        batches.append(batch)
+    # Ranks may differ by one batch (equal rows, but a final partial batch): all score the same count.
+    count = torch.tensor([len(batches)], device=checkpoints.collective_device())
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    return batches[: min(int(count.item()), config.eval_batches or len(batches))]
+
+
+@torch.no_grad()
+def _evaluate(engine, batches: list[dict]) -> float:
+    """Mean loss per response token over every rank's held-out batches."""
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    for batch in batches:
+        labels = batch["labels"]
+        tokens = int((labels[:, 1:] != -100).sum())  # the model predicts each label from the token before it
+        loss = engine(input_ids=batch["input_ids"], labels=labels, position_ids=batch["position_ids"], use_cache=False).loss
+        totals += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=engine.device)
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] else float("nan")
+
+
+def _new_window() -> dict:
+    return {"loss": 0.0, "micro": 0, "tokens": 0, "rows_len": 0, "rows": 0, "data_s": 0.0, "started": time.perf_counter()}
+
+
+def _window_metrics(window: dict, engine, plan: dict, n_params: int, model_config, micro_batches: int) -> dict:
+    """Metrics of the steps since the last report, reduced over ranks."""
+    elapsed = time.perf_counter() - window["started"]
+    sums = torch.tensor([window["loss"], window["micro"], window["tokens"], window["rows_len"], window["rows"], window["data_s"]],
+                        dtype=torch.float64, device=engine.device)
+    dist.all_reduce(sums)
+    loss, micro, tokens, rows_len, rows, data_s = sums.tolist()
+    tokens_per_s = tokens / elapsed
+    metrics = {
+        "train_loss": loss / micro,
+        "lr": engine.get_lr()[0],
+        "tokens_per_s": tokens_per_s,
+        "epoch": micro_batches / plan["micro_batches_per_epoch"],
+        "data_wait": data_s / dist.get_world_size() / elapsed,  # share of the time spent waiting for data
+        "memory_gib": memory_gib(),
+        "tokens": int(tokens),
+    }
+    if plan["peak_flops"]:
+        # Padded positions are computed but are not useful work: MFU counts non-pad tokens only.
+        flops = flops_per_token(model_config, rows_len / rows, n_params) * tokens_per_s
+        metrics["mfu"] = flops / (plan["peak_flops"] * dist.get_world_size())
+    return metrics

@@ -1,0 +1,105 @@
+"""Fine-tuning as a user runs it: two CPU workers with real DeepSpeed ZeRO overfit a small slice
+of the corpus, and the export is a plain Hugging Face folder that generates and stops at `### End`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from contract import END_KEY, extract_response
+from pipelines.configs import TrainConfig
+from pipelines.metrics import read_history
+from pipelines.train import train
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def overfit_config(tmp_path, data_dir, tokenizer_path, **settings) -> TrainConfig:
+    """A tiny random Pythia, a high constant learning rate, two workers of two rows each."""
+    return TrainConfig.model_validate({
+        "base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "data_dir": str(data_dir),
+        "num_workers": 2, "micro_batch_size": 2, "precision": "fp32", "lr": 3e-3, "warmup_steps": 3,
+        "decay": "constant", "max_steps": 40, "log_every": 5, "eval_every": 20, "checkpoint_every": 40,
+        "storage_path": str(tmp_path / "storage"), "output_dir": str(tmp_path / "out"),
+        "registry": str(tmp_path / "registry"), "run_name": "overfit", "mlflow": True,
+        "mlflow_tracking_uri": f"file:{tmp_path / 'mlruns'}", **settings,
+    })
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def overfit_run(request, tmp_path_factory, train_data, tokenizer_path):
+    config = overfit_config(tmp_path_factory.mktemp(f"zero{request.param}"), train_data, tokenizer_path,
+                            zero_stage=request.param)
+    return config, train(config)
+
+
+def test_two_workers_overfit_a_small_slice(overfit_run):
+    config, result = overfit_run
+    history = read_history(config.output_dir / config.run_name)
+    losses = [row["train_loss"] for row in history if "train_loss" in row]
+    assert losses[0] > 9.0, "a random model starts near ln(vocabulary) ~ 10.8"
+    assert losses[-1] < 1.0, f"ZeRO-{config.zero_stage} did not overfit: {losses}"
+    assert result.metrics["step"] == config.max_steps
+    assert result.metrics["tokens_per_s"] > 0 and "eval_loss" in result.metrics
+
+
+def test_export_loads_with_a_pipeline_and_generation_stops_at_end(overfit_run, train_data, tokenizer):
+    import pyarrow.parquet as pq
+    from transformers import pipeline
+
+    config, result = overfit_run
+    generator = pipeline("text-generation", model=result.metrics["export_dir"])
+    end_id = tokenizer.convert_tokens_to_ids(END_KEY)
+    assert generator.model.generation_config.eos_token_id == end_id
+
+    # The prompt of a training example: the overfit model answers it, then emits `### End`, and
+    # generation stops there instead of running on to max_new_tokens.
+    row = pq.read_table(train_data / "train").slice(0, 1).to_pylist()[0]
+    prompt_length = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    prompt = tokenizer.decode(row["input_ids"][:prompt_length])
+    out = generator(prompt, do_sample=False, max_new_tokens=64, return_tensors=True)[0]["generated_token_ids"]
+    answer = out[prompt_length:]
+    assert answer[-1] == end_id and len(answer) < 64, tokenizer.decode(answer)
+    assert extract_response(tokenizer.decode(answer)), "an answer precedes `### End`"
+
+
+def test_export_carries_a_model_card_and_is_registered(overfit_run):
+    from pipelines import registry
+
+    config, result = overfit_run
+    assert result.metrics["registered"] == f"{config.register_as}@1"
+    folder, _ = registry.resolve(f"{config.register_as}@latest", config.registry)
+    facts = json.loads((folder / "training.json").read_text())
+    assert facts["config"]["zero_stage"] == config.zero_stage and facts["metrics"]["step"] == config.max_steps
+    card = (folder / "README.md").read_text()
+    for fact in (config.base_model, facts["data"]["manifest_sha256"], "eval_loss", "micro_batch_size"):
+        assert fact in card
+
+
+def test_metrics_reach_the_console_log_tensorboard_mlflow_and_a_loss_curve(overfit_run, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its file store only when told to
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config, result = overfit_run
+    run_dir = config.output_dir / config.run_name
+    logged = read_history(run_dir)
+    assert [row["step"] for row in logged] == list(range(5, config.max_steps + 1, 5))
+    for key in ("train_loss", "tokens_per_s", "memory_gib", "lr", "data_wait"):
+        assert all(key in row for row in logged), key
+    assert [row["step"] for row in logged if "eval_loss" in row] == [20, 40]
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "eval_loss", "tokens_per_s", "memory_gib"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train_loss")] == [row["step"] for row in logged]
+
+    client = MlflowClient(config.mlflow_tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name(config.run_name).experiment_id])
+    assert run.data.params["zero_stage"] == str(config.zero_stage)
+    assert run.data.metrics["train_loss"] == pytest.approx(logged[-1]["train_loss"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"loss_curve.png", "README.md"}
+
+    curve = run_dir / "loss_curve.png"
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result.metrics["loss_curve"] == str(curve)

@@ -1,0 +1,97 @@
+"""Checkpoints and resume: a run survives a killed worker and ends exactly where it was told to,
+from a verified checkpoint; a damaged checkpoint is skipped, never resumed from."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipelines import checkpoints
+from pipelines.configs import TrainConfig
+from pipelines.metrics import read_history
+from pipelines.train import train
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def resume_config(tmp_path, data_dir, tokenizer_path, **settings) -> TrainConfig:
+    return TrainConfig.model_validate({
+        "base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "data_dir": str(data_dir),
+        "num_workers": 2, "micro_batch_size": 2, "precision": "fp32", "zero_stage": 2, "lr": 1e-3, "warmup_steps": 2,
+        "max_steps": 16, "log_every": 4, "eval_every": 8, "checkpoint_every": 4, "num_to_keep": 2, "max_failures": 1,
+        "storage_path": str(tmp_path / "storage"), "output_dir": str(tmp_path / "out"), "register_as": None,
+        "run_name": "resumable", **settings,
+    })
+
+
+def train_workers() -> list[psutil.Process]:
+    """This test session's Ray Train worker processes (children of its own Ray cluster)."""
+    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list, deadline: float) -> None:
+    """SIGKILL one training worker once a complete checkpoint is in storage. (Killed earlier, in
+    the middle of an upload, the run would rightly start over: that checkpoint does not verify.)"""
+    while time.monotonic() < deadline:
+        stored = checkpoints.candidates(str(run_dir))
+        complete = [s for s in stored if all(checkpoints.problem(s, world_size=2, rank=r) is None for r in (0, 1))]
+        if complete and (workers := train_workers()):
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed.append((workers[0].pid, complete[0].step))
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, train_data, tokenizer_path):
+    config = resume_config(tmp_path_factory.mktemp("killed"), train_data, tokenizer_path)
+    killed: list[tuple[int, int]] = []
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint,
+                              args=(Path(config.storage_path) / config.run_name, killed, time.monotonic() + 300))
+    killer.start()
+    try:
+        result = train(config)
+    finally:
+        killer.join()
+    return config, result, killed
+
+
+def test_a_killed_worker_resumes_from_a_verified_checkpoint_and_ends_at_max_steps(killed_run):
+    config, result, killed = killed_run
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    [(_, complete_at_kill)] = killed
+    [resume] = result.metrics["resumes"]
+    assert resume["step"] >= complete_at_kill and resume["step"] % config.checkpoint_every == 0
+    assert resume["step"] < config.max_steps
+    assert result.metrics["step"] == config.max_steps and result.metrics["unverified_checkpoints"] == 0
+    logged = [row["step"] for row in read_history(config.output_dir / config.run_name)]
+    assert logged == list(range(config.log_every, config.max_steps + 1, config.log_every))
+
+
+def test_only_the_newest_verified_checkpoints_are_kept(killed_run):
+    config, result, _ = killed_run
+    stored = checkpoints.candidates(str(Path(config.storage_path).absolute() / config.run_name))
+    assert [s.step for s in stored] == [16, 12]
+    assert all(checkpoints.problem(s, world_size=2, rank=r) is None for s in stored for r in (0, 1))
+
+
+def test_a_truncated_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(killed_run, tmp_path):
+    config, _, _ = killed_run
+    storage = tmp_path / "storage"
+    shutil.copytree(config.storage_path, storage)
+    newest, older = checkpoints.candidates(str(storage / config.run_name))
+    victim = max((p for p in Path(newest.path).rglob("*.pt")), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert "has" in checkpoints.problem(newest, world_size=2, rank=0)
+
+    rerun = config.model_copy(update={"storage_path": str(storage), "output_dir": tmp_path / "out", "max_steps": 18})
+    result = train(rerun)
+    assert result.metrics["resumes"][-1] == {"checkpoint": older.path, "step": 12}
+    assert result.metrics["step"] == 18

@@ -186,13 +186,26 @@ def test_the_api_key_never_reaches_the_browser(page_url):
         assert KEY not in httpx.get(page_url + path, timeout=30).text
 
 
-def test_gradio_client_drives_the_named_chat_endpoint(page_url):
+def test_gradio_client_drives_the_named_chat_endpoint(page_url, tokenizer):
     from gradio_client import Client
 
     history, message, status = Client(page_url, verbose=False).predict(
         "Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat")
     assert status == "" and message == ""
     assert [m["role"] for m in history] == ["user", "assistant"] and history[-1]["content"]
+    # The max-new-tokens slider's 16 reached the API, not the default 256 (slack: decoded text from
+    # a random model can re-tokenize into more pieces).
+    assert len(tokenizer(history[-1]["content"], add_special_tokens=False)["input_ids"]) <= 32
+
+
+def test_the_conversation_so_far_goes_to_the_api_in_order_with_the_context_first():
+    from ui.page import to_api_messages
+
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert to_api_messages(history, "And now?", "A passage.") == [
+        {"role": "system", "content": "A passage."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]
+    assert to_api_messages(history, "And now?", "  ")[0] == {"role": "user", "content": "Hi"}
 
 
 def test_a_rejected_api_key_is_explained(backend, tmp_path):

@@ -38,7 +38,9 @@ def fresh_clone(tmp_path: Path) -> Path:
 def test_the_main_job_runs_on_a_fresh_clone_with_its_own_fresh_venv(tmp_path):
     require_shared(SHARED / "data")
     clone = fresh_clone(tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST", "RAY_"))}
+    # A newcomer's shell: no venv, no pytest or Ray settings, and no outer make (CI runs this test
+    # under `make test`, whose MAKELEVEL would change what a nested make prints).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST", "RAY_", "MAKE", "MFLAGS"))}
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
     result = subprocess.run(["make", "run", f"SHARED={SHARED}"], cwd=clone, env=env, capture_output=True, text=True, timeout=1100)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -46,5 +48,6 @@ def test_the_main_job_runs_on_a_fresh_clone_with_its_own_fresh_venv(tmp_path):
     assert "read 15,011 = kept" in result.stdout and "(reconciled)" in result.stdout
     assert (clone / "runs" / "data" / "manifest.json").exists()
     # The test command would install the same way, then run pytest.
-    plan = subprocess.run(["make", "-n", "test"], cwd=clone, capture_output=True, text=True, check=True).stdout
+    plan = subprocess.run(["make", "--no-print-directory", "-n", "test"], cwd=clone, env=env, capture_output=True,
+                          text=True, check=True).stdout
     assert plan.strip().splitlines()[-1].endswith("pytest")

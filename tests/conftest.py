@@ -16,6 +16,15 @@ PYTHIA_TOKENIZER = SHARED / "tokenizer" / "pythia"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 
+def free_port() -> int:
+    """A port nothing listens on now, on loopback: for servers the tests start."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: these tests need the reference data in ../shared (or set DOLLY_SHARED)")

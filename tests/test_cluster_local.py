@@ -11,14 +11,9 @@ import pytest
 
 from cluster import local
 from cluster.connect import client_auth_env
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pipelines import registry
 from services.config import ServeConfig
 from services.prompts import PromptBuilder
 from services.protocol import ChatMessage
-from tests.conftest import export_tiny_model
+from tests.conftest import export_tiny_model, free_port
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -44,12 +43,6 @@ class Served:
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
         content = body if isinstance(body, str) else json.dumps(body)  # a str body is sent as it is, malformed or not
         return httpx.post(f"{self.url}{path}", content=content, headers=headers, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(condition, timeout_s: float, what: str, every_s: float = 0.5):

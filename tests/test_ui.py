@@ -6,7 +6,6 @@ Tests run in file order and share one backend; the last one stops it."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import pytest
 
 from services.config import ServeConfig
 from ui.config import UIConfig
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(300)
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -25,12 +25,6 @@ CHROMIUM = "/usr/bin/chromium"
 # Without the networking flags, this machine's closed network floods Chromium with refused connections.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,21 @@ class ChatMessage(BaseModel):
     content: str
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _join_text_parts(cls, content):
+        # OpenAI clients (and Gradio's chat history) may send content as a list of typed parts.
+        if not isinstance(content, list):
+            return content
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"part {i} is {kind!r}: this model reads text parts only "
+                                 '({"type": "text", "text": ...})')
+            texts.append(part["text"])
+        return "".join(texts)
+
     _content_markers = field_validator("content")(_no_reserved_marker)
 
 

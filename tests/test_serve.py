@@ -172,12 +172,25 @@ def test_requests_without_a_valid_key_get_401(served, key):
     ("/v1/completions", {"model": "dolly", "prompt": "### Response:\nobey"}, "prompt"),
     ("/v1/chat/completions", {"model": "dolly", "messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
     ("/v1/chat/completions", {"model": "dolly", "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"model": "dolly", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content"),
 ])
 def test_malformed_input_gets_422_naming_the_field(served, path, body, field):
     response = served.post(path, body)
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["param"] == field and field in error["message"]
+
+
+def test_chat_content_may_come_as_openai_text_parts(served):
+    as_parts = [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]
+    parts = served.post("/v1/chat/completions", {"model": "dolly", "max_tokens": 4, "seed": 3,
+                                                 "messages": [{"role": "user", "content": as_parts}]})
+    plain = served.post("/v1/chat/completions", {"model": "dolly", "max_tokens": 4, "seed": 3,
+                                                 "messages": [{"role": "user", "content": "Name a colour."}]})
+    assert parts.status_code == plain.status_code == 200
+    assert parts.json()["usage"] == plain.json()["usage"]
+    assert parts.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
 
 
 def test_a_prompt_longer_than_the_context_gets_400_stating_the_limit(served):

@@ -180,16 +180,33 @@ def test_the_api_key_never_reaches_the_browser(page_url):
         assert KEY not in httpx.get(page_url + path, timeout=30).text
 
 
+def test_a_follow_up_question_carries_the_conversation(tab):
+    send(tab, "Name a colour.")
+    tab.wait_for_function("() => document.querySelectorAll(\"#chatbot [data-testid='bot']\").length >= 1", timeout=60_000)
+    seen = watch_answer(tab, 2)
+    while seen[-1] != seen[0]:  # the first answer has finished streaming
+        seen = watch_answer(tab, 2)
+    send(tab, "And another one?")
+    tab.wait_for_function("() => { const b = document.querySelectorAll(\"#chatbot [data-testid='bot']\");"
+                          " return b.length >= 2 && b[1].innerText.trim().length > 0; }", timeout=60_000)
+    assert tab.inner_text("#status").strip() == ""
+
+
 def test_gradio_client_drives_the_named_chat_endpoint(page_url, tokenizer):
     from gradio_client import Client
 
-    history, message, status = Client(page_url, verbose=False).predict(
-        "Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat")
+    from ui.page import as_text
+
+    client = Client(page_url, verbose=False)
+    history, message, status = client.predict("Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat")
     assert status == "" and message == ""
-    assert [m["role"] for m in history] == ["user", "assistant"] and history[-1]["content"]
+    assert [m["role"] for m in history] == ["user", "assistant"] and as_text(history[-1]["content"])
     # The max-new-tokens slider's 16 reached the API, not the default 256 (slack: decoded text from
     # a random model can re-tokenize into more pieces).
-    assert len(tokenizer(history[-1]["content"], add_special_tokens=False)["input_ids"]) <= 32
+    assert len(tokenizer(as_text(history[-1]["content"]), add_special_tokens=False)["input_ids"]) <= 32
+    # The history comes back in Gradio's own message format; a second turn must still go through.
+    history, _, status = client.predict("And another?", history, "", 1.0, 0.92, 16, api_name="/chat")
+    assert status == "" and [m["role"] for m in history] == ["user", "assistant"] * 2
 
 
 def test_the_conversation_so_far_goes_to_the_api_in_order_with_the_context_first():
@@ -200,6 +217,8 @@ def test_the_conversation_so_far_goes_to_the_api_in_order_with_the_context_first
         {"role": "system", "content": "A passage."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]
     assert to_api_messages(history, "And now?", "  ")[0] == {"role": "user", "content": "Hi"}
+    as_gradio_parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in history]
+    assert to_api_messages(as_gradio_parts, "And now?", "") == to_api_messages(history, "And now?", "")
 
 
 def test_a_rejected_api_key_is_explained(backend, tmp_path):

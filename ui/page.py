@@ -54,8 +54,16 @@ def _model_label(model) -> str:
     return f"**{model.id}**" + (f" (version {version})" if version and version != model.id else "")
 
 
+def as_text(content) -> str:
+    """Gradio hands the chat history back with content as typed parts; the API wants plain text."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+
+
 def to_api_messages(history: list[dict], message: str, context: str) -> list[dict]:
-    prior = [{"role": m["role"], "content": m["content"]} for m in history if m["role"] in ("user", "assistant")]
+    prior = [{"role": m["role"], "content": as_text(m["content"])}
+             for m in history if m["role"] in ("user", "assistant")]
     system = [{"role": "system", "content": context}] if context.strip() else []
     return system + prior + [{"role": "user", "content": message}]
 

@@ -5,68 +5,34 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from cluster.jobs import auth_headers
+from cluster import local
+from cluster.connect import client_auth_env
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(420)
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
-def ray_head():
-    """A real head node on ports no one else uses, with its own temp dir (so that it leaves no
-    /tmp/ray/ray_current_cluster for others' `ray.init()` to trip on); stopped afterwards by
-    signalling its own `ray start --block` (never `ray stop`, which stops every cluster here)."""
-    ports = free_ports(9)
-    temp_dir = tempfile.mkdtemp(prefix="dr", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
-    names = ["port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
-             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]
-    command = [str(BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}", "--num-cpus=8",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--min-worker-port=21000", "--max-worker-port=21999",
-               *(f"--{name}={port}" for name, port in zip(names, ports))]
-    # The cluster's nodes have the project installed: `dolly` is on their PATH, as in an activated venv.
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-    address = f"http://127.0.0.1:{ports[1]}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(urllib.request.Request(f"{address}/api/version", headers=auth_headers()), timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                if time.monotonic() > deadline or head.poll() is not None:
-                    raise RuntimeError("the Ray head did not come up")
-                time.sleep(1)
-        yield address
-    finally:
-        head.send_signal(signal.SIGTERM)
+def ray_head(tmp_path_factory):
+    """A real `ray start --head` (through `dolly cluster up`) on ports no one else uses, stopped
+    afterwards with every process it started."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local, "STATE_FILE", tmp_path_factory.mktemp("cluster") / "cluster.json")
+        # The cluster's nodes have the project installed: `dolly` is on their PATH, as in an activated venv.
+        patch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+        cluster = local.up(workers=0, cpus_per_node=8, port=free_port(), dashboard_port=free_port())
         try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+            yield cluster.dashboard_url
+        finally:
+            local.down()
 
 
 def dolly_submit(address: str, *args: str) -> subprocess.CompletedProcess:
@@ -103,3 +69,19 @@ def test_training_runs_as_a_job_with_streamed_logs_and_exit_status(ray_head, tmp
     assert "Manifest" in result.stdout and (tmp_path / "data" / "manifest.json").exists()
     assert "step 2:" in result.stdout and "SUCCEEDED" in result.stdout
     assert (tmp_path / "out" / "job" / "export" / "model.safetensors").exists()
+
+
+def test_plain_ray_job_submit_runs_dolly_train(ray_head, tmp_path, train_data, tokenizer_path):
+    """Ray's own CLI, as an engineer would type it: token auth needs only RAY_AUTH_MODE=token,
+    which makes Ray's client read the token from ~/.ray/auth_token."""
+    command = [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
+               "dolly", "train", "base_model=pythia-14m-random", f"tokenizer={tokenizer_path}", f"data_dir={train_data}",
+               "num_workers=1", "micro_batch_size=2", "max_steps=1", "log_every=1", "warmup_steps=0",
+               f"storage_path={tmp_path / 'storage'}", f"output_dir={tmp_path / 'out'}", "register_as=null",
+               "run_name=plain"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400,
+                            env={**os.environ, **client_auth_env(), "COLUMNS": "300"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "step 1:" in output and "succeeded" in output
+    assert (tmp_path / "out" / "plain" / "export" / "model.safetensors").exists()

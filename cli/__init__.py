@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from cli import cluster, data, serve, submit, train, ui
+from cli import cluster, data, k8s, serve, submit, train, ui
 from contract.errors import UserError
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.add_typer(submit.app, name="submit")
 app.command(name="serve", epilog=serve.EPILOG)(serve.serve)
 app.command(name="ui", epilog=ui.EPILOG)(ui.ui)
 app.add_typer(cluster.app, name="cluster")
+app.add_typer(k8s.app, name="k8s")
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ built inside the replica (`serve.ingress()` with `__serve_build_asgi_app__`): th
 where the page runs, never shipped in the Serve config, and never sent to the browser.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Serve reads build_page_app's annotation to turn a
+# serveConfigV2's args into a UIConfig.
 import gradio as gr
 from fastapi import FastAPI
 from ray import serve

@@ -8,7 +8,8 @@ import sys
 import typer
 from rich.console import Console
 
-from cli import cluster, data, k8s, serve, submit, train, ui
+from cli import cluster, data, k8s, retrain, serve, submit, train, ui, up
+from cli import eval as eval_cli
 from contract.errors import UserError
 
 app = typer.Typer(
@@ -16,11 +17,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.command(name="up", epilog=up.EPILOG)(up.up)
 app.add_typer(data.app, name="data")
 app.command(name="train", epilog=train.EPILOG)(train.train)
 app.add_typer(submit.app, name="submit")
 app.command(name="serve", epilog=serve.EPILOG)(serve.serve)
 app.command(name="ui", epilog=ui.EPILOG)(ui.ui)
+app.command(name="eval", epilog=eval_cli.EPILOG)(eval_cli.eval_command)
+app.command(name="retrain", epilog=retrain.EPILOG)(retrain.retrain)
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(k8s.app, name="k8s")
 

@@ -47,34 +47,26 @@ def serve(
     from ray import serve as ray_serve
 
     from cluster.connect import ray_session
-    from services.app import build_app
+    from services.deploy import deploy
 
-    application = build_app(settings)
     console = Console(stderr=True)
     if settings.auth.insecure_no_auth:
         console.print(f"[bold red]{INSECURE_BANNER}[/]", highlight=False)
     with ray_session(address):
-        ray_serve.start(http_options={"host": host, "port": port})
         try:
-            ray_serve.run(application, name=settings.app_name, route_prefix=settings.route_prefix)
-            api_url = f"http://127.0.0.1:{port}{settings.route_prefix.rstrip('/')}/v1"
-            console.print(f"[green]Serving[/] {settings.model} at http://{host}:{port}{settings.route_prefix.rstrip('/')}/v1")
-            if ui:
-                from ui.config import UIConfig
-                from ui.deployment import build_page_app
-
-                page = UIConfig(api_url=api_url, api_key_file=settings.auth.api_keys_file)
-                ray_serve.run(build_page_app(page), name="chat-page", route_prefix="/ui")
-                console.print(f"[green]Chat page[/] at http://{host}:{port}/ui/")
+            deployed = deploy(settings, host, port, ui=ui)
+            console.print(f"[green]Serving[/] {settings.model} at {deployed.api_url.replace('127.0.0.1', host)}")
+            if deployed.page_url:
+                console.print(f"[green]Chat page[/] at {deployed.page_url.replace('127.0.0.1', host)}")
             if not detach:
                 console.print("Ctrl-C stops it.")
-                _wait_forever()
+                wait_forever()
         finally:
             if not detach:
                 ray_serve.shutdown()
 
 
-def _wait_forever() -> None:
+def wait_forever() -> None:
     import threading
 
     try:

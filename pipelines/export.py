@@ -19,9 +19,9 @@ import torch.distributed as dist
 from transformers import GenerationConfig
 
 from contract import END_KEY
+from pipelines.registry import TRAINING_FACTS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-TRAINING_FACTS = "training.json"
 
 
 def export(engine, tokenizer, folder: Path, dtype: str, facts: dict) -> Path | None:

@@ -55,10 +55,10 @@ class ModelShape:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from contract.models import pythia_config, random_pythia_size
+        from contract.models import pythia_config, random_pythia_size, resolve_base
 
         size = random_pythia_size(base_model)
-        config = pythia_config(size) if size else AutoConfig.from_pretrained(base_model, gguf_file=gguf_file)
+        config = pythia_config(size) if size else AutoConfig.from_pretrained(resolve_base(base_model), gguf_file=gguf_file)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return cls(sum(p.numel() for p in model.parameters()), config.num_hidden_layers, config.hidden_size,

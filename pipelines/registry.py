@@ -18,6 +18,7 @@ from contract.errors import UserError
 
 DEFAULT_ROOT = Path("runs/registry")
 LATEST = "LATEST"
+TRAINING_FACTS = "training.json"  # written into every export: what it was trained on, and how
 
 
 def versions(name: str, root: Path = DEFAULT_ROOT) -> list[int]:
@@ -38,6 +39,19 @@ def register(export_dir: Path, name: str, root: Path = DEFAULT_ROOT, promote: bo
     if promote:
         set_latest(name, version, root)
     return version
+
+
+def register_once(export_dir: Path, name: str, root: Path = DEFAULT_ROOT, promote: bool = True) -> int:
+    """`register`, unless a version was already registered from this very training run (the same
+    training.json): then that version, so re-running a pipeline does not pile up copies."""
+    facts = Path(export_dir) / TRAINING_FACTS
+    for version in versions(name, root):
+        registered = Path(root) / name / str(version) / TRAINING_FACTS
+        if facts.is_file() and registered.is_file() and registered.read_bytes() == facts.read_bytes():
+            if promote:
+                set_latest(name, version, root)
+            return version
+    return register(export_dir, name, root, promote)
 
 
 def set_latest(name: str, version: int, root: Path = DEFAULT_ROOT) -> None:

@@ -11,6 +11,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import pyarrow.fs as pafs
 
 from contract.errors import UserError
@@ -18,6 +20,8 @@ from pipelines.manifest import file_sha256
 from pipelines.records import SOURCE_SUFFIXES
 
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
+# Our own instruction records, one handful per Dolly category: a corpus that is always there.
+BUILTIN_SAMPLE = Path(__file__).with_name("sample_data") / "instructions.jsonl"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -96,3 +100,26 @@ def _download_from_hub(repo_id: str, cache_dir: str | None) -> str:
             f"could not fetch Hub dataset {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]}). Without the Hub, pass a local "
             "copy, e.g. --source ../shared/data/databricks-dolly-15k.jsonl"
         ) from None
+
+
+def choose_source(explicit: str | None, hub_timeout_s: float = 3.0) -> tuple[str, str]:
+    """(source, why it was chosen): `explicit` or $DOLLY_DATA, else Dolly's corpus on the Hub when
+    the Hub answers, else the built-in sample, so that a first run works offline."""
+    if explicit or os.environ.get("DOLLY_DATA"):
+        return (explicit, "given with --data") if explicit else (os.environ["DOLLY_DATA"], "from $DOLLY_DATA")
+    if _hub_reachable(hub_timeout_s):
+        return DOLLY_HUB_ID, "from the Hugging Face Hub"
+    return str(BUILTIN_SAMPLE), (f"the built-in sample of {sum(1 for _ in BUILTIN_SAMPLE.open())} records: the Hub is "
+                                 "unreachable and neither --data nor $DOLLY_DATA is set")
+
+
+def _hub_reachable(timeout_s: float) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    import httpx
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        return httpx.head(f"{endpoint}/api/datasets/{DOLLY_HUB_ID}", timeout=timeout_s, follow_redirects=True).status_code < 400
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,36 @@
+"""`dolly retrain`: train on the corpus plus new records, evaluate against the serving version,
+and promote and hot-swap only past the gate (pipelines/retrain.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.configs import load_config, settings_help
+from pipelines.configs import RetrainConfig
+
+EPILOG = settings_help(RetrainConfig)
+
+
+def retrain(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. gate.min_improvement=0.05 train.max_steps=50"),
+    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings (`dolly up` writes runs/up/retrain.yaml)"),
+    new_records: Optional[list[Path]] = typer.Option(None, "--new-records", help="file of new records to add (repeatable)"),
+    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to train on and whose serving app to swap (default: an embedded local one)"),
+) -> None:
+    """Retrain, then promote only if better: the candidate and the serving version are scored on
+    the same held-out split; the candidate becomes NAME@latest, and replaces the running app's
+    model in place, only when it beats the serving one on the gate's metric by its margin.
+    The decision and both scores go to WORKDIR/report.json. Exit status: 0 when the candidate was
+    promoted, 3 when the gate kept the serving version (for scripts), 1 on an error.
+
+    Example: dolly retrain --config runs/up/retrain.yaml --new-records new.jsonl --address 127.0.0.1:6379
+    """
+    flags = dict(new_records=new_records or None)
+    settings = load_config(RetrainConfig, config, flags, overrides or [])
+    from pipelines.retrain import retrain as run_retrain
+
+    report = run_retrain(settings, address=address)
+    raise typer.Exit(0 if report["promoted"] else 3)

@@ -1,0 +1,175 @@
+"""`dolly up`: the whole Dolly loop with one command.
+
+    data -> held-out loss of the base -> fine-tune (Ray Train + DeepSpeed) -> held-out loss of the
+    tuned model -> export + register -> serve the API and the chat page -> wait for Ctrl-C
+
+Every stage is reused when its inputs have not changed: the preparation (by its manifest), the
+base model's score (cached by data and model), the training run (named after its data and
+settings), and the registered version (by its training facts). A second run goes straight to
+serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import webbrowser
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+
+from cluster.connect import ray_session
+from contract.models import SMOLLM2, resolve_base
+from pipelines import registry
+from pipelines.configs import PrepareConfig, UpConfig
+from pipelines.manifest import MANIFEST_NAME
+from pipelines.sources import BUILTIN_SAMPLE, choose_source
+
+STAGES = 6
+
+
+def up(config: UpConfig, console: Console | None = None, address: str | None = None, block: bool = True) -> dict:
+    """Run the loop; with `block`, serve until Ctrl-C. Returns what a caller needs to reach the result."""
+    console = console or Console()
+    workdir = config.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.base_model == SMOLLM2:
+        console.print(f"[dim]Base model: {SMOLLM2}, a small pretrained model that runs on a laptop. Dolly's real recipe "
+                      "fine-tunes EleutherAI Pythia: --base-model EleutherAI/pythia-2.8b --preset a100 with a GPU cluster's --address.[/]")
+    with ray_session(address):
+        _stage(console, 1, "Data")
+        source, why = choose_source(config.data)
+        console.print(f"Corpus: {source} ({why})")
+        from pipelines.prepare import prepare
+
+        data_dir = workdir / "data"
+        tokenizer = config.tokenizer or resolve_base(config.base_model)  # a packaged model is converted once, here
+        # The built-in sample has 40 records: hold out 8, so every category still has some to learn from.
+        test_size = 8 if source == str(BUILTIN_SAMPLE) else config.test_size
+        max_length = config.max_length or (256 if config.on_cpu else None)
+        prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=resolve_base(config.base_model),
+                              max_length=max_length, test_size=test_size), console, address)
+        data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
+
+        _stage(console, 2, f"Held-out loss of the base model ({config.base_model})")
+        base = _cached_loss(config, data_dir, data_sha, console)
+
+        # The preparation settings travel with the training settings: `dolly retrain` prepares again with them.
+        train_config = config.train_config(data_dir).model_copy(update={"max_length": max_length, "test_size": test_size})
+        settings = json.dumps(train_config.model_dump(mode="json", exclude={"run_name"}), sort_keys=True)
+        run_name = "up-" + hashlib.sha256((data_sha + settings).encode()).hexdigest()[:10]
+        train_config = train_config.model_copy(update={"run_name": run_name})
+        export_dir = Path(train_config.output_dir) / run_name / "export"
+        _stage(console, 3, f"Fine-tune with Ray Train + DeepSpeed ZeRO-{train_config.zero_stage}")
+        if (export_dir / registry.TRAINING_FACTS).exists():
+            console.print(f"Reusing run {run_name}: it finished with the same data and settings ({export_dir})")
+        else:
+            from pipelines.train import train
+
+            train(train_config, console, address)
+
+        _stage(console, 4, "Held-out loss of the tuned model")
+        from pipelines.evaluate import compare, heldout_loss, plot_comparison
+
+        tuned = heldout_loss(str(export_dir), data_dir, max_examples=config.eval_examples)
+        tuned = tuned.model_copy(update={"model": f"tuned ({run_name})"})
+        console.print(compare(base, tuned))
+        chart = plot_comparison([base, tuned], workdir / "loss_by_category.png")
+        console.print(f"Chart: {chart}")
+
+        _stage(console, 5, "Export and register")
+        version = registry.register_once(export_dir, config.model_name, config.registry)
+        model_ref = f"{config.model_name}@{version}"
+        console.print(f"Registered {model_ref} in {config.registry} (latest)")
+
+        _stage(console, 6, "Serve the API and the chat page on Ray Serve")
+        from ray import serve
+
+        from services.config import ServeConfig
+        from services.deploy import deploy
+
+        key_file = _api_key_file(workdir)
+        serve_config = ServeConfig(model=model_ref, registry=config.registry, auth={"api_keys_file": key_file.absolute()})
+        retrain_file = _write_retrain_config(workdir, source, train_config, serve_config, config)
+        try:
+            # Quiet: request logs would scroll the URLs and the key off the screen.
+            deployed = deploy(serve_config, config.host, config.port, ui=True, log_level="WARNING")
+            import ray
+
+            urls = {"api": deployed.api_url, "page": deployed.page_url, "model": model_ref, "api_key_file": str(key_file),
+                    "retrain_config": str(retrain_file), "ray_address": ray.get_runtime_context().gcs_address}
+            console.print(_ready_panel(config, urls, key_file.read_text().strip()))
+            if config.open_browser and block:
+                webbrowser.open(deployed.page_url)
+            if block:
+                from cli.serve import wait_forever
+
+                wait_forever()
+            return urls
+        finally:
+            if block:
+                serve.shutdown()
+                console.print("Stopped serving.")
+
+
+def _stage(console: Console, number: int, title: str) -> None:
+    console.rule(f"[bold]{number}/{STAGES} {title}")
+
+
+def _cached_loss(config: UpConfig, data_dir: Path, data_sha: str, console: Console):
+    """The base model's score only changes with the data, the model and the subset: keep it."""
+    from pipelines.evaluate import LossReport, heldout_loss
+
+    model = config.base_model
+    key = hashlib.sha256(f"{data_sha} {model} {config.eval_examples}".encode()).hexdigest()[:12]
+    cache = config.workdir / "eval" / f"base-{key}.json"
+    if cache.exists():
+        console.print(f"Reusing the base model's score ({cache})")
+        return LossReport.model_validate_json(cache.read_text())
+    report = heldout_loss(model, data_dir, tokenizer=config.tokenizer, max_examples=config.eval_examples)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(report.model_dump_json(indent=2))
+    return report
+
+
+def _write_retrain_config(workdir: Path, source: str, train_config, serve_config, config: UpConfig) -> Path:
+    """What `dolly retrain` needs to redo this run on more data and swap the result in: the same
+    corpus and training settings, the serving version to beat, and the running app's settings."""
+    serve_file = workdir / "serve.yaml"
+    serve_file.write_text(json.dumps(serve_config.model_dump(mode="json"), indent=2) + "\n")  # JSON is YAML
+    retrain = {"corpus": source, "serving": f"{config.model_name}@latest", "serve_config": str(serve_file),
+               "eval_examples": config.eval_examples, "workdir": str(workdir / "retrain"),
+               "train": train_config.model_dump(mode="json", exclude={"run_name", "data_dir", "source"})}
+    path = workdir / "retrain.yaml"
+    path.write_text(json.dumps(retrain, indent=2) + "\n")
+    return path
+
+
+def _api_key_file(workdir: Path) -> Path:
+    """A key made once and kept (owner-only), so clients keep working across runs."""
+    path = workdir / "api_key"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(f"dolly-{secrets.token_urlsafe(24)}\n")
+    return path
+
+
+def _ready_panel(config: UpConfig, urls: dict, key: str) -> Panel:
+    api = urls["api"].replace("127.0.0.1", config.host) if config.host != "0.0.0.0" else urls["api"]
+    lines = [
+        f"[bold]Chat page[/]   {urls['page']}",
+        f"[bold]OpenAI API[/]  {api}   model: [bold]{config.model_name}[/] ({urls['model']})",
+        f"[bold]API key[/]     {key}   (in {urls['api_key_file']})",
+        "",
+        "Try it:",
+        f"  curl {urls['api']}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\",
+        f"    -d '{{\"model\": \"{config.model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name three primary colours.\"}}]}}'",
+        "",
+        "Retrain on new records and promote only if better (from another terminal, while this runs):",
+        f"  dolly retrain --config {urls['retrain_config']} --new-records NEW.jsonl --address {urls['ray_address']}",
+        "",
+        "[bold]Ctrl-C stops it.[/]",
+    ]
+    return Panel("\n".join(lines), title="dolly is up", border_style="green")

@@ -1,0 +1,48 @@
+"""Put the API, and optionally the chat page beside it, on the Ray cluster this process is
+connected to; deploy again with another model to switch the served version in place.
+
+Used by `dolly serve`, `dolly up` and `dolly retrain`, so the three deploy the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ray import serve
+
+from services.app import build_app
+from services.config import ServeConfig
+
+PAGE_APP, PAGE_ROUTE = "chat-page", "/ui"
+
+
+@dataclass
+class Deployed:
+    api_url: str  # the OpenAI base URL, for clients on this machine
+    page_url: str | None
+
+
+def deploy(settings: ServeConfig, host: str = "127.0.0.1", port: int = 8000, ui: bool = False,
+           log_level: str = "INFO") -> Deployed:
+    """Start Serve's HTTP proxy (if it is not running yet) and deploy; returns once replicas answer.
+    `log_level` is what reaches this console (Serve's log files keep everything)."""
+    logging_config = {"log_level": log_level}
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, logging_config=logging_config)
+    api_url = f"http://127.0.0.1:{port}{settings.route_prefix.rstrip('/')}/v1"
+    page_url = None
+    if ui:
+        from ui.config import UIConfig
+        from ui.deployment import build_page_app
+
+        page = UIConfig(api_url=api_url, api_key_file=settings.auth.api_keys_file)
+        serve.run(build_page_app(page), name=PAGE_APP, route_prefix=PAGE_ROUTE, logging_config=logging_config)
+        page_url = f"http://127.0.0.1:{port}{PAGE_ROUTE}/"
+    return Deployed(api_url, page_url)
+
+
+def switch_model(settings: ServeConfig, model: str) -> None:
+    """Serve `model` (NAME@N or a folder) under the running application: Serve brings up replicas
+    of the new version and moves traffic to them; requests in flight finish on the old ones."""
+    new = settings.model_copy(update={"model": model})
+    serve.run(build_app(new), name=new.app_name, route_prefix=new.route_prefix)

@@ -1,0 +1,130 @@
+"""The closed loop, end to end with a tiny model: `dolly up` (data -> train -> evaluate -> export ->
+register -> serve) answers through the official OpenAI client; `dolly retrain` on more records
+is held back by a gate it cannot pass, then promoted and swapped into the running app in place."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from pipelines.configs import GateConfig
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory, corpus_path, tokenizer_path, ray_cluster):
+    """`dolly up` on a 12-record slice of the corpus (serving left running), and 6 new records."""
+    from ray import serve
+
+    from pipelines.configs import UpConfig
+    from pipelines.up import up
+
+    folder = tmp_path_factory.mktemp("loop")
+    records = [json.loads(line) for line in corpus_path.open()]
+    short = [r for r in records if len(r["instruction"]) + len(r["context"]) + len(r["response"]) < 200]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:12]))
+    (folder / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[12:18]))
+    config = UpConfig(
+        data=str(folder / "corpus.jsonl"), base_model="pythia-14m-random", tokenizer=tokenizer_path,
+        workdir=folder / "up", registry=folder / "registry", max_length=128, test_size=3, eval_examples=None,
+        max_steps=1, lr=1e-6, num_workers=1, port=free_port(), open_browser=False,
+    )
+    try:
+        urls = up(config, block=False)
+        yield folder, config, urls
+    finally:
+        serve.shutdown()
+
+
+def client(urls) -> openai.OpenAI:
+    key = open(urls["api_key_file"]).read().strip()
+    return openai.OpenAI(base_url=urls["api"], api_key=key, max_retries=0, timeout=60)
+
+
+def retrain_config(folder, config, **gate):
+    from cli.configs import load_config
+    from pipelines.configs import RetrainConfig
+
+    # What `dolly up` printed to run, with a training run that clearly learns more than up's one step.
+    return load_config(RetrainConfig, config.workdir / "retrain.yaml", {"new_records": [str(folder / "new.jsonl")]},
+                       ["train.max_steps=8", "train.lr=1e-3", *(f"gate.{k}={v}" for k, v in gate.items())])
+
+
+def test_up_serves_its_registered_model_through_the_openai_client_and_the_page(loop):
+    folder, config, urls = loop
+    assert urls["model"] == "dolly@1" and (config.registry / "dolly" / "LATEST").read_text().strip() == "1"
+    answer = client(urls).chat.completions.create(model="dolly", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert answer.model == "dolly@1" and answer.usage.completion_tokens >= 1
+    assert httpx.get(urls["page"], timeout=60).status_code == 200
+    assert (config.workdir / "loss_by_category.png").stat().st_size > 0
+
+
+def test_a_second_up_reuses_every_stage(loop, capsys, monkeypatch):
+    from pipelines.up import up
+
+    folder, config, urls = loop
+    monkeypatch.setenv("COLUMNS", "300")  # one line per message
+    again = up(config, block=False)
+    out = capsys.readouterr().out
+    assert "already holds this exact preparation" in out and "Reusing the base model's score" in out
+    assert "Reusing run up-" in out and again["model"] == "dolly@1", "no second training run, no second version"
+
+
+def test_a_retrain_that_misses_the_gate_is_registered_but_neither_promoted_nor_served(loop):
+    from pipelines.retrain import retrain
+
+    folder, config, urls = loop
+    report = retrain(retrain_config(folder, config, min_improvement=1000))
+    assert report["candidate"] == "dolly@2" and not report["promoted"] and not report["swapped"]
+    assert "had to be below" in report["decision"]["reason"]
+    assert (config.registry / "dolly" / "LATEST").read_text().strip() == "1"
+    assert client(urls).models.list().data[0].model_extra["version"] == "dolly@1"
+
+
+def test_a_better_retrain_is_promoted_and_swapped_into_the_running_app(loop):
+    from pipelines.retrain import retrain
+
+    folder, config, urls = loop
+    report = retrain(retrain_config(folder, config))  # same data and settings: the finished run is reused
+    decision = report["decision"]
+    assert report["candidate"] == "dolly@2" and report["promoted"] and report["swapped"]
+    assert decision["candidate"] < decision["serving"], "the gate compared both on the same held-out split"
+    assert report["scores"]["candidate"]["overall"]["examples"] == report["scores"]["serving"]["overall"]["examples"]
+    assert (config.registry / "dolly" / "LATEST").read_text().strip() == "2"
+    api = client(urls)
+    assert api.models.list().data[0].model_extra["version"] == "dolly@2"
+    assert api.chat.completions.create(model="dolly", messages=[{"role": "user", "content": "Hi"}], max_tokens=4).model == "dolly@2"
+
+
+@pytest.mark.parametrize(("gate", "serving", "candidate", "promote"), [
+    (GateConfig(), 2.0, 1.9, True),
+    (GateConfig(), 2.0, 2.0, False),  # equal is not better
+    (GateConfig(min_improvement=0.2), 2.0, 1.9, False),
+    (GateConfig(min_improvement=0.04, relative=True), 2.0, 1.9, True),
+    (GateConfig(min_improvement=0.06, relative=True), 2.0, 1.9, False),
+])
+def test_the_gate_wants_lower_by_more_than_the_margin(gate, serving, candidate, promote):
+    from pipelines.evaluate import CategoryLoss, LossReport
+    from pipelines.retrain import gate as judge
+
+    def report(loss):
+        scores = CategoryLoss(examples=1, tokens=1, loss=loss, perplexity=2.718**loss)
+        return LossReport(model="m", overall=scores, by_category={"closed_qa": scores})
+
+    assert judge(gate, report(serving), report(candidate)).promote is promote
+
+
+def test_a_gate_on_a_category_without_examples_names_the_ones_there_are():
+    from contract.errors import UserError
+    from pipelines.evaluate import CategoryLoss, LossReport
+    from pipelines.retrain import gate as judge
+
+    scores = CategoryLoss(examples=1, tokens=1, loss=1.0, perplexity=2.7)
+    report = LossReport(model="m", overall=scores, by_category={"closed_qa": scores})
+    with pytest.raises(UserError, match="closed_qa"):
+        judge(GateConfig(category="summarization"), report, report)

@@ -36,6 +36,10 @@ def submit(address: str, entrypoint: str, working_dir: Path, *, follow: bool = T
     logs to stdout until it ends and return its exit status (0 when it succeeded)."""
     from ray.job_submission import JobSubmissionClient
 
+    from cluster.connect import resolve_address
+
+    if resolve_address(address).kind != "dashboard":
+        raise UserError(f"Ray jobs go to a cluster's dashboard, and {address!r} is not one: pass --address http://HEAD:8265")
     try:
         client = JobSubmissionClient(address, headers=auth_headers())
     except (ConnectionError, RuntimeError) as e:

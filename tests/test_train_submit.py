@@ -85,3 +85,9 @@ def test_plain_ray_job_submit_runs_dolly_train(ray_head, tmp_path, train_data, t
     assert result.returncode == 0, output[-3000:]
     assert "step 1:" in output and "succeeded" in output
     assert (tmp_path / "out" / "plain" / "export" / "model.safetensors").exists()
+
+
+def test_a_driver_address_is_refused_with_the_dashboard_form_to_use():
+    result = subprocess.run([str(BIN / "dolly"), "submit", "train", "--address", "127.0.0.1:6379", "max_steps=1"],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 1 and "http://HEAD:8265" in result.stderr and "submitted" not in result.stdout

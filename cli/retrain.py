@@ -23,8 +23,8 @@ def retrain(
     """Retrain, then promote only if better: the candidate and the serving version are scored on
     the same held-out split; the candidate becomes NAME@latest, and replaces the running app's
     model in place, only when it beats the serving one on the gate's metric by its margin.
-    The decision and both scores go to WORKDIR/report.json. Exit status: 0 when the candidate was
-    promoted, 3 when the gate kept the serving version (for scripts), 1 on an error.
+    The decision and both scores go to WORKDIR/report.json (a kept version is a result, not an
+    error: the exit status is 0 either way).
 
     Example: dolly retrain --config runs/up/retrain.yaml --new-records new.jsonl --address 127.0.0.1:6379
     """
@@ -32,5 +32,4 @@ def retrain(
     settings = load_config(RetrainConfig, config, flags, overrides or [])
     from pipelines.retrain import retrain as run_retrain
 
-    report = run_retrain(settings, address=address)
-    raise typer.Exit(0 if report["promoted"] else 3)
+    run_retrain(settings, address=address)

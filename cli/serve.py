@@ -67,9 +67,18 @@ def serve(
 
 
 def wait_forever() -> None:
+    """Block until Ctrl-C or SIGTERM (`docker stop`, a pod's termination). Only the first signal
+    is ours: it lets the caller shut down cleanly; a second one interrupts that, as usual."""
+    import signal
     import threading
 
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+    stop = threading.Event()
+
+    def handle(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    stop.wait()

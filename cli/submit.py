@@ -12,18 +12,23 @@ import typer
 import yaml
 
 from cli.configs import load_config, parse_overrides
-from pipelines.configs import TrainConfig
+from pipelines.configs import RetrainConfig, TrainConfig
 
 app = typer.Typer(help="Run dolly commands on a Ray cluster as Ray jobs (token auth handled).", no_args_is_help=True)
+
+
+ADDRESS = typer.Option(..., envvar="RAY_ADDRESS", help="the cluster's dashboard, e.g. http://HEAD:8265")
+WORKING_DIR = typer.Option(Path("."), exists=True, file_okay=False, help="code to run: uploaded to the cluster as the job's working dir")
+WAIT = typer.Option(True, "--wait/--no-wait", help="stream the job's logs and exit with its status")
 
 
 @app.command()
 def train(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any `dolly train` setting, e.g. max_steps=100"),
-    address: str = typer.Option(..., envvar="RAY_ADDRESS", help="the cluster's dashboard, e.g. http://HEAD:8265"),
+    address: str = ADDRESS,
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of `dolly train` settings"),
-    working_dir: Path = typer.Option(Path("."), exists=True, file_okay=False, help="code to run: uploaded to the cluster as the job's working dir"),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="stream the job's logs and exit with its status"),
+    working_dir: Path = WORKING_DIR,
+    wait: bool = WAIT,
 ) -> None:
     """Run `dolly train` on a cluster: the settings are checked here first, then travel with the job
     as `key=value` arguments. Paths in them are read on the cluster, relative to the job's working
@@ -31,11 +36,32 @@ def train(
 
     Example: dolly submit train --address http://head:8265 --config train.yaml num_workers=8
     """
-    load_config(TrainConfig, config, {}, overrides or [])  # a bad setting fails here, not minutes later on the cluster
+    _submit("train", TrainConfig, config, overrides, address, working_dir, wait)
+
+
+@app.command()
+def retrain(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any `dolly retrain` setting, e.g. gate.min_improvement=0.05"),
+    address: str = ADDRESS,
+    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of `dolly retrain` settings"),
+    working_dir: Path = WORKING_DIR,
+    wait: bool = WAIT,
+) -> None:
+    """Run `dolly retrain` on a cluster, so training, evaluation, the gate and the swap all run
+    there (the serving app it swaps is the one on that cluster). Paths are read on the cluster.
+
+    Example: dolly submit retrain --address http://head:8265 --config retrain.yaml new_records=[/data/new.jsonl]
+    """
+    _submit("retrain", RetrainConfig, config, overrides, address, working_dir, wait)
+
+
+def _submit(command: str, cls, config: Path | None, overrides: list[str] | None, address: str, working_dir: Path,
+            wait: bool) -> None:
+    load_config(cls, config, {}, overrides or [])  # a bad setting fails here, not minutes later on the cluster
     from cluster.jobs import submit
 
     settings = yaml.safe_load(config.read_text()) if config else {}
     settings.update(parse_overrides(overrides or []))
     arguments = [f"{key}={json.dumps(value)}" for key, value in settings.items()]  # JSON is YAML, as `key=value` reads it
-    entrypoint = shlex.join(["dolly", "train", *arguments])
+    entrypoint = shlex.join(["dolly", command, *arguments])
     sys.exit(submit(address, entrypoint, working_dir.absolute(), follow=wait))

@@ -44,8 +44,8 @@ def submit(address: str, entrypoint: str, working_dir: Path, *, follow: bool = T
         client = JobSubmissionClient(address, headers=auth_headers())
     except (ConnectionError, RuntimeError) as e:
         raise UserError(f"cannot reach the Ray dashboard at {address} ({e}): pass --address http://HEAD:8265") from None
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES})
+    job_id = _submit_when_ready(client, entrypoint=entrypoint,
+                                runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES})
     print(f"submitted {job_id} to {address}: {entrypoint}", flush=True)
     if not follow:
         return 0
@@ -56,6 +56,19 @@ def submit(address: str, entrypoint: str, working_dir: Path, *, follow: bool = T
     code = getattr(info, "driver_exit_code", None)
     print(f"job {job_id} {status}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""), flush=True)
     return 0 if status == "SUCCEEDED" else (code or 1)
+
+
+def _submit_when_ready(client, timeout_s: float = 90, **job) -> str:
+    """A cluster that has just started answers before its job agent is up ("No available agent
+    to submit job"): wait for it, as a person would, rather than fail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 async def _stream_logs(client, job_id: str) -> None:

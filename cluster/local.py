@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -85,8 +86,6 @@ def clear_stale_address(temp_dir: Path = DEFAULT_RAY_TEMP) -> str | None:
         return None
     address = address_file.read_text().strip()
     host, _, port = address.rpartition(":")
-    import socket
-
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=1).close()
         return None
@@ -112,8 +111,8 @@ def up(workers: int = 1, cpus_per_node: int = 4, port: int = 6390, dashboard_por
     log_dir.mkdir()
     common = ["--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
     nodes = [[_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *common]]
-    nodes += [[_ray_bin(), "start", f"--address=127.0.0.1:{port}", *common] for _ in range(workers)]
+              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *common, *_node_ports(head=True)]]
+    nodes += [[_ray_bin(), "start", f"--address=127.0.0.1:{port}", *common, *_node_ports()] for _ in range(workers)]
     cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, [], str(log_dir))
     try:
         for i, command in enumerate(nodes):
@@ -132,6 +131,21 @@ def up(workers: int = 1, cpus_per_node: int = 4, port: int = 6390, dashboard_por
         _stop_sessions(cluster.sessions)
         raise
     return cluster
+
+
+def _node_ports(head: bool = False) -> list[str]:
+    """Free ports for a node's agents and servers. Ray's fixed defaults (52365 for the dashboard
+    agent, 10001 for Ray Client...) collide with any other Ray on the machine, such as an embedded
+    one: the job agent then never registers, and every job submission is refused."""
+    names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port"] + (["ray-client-server-port"] if head else [])
+    return [f"--{name}={_free_port()}" for name in names]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _wait(condition, timeout_s: float, what: str, log_dir: Path) -> None:

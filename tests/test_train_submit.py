@@ -91,3 +91,25 @@ def test_a_driver_address_is_refused_with_the_dashboard_form_to_use():
     result = subprocess.run([str(BIN / "dolly"), "submit", "train", "--address", "127.0.0.1:6379", "max_steps=1"],
                             capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
     assert result.returncode == 1 and "http://HEAD:8265" in result.stderr and "submitted" not in result.stdout
+
+
+def test_a_gated_retrain_runs_as_a_job_and_reports_its_decision(ray_head, tmp_path, train_data, tokenizer_path):
+    from pipelines import registry
+    from tests.conftest import export_tiny_model
+
+    serving = export_tiny_model(tmp_path / "serving", tokenizer_path)
+    registry.register(serving, "dolly", tmp_path / "registry")
+    new = tmp_path / "new.jsonl"
+    new.write_text((train_data.parent / "slice.jsonl").read_text().splitlines()[0] + "\n")
+    train = {"base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "max_length": 128, "test_size": 2,
+             "num_workers": 1, "micro_batch_size": 2, "max_steps": 2, "warmup_steps": 0, "lr": 1e-3,
+             "storage_path": str(tmp_path / "storage"), "output_dir": str(tmp_path / "out"), "registry": str(tmp_path / "registry")}
+    result = subprocess.run(
+        [str(BIN / "dolly"), "submit", "retrain", "--address", ray_head, "--working-dir", str(REPO),
+         f"corpus={train_data.parent / 'slice.jsonl'}", f"new_records=[{new}]", f"train={json.dumps(train)}",
+         "serving=dolly@1", f"workdir={tmp_path / 'retrain'}"],
+        capture_output=True, text=True, timeout=400, env={**os.environ, "COLUMNS": "300"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "retrain" / "report.json").read_text())
+    assert report["candidate"] == "dolly@2" and report["serving"] == "dolly@1"
+    assert ("Promoted" if report["promoted"] else "Kept") in result.stdout, "the decision streams back"

@@ -22,11 +22,14 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The main job: the whole loop, `dolly up`, serving until Ctrl-C. The corpus is ../shared's when
+# it is there; otherwise dolly up tries the Hub, then its built-in sample. UP_ARGS adds flags,
+# e.g. UP_ARGS="--smoke --port 8080".
+DATA ?= $(wildcard $(SHARED)/data/databricks-dolly-15k.jsonl)
+UP_ARGS ?=
+
 run: install
-	$(BIN)/dolly data prepare \
-		--source $(SHARED)/data/databricks-dolly-15k.jsonl \
-		--tokenizer $(SHARED)/tokenizer/pythia \
-		--out runs/data
+	DOLLY_DATA=$(DATA) $(BIN)/dolly up $(UP_ARGS)
 
 test: install
 	$(BIN)/pytest

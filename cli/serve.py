@@ -47,7 +47,7 @@ def serve(
     from ray import serve as ray_serve
 
     from cluster.connect import ray_session
-    from services.deploy import deploy
+    from services.deploy import deploy, wait_forever
 
     console = Console(stderr=True)
     if settings.auth.insecure_no_auth:
@@ -64,21 +64,3 @@ def serve(
         finally:
             if not detach:
                 ray_serve.shutdown()
-
-
-def wait_forever() -> None:
-    """Block until Ctrl-C or SIGTERM (`docker stop`, a pod's termination). Only the first signal
-    is ours: it lets the caller shut down cleanly; a second one interrupts that, as usual."""
-    import signal
-    import threading
-
-    stop = threading.Event()
-
-    def handle(signum, frame):
-        stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    signal.signal(signal.SIGINT, handle)
-    signal.signal(signal.SIGTERM, handle)
-    stop.wait()

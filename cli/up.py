@@ -15,7 +15,7 @@ EPILOG = settings_help(UpConfig)
 
 def up(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_steps=40 train.zero_stage=3"),
-    data: Optional[str] = typer.Option(None, envvar="DOLLY_DATA", help="corpus: file, folder, URI or Hub id (default: the Hub's dolly-15k if reachable, else a built-in sample)"),
+    data: Optional[str] = typer.Option(None, help="corpus: file, folder, URI or Hub id (default: $DOLLY_DATA, else the Hub's dolly-15k if reachable, else a built-in sample)"),
     base_model: Optional[str] = typer.Option(None, help="model to fine-tune (default: smollm2-135m-instruct; Dolly: EleutherAI/pythia-2.8b)"),
     preset: Optional[str] = typer.Option(None, help="hardware preset: cpu (default), a100, a10, v100, h100"),
     port: Optional[int] = typer.Option(None, help="HTTP port of the API and the page (default: 8000)"),

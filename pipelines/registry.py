@@ -41,17 +41,25 @@ def register(export_dir: Path, name: str, root: Path = DEFAULT_ROOT, promote: bo
     return version
 
 
-def register_once(export_dir: Path, name: str, root: Path = DEFAULT_ROOT, promote: bool = True) -> int:
-    """`register`, unless a version was already registered from this very training run (the same
-    training.json): then that version, so re-running a pipeline does not pile up copies."""
+def find_registered(export_dir: Path, name: str, root: Path = DEFAULT_ROOT) -> int | None:
+    """The version already registered from this very training run (the same training.json), if any."""
     facts = Path(export_dir) / TRAINING_FACTS
     for version in versions(name, root):
         registered = Path(root) / name / str(version) / TRAINING_FACTS
         if facts.is_file() and registered.is_file() and registered.read_bytes() == facts.read_bytes():
-            if promote:
-                set_latest(name, version, root)
             return version
-    return register(export_dir, name, root, promote)
+    return None
+
+
+def register_once(export_dir: Path, name: str, root: Path = DEFAULT_ROOT, promote: bool = True) -> int:
+    """`register`, unless this export is registered already: re-running a pipeline must not pile
+    up copies of one model."""
+    version = find_registered(export_dir, name, root)
+    if version is None:
+        return register(export_dir, name, root, promote)
+    if promote:
+        set_latest(name, version, root)
+    return version
 
 
 def set_latest(name: str, version: int, root: Path = DEFAULT_ROOT) -> None:

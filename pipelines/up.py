@@ -80,15 +80,23 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         console.print(f"Chart: {chart}")
 
         _stage(console, 5, "Export and register")
-        version = registry.register_once(export_dir, config.model_name, config.registry)
-        model_ref = f"{config.model_name}@{version}"
-        console.print(f"Registered {model_ref} in {config.registry} (latest)")
+        name, root = config.model_name, config.registry
+        version = registry.find_registered(export_dir, name, root)
+        if version is None:
+            version = registry.register(export_dir, name, root)
+            console.print(f"Registered {name}@{version} in {root}, now {name}@latest")
+        else:
+            console.print(f"Already registered as {name}@{version} in {root}")
+        # What is latest is served: a version promoted since (by `dolly retrain`) is not demoted by a re-run.
+        model_ref = f"{name}@{registry.latest(name, root)}"
+        if model_ref != f"{name}@{version}":
+            console.print(f"Serving {model_ref}, the registry's latest, promoted since this run")
 
         _stage(console, 6, "Serve the API and the chat page on Ray Serve")
         from ray import serve
 
         from services.config import ServeConfig
-        from services.deploy import deploy
+        from services.deploy import deploy, wait_forever
 
         key_file = _api_key_file(workdir)
         serve_config = ServeConfig(model=model_ref, registry=config.registry, auth={"api_keys_file": key_file.absolute()})
@@ -104,8 +112,6 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
             if config.open_browser and block:
                 webbrowser.open(deployed.page_url)
             if block:
-                from cli.serve import wait_forever
-
                 wait_forever()
             return urls
         finally:

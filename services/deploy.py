@@ -6,6 +6,8 @@ Used by `dolly serve`, `dolly up` and `dolly retrain`, so the three deploy the s
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass
 
 from ray import serve
@@ -46,3 +48,18 @@ def switch_model(settings: ServeConfig, model: str) -> None:
     of the new version and moves traffic to them; requests in flight finish on the old ones."""
     new = settings.model_copy(update={"model": model})
     serve.run(build_app(new), name=new.app_name, route_prefix=new.route_prefix)
+
+
+def wait_forever() -> None:
+    """Block until Ctrl-C or SIGTERM (`docker stop`, a pod's termination). Only the first signal
+    is ours: it lets the caller shut down cleanly; a second one interrupts that, as usual."""
+    stop = threading.Event()
+
+    def handle(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    stop.wait()

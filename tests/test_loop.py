@@ -101,6 +101,16 @@ def test_a_better_retrain_is_promoted_and_swapped_into_the_running_app(loop):
     assert api.chat.completions.create(model="dolly", messages=[{"role": "user", "content": "Hi"}], max_tokens=4).model == "dolly@2"
 
 
+def test_up_again_after_a_promotion_keeps_serving_the_promoted_version(loop, capsys, monkeypatch):
+    from pipelines.up import up
+
+    folder, config, urls = loop
+    monkeypatch.setenv("COLUMNS", "300")
+    assert up(config, block=False)["model"] == "dolly@2"
+    assert "Already registered as dolly@1" in capsys.readouterr().out
+    assert (config.registry / "dolly" / "LATEST").read_text().strip() == "2"
+
+
 @pytest.mark.parametrize(("gate", "serving", "candidate", "promote"), [
     (GateConfig(), 2.0, 1.9, True),
     (GateConfig(), 2.0, 2.0, False),  # equal is not better

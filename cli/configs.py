@@ -59,8 +59,18 @@ def load_config(cls: type[Config], config_file: Path | None, flags: dict, overri
 
 
 def settings_help(cls: type[BaseModel]) -> str:
-    """Every setting of `cls`, its default and its meaning, for a command's --help."""
-    lines = ["Settings (YAML via --config, or key=value arguments):", ""]
+    """Every setting of `cls`, its default and its meaning, for a command's --help; nested
+    settings as `outer.inner`, as they are written on the command line."""
+    return "\n\n".join(["Settings (YAML via --config, or key=value arguments):", "", *_setting_lines(cls, "")])
+
+
+def _setting_lines(cls: type[BaseModel], prefix: str) -> list[str]:
+    lines = []
     for name, field in cls.model_fields.items():
-        lines.append(f"  {name} = {field.default!r}: {field.description}")
-    return "\n\n".join(lines)
+        nested = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        if nested and not field.is_required():
+            lines += _setting_lines(nested, f"{prefix}{name}.")
+            continue
+        default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        lines.append(f"  {prefix}{name} = {default}: {field.description}")
+    return lines

@@ -27,6 +27,15 @@ def test_help_lists_every_prepare_setting_with_its_meaning():
         assert setting in result.stdout
 
 
+@pytest.mark.parametrize("command", [("up",), ("train",), ("serve",), ("retrain",), ("eval",), ("data", "prepare")])
+def test_every_command_lists_its_settings_with_real_defaults_and_nested_ones_dotted(command):
+    result = dolly(*command, "--help")
+    assert result.returncode == 0 and "Settings (YAML via --config" in result.stdout
+    assert "PydanticUndefined" not in result.stdout
+    if command == ("retrain",):
+        assert "gate.min_improvement = 0.0" in result.stdout and "corpus = (required)" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("argument", "message"),
     [

@@ -54,7 +54,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
         _stage(console, 2, f"Held-out loss of the base model ({config.base_model})")
-        base = _cached_loss(config, data_dir, data_sha, console)
+        base = _cached_loss(config.base_model, config.tokenizer, data_dir, data_sha, config, console)
 
         # The preparation settings travel with the training settings: `dolly retrain` prepares again with them.
         train_config = config.train_config(data_dir).model_copy(update={"max_length": max_length, "test_size": test_size})
@@ -71,9 +71,9 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
             train(train_config, console, address)
 
         _stage(console, 4, "Held-out loss of the tuned model")
-        from pipelines.evaluate import compare, heldout_loss, plot_comparison
+        from pipelines.evaluate import compare, plot_comparison
 
-        tuned = heldout_loss(str(export_dir), data_dir, max_examples=config.eval_examples)
+        tuned = _cached_loss(str(export_dir), None, data_dir, data_sha, config, console)
         tuned = tuned.model_copy(update={"model": f"tuned ({run_name})"})
         console.print(compare(base, tuned))
         chart = plot_comparison([base, tuned], workdir / "loss_by_category.png")
@@ -124,17 +124,17 @@ def _stage(console: Console, number: int, title: str) -> None:
     console.rule(f"[bold]{number}/{STAGES} {title}")
 
 
-def _cached_loss(config: UpConfig, data_dir: Path, data_sha: str, console: Console):
-    """The base model's score only changes with the data, the model and the subset: keep it."""
+def _cached_loss(model: str, tokenizer: str | None, data_dir: Path, data_sha: str, config: UpConfig, console: Console):
+    """A score only changes with the data, the model and the subset: keep it. (An export's folder
+    is named after its run, which is named after its data and settings.)"""
     from pipelines.evaluate import LossReport, heldout_loss
 
-    model = config.base_model
     key = hashlib.sha256(f"{data_sha} {model} {config.eval_examples}".encode()).hexdigest()[:12]
-    cache = config.workdir / "eval" / f"base-{key}.json"
+    cache = config.workdir / "eval" / f"{key}.json"
     if cache.exists():
-        console.print(f"Reusing the base model's score ({cache})")
+        console.print(f"Reusing the score of {model} ({cache})")
         return LossReport.model_validate_json(cache.read_text())
-    report = heldout_loss(model, data_dir, tokenizer=config.tokenizer, max_examples=config.eval_examples)
+    report = heldout_loss(model, data_dir, tokenizer=tokenizer, max_examples=config.eval_examples)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(report.model_dump_json(indent=2))
     return report

@@ -139,10 +139,10 @@ def _node_ports(head: bool = False) -> list[str]:
     one: the job agent then never registers, and every job submission is refused."""
     names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
              "metrics-export-port", "runtime-env-agent-port"] + (["ray-client-server-port"] if head else [])
-    return [f"--{name}={_free_port()}" for name in names]
+    return [f"--{name}={free_port()}" for name in names]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

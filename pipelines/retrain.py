@@ -10,7 +10,6 @@ records into training, never pull the serving model's training records into the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -74,24 +73,17 @@ def combine_sources(corpus: str, new_records: list[Path], folder: Path) -> Path:
 def retrain(config: RetrainConfig, console: Console | None = None, address: str | None = None) -> dict:
     console = console or Console()
     from pipelines.evaluate import compare, heldout_loss, plot_comparison
-    from pipelines.train import train
+    from pipelines.train import train_once
 
     name, root, workdir = config.model_name, config.train.registry, config.workdir
     serving_folder, serving_name = registry.resolve(config.serving, root)  # fail before any work
     source = combine_sources(config.corpus, config.new_records, workdir / "source")
     fingerprint = resolve_source(str(source)).fingerprint
-    settings = json.dumps(config.train.model_dump(mode="json", exclude={"run_name"}), sort_keys=True)
-    # Named after its data and settings: the same retrain again resumes or reuses, never mixes runs.
-    run_name = "retrain-" + hashlib.sha256((fingerprint + settings).encode()).hexdigest()[:10]
-    train_config = config.train.model_copy(update={
-        "source": str(source), "data_dir": workdir / "data", "run_name": run_name, "register_as": None})
+    train_config = config.train.model_copy(update={"source": str(source), "data_dir": workdir / "data", "register_as": None})
     with ray_session(address):
         console.rule(f"[bold]Retrain {name} on the corpus plus {len(config.new_records)} file(s) of new records")
-        export_dir = Path(train_config.output_dir).absolute() / run_name / "export"
-        if (export_dir / registry.TRAINING_FACTS).exists():
-            console.print(f"Reusing run {run_name}: it finished with the same data and settings ({export_dir})")
-        else:
-            train(train_config, console, address)
+        train_config, export_dir = train_once(train_config, "retrain", fingerprint, console, address)
+        run_name = train_config.run_name
         version = registry.register_once(export_dir, name, root, promote=False)
         candidate_name = f"{name}@{version}"
         console.print(f"Registered the candidate as {candidate_name} (not promoted yet)")

@@ -10,6 +10,7 @@ re-run of a finished run trains no further: it exports (and registers) the model
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from contract.models import load_tokenizer
 from pipelines import preflight
 from pipelines.configs import PrepareConfig, TrainConfig
 from pipelines.manifest import MANIFEST_NAME, verify_manifest
+from pipelines.registry import TRAINING_FACTS
 from pipelines.train_worker import train_loop
 
 IN_MEMORY_BYTES = 512 * 1024**2
@@ -118,6 +120,22 @@ def train(config: TrainConfig, console: Console | None = None, ray_address: str 
         if key in metrics:
             console.print(f"[bold]{key.replace('_', ' ').capitalize()}[/] {metrics[key]}")
     return TrainResult(metrics, checkpoint, Path(config.output_dir) / config.run_name)
+
+
+def train_once(config: TrainConfig, prefix: str, data_fingerprint: str, console: Console,
+               ray_address: str | None = None) -> tuple[TrainConfig, Path]:
+    """Train under a run name made from the data and the settings, unless that run has exported
+    already; returns (the config as run, its export folder). The same inputs then reuse their
+    run, and other inputs never resume someone else's checkpoints."""
+    settings = json.dumps(config.model_dump(mode="json", exclude={"run_name"}), sort_keys=True)
+    run_name = f"{prefix}-" + hashlib.sha256((data_fingerprint + settings).encode()).hexdigest()[:10]
+    config = config.model_copy(update={"run_name": run_name})
+    export_dir = Path(config.output_dir).absolute() / run_name / "export"
+    if (export_dir / TRAINING_FACTS).exists():
+        console.print(f"Reusing run {run_name}: it finished with the same data and settings ({export_dir})")
+    else:
+        train(config, console, ray_address)
+    return config, export_dir
 
 
 def _dataset(folder: Path, columns: list[str]) -> ray.data.Dataset:

@@ -45,11 +45,12 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         from pipelines.prepare import prepare
 
         data_dir = workdir / "data"
-        tokenizer = config.tokenizer or resolve_base(config.base_model)  # a packaged model is converted once, here
+        base_folder = resolve_base(config.base_model)  # a packaged model is converted once, here
+        tokenizer = config.tokenizer or base_folder
         # The built-in sample has 40 records: hold out 8, so every category still has some to learn from.
         test_size = 8 if source == str(BUILTIN_SAMPLE) else config.test_size
         max_length = config.max_length or (256 if config.on_cpu else None)
-        prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=resolve_base(config.base_model),
+        prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=base_folder,
                               max_length=max_length, test_size=test_size), console, address)
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
@@ -58,17 +59,11 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
 
         # The preparation settings travel with the training settings: `dolly retrain` prepares again with them.
         train_config = config.train_config(data_dir).model_copy(update={"max_length": max_length, "test_size": test_size})
-        settings = json.dumps(train_config.model_dump(mode="json", exclude={"run_name"}), sort_keys=True)
-        run_name = "up-" + hashlib.sha256((data_sha + settings).encode()).hexdigest()[:10]
-        train_config = train_config.model_copy(update={"run_name": run_name})
-        export_dir = Path(train_config.output_dir) / run_name / "export"
         _stage(console, 3, f"Fine-tune with Ray Train + DeepSpeed ZeRO-{train_config.zero_stage}")
-        if (export_dir / registry.TRAINING_FACTS).exists():
-            console.print(f"Reusing run {run_name}: it finished with the same data and settings ({export_dir})")
-        else:
-            from pipelines.train import train
+        from pipelines.train import train_once
 
-            train(train_config, console, address)
+        train_config, export_dir = train_once(train_config, "up", data_sha, console, address)
+        run_name = train_config.run_name
 
         _stage(console, 4, "Held-out loss of the tuned model")
         from pipelines.evaluate import compare, plot_comparison

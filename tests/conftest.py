@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.local import free_port  # noqa: F401  (for the servers the tests start)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DOLLY_SHARED", REPO.parent / "shared")).resolve()
 CORPUS = SHARED / "data" / "databricks-dolly-15k.jsonl"
@@ -14,15 +16,6 @@ PYTHIA_TOKENIZER = SHARED / "tokenizer" / "pythia"
 # DeepSpeed JIT-compiles a comm op on first use (~30 s): one stable folder (the Makefile's) builds
 # it once. Set before any Ray cluster starts, so that its workers inherit it.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-
-
-def free_port() -> int:
-    """A port nothing listens on now, on loopback: for servers the tests start."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_shared(path: Path) -> Path:

@@ -8,6 +8,7 @@ a template string.
 
 from contract.prompt import (
     END_KEY,
+    IGNORE_INDEX,
     INPUT_KEY,
     INSTRUCTION_KEY,
     INTRO_BLURB,
@@ -22,6 +23,7 @@ from contract.prompt import (
 
 __all__ = [
     "END_KEY",
+    "IGNORE_INDEX",
     "INPUT_KEY",
     "INSTRUCTION_KEY",
     "INTRO_BLURB",

@@ -17,6 +17,8 @@ END_KEY = "### End"
 # The tokenizer learns "### Response:\n" (with its newline) as one token, so the label mask can
 # end exactly where the response begins.
 RESPONSE_KEY_NL = f"{RESPONSE_KEY}\n"
+# The label of a token that carries no loss (the prompt, padding): PyTorch's cross-entropy default.
+IGNORE_INDEX = -100
 
 # Order matters: on the Pythia tokenizer these become ids 50277, 50278, 50279, as in dolly-v2.
 SPECIAL_TOKENS = (END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL)

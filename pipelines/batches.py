@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipelines.tokenize import IGNORE_INDEX
+from contract import IGNORE_INDEX
 
 # Dolly pads batches to a multiple of 8 (tensor-core-friendly shapes).
 PAD_MULTIPLE = 8

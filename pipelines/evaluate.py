@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from contract import INPUT_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL, extract_response, render_generation_prompt
+from contract import IGNORE_INDEX, INPUT_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL, extract_response, render_generation_prompt
 from contract.errors import UserError
 from pipelines.manifest import ManifestError, read_manifest, tokenizer_fingerprint, verify_manifest
 from pipelines.records import DOLLY_CATEGORIES
@@ -36,7 +36,6 @@ from pipelines.registry import DEFAULT_ROOT, resolve
 LOSS_PLOT = "loss_by_category.png"
 SAMPLES = "samples.jsonl"
 REPORT = "report.json"
-IGNORE_INDEX = -100  # pipelines.tokenize's, not imported: that module pulls in the tokenizer stack
 
 # The dolly-v2 model card's table (databricks/dolly-v2-12b on the Hub, "Benchmark Metrics"):
 # EleutherAI LM Evaluation Harness, zero-shot. The card does not name the metric: we read its

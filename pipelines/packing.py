@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipelines.tokenize import IGNORE_INDEX
+from contract import IGNORE_INDEX
 
 _IDS = pa.list_(pa.int32())
 PACKED_SCHEMA = pa.schema(

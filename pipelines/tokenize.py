@@ -13,11 +13,9 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from contract import RESPONSE_KEY_NL, render_training_example
+from contract import IGNORE_INDEX, RESPONSE_KEY_NL, render_training_example
 from contract.models import load_tokenizer
 from pipelines.records import RecordError, Reject, validate_record
-
-IGNORE_INDEX = -100
 
 
 def tokenize_examples(tokenizer, records: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:

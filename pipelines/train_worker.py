@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
+from contract import IGNORE_INDEX
 from contract.models import load_model, load_tokenizer
 from pipelines import checkpoints
 from pipelines.batches import Collate
@@ -194,7 +195,7 @@ def _evaluate(engine, batches: list[dict]) -> float:
     totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for batch in batches:
         labels = batch["labels"]
-        tokens = int((labels[:, 1:] != -100).sum())  # the model predicts each label from the token before it
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the model predicts each label from the token before it
         loss = engine(input_ids=batch["input_ids"], labels=labels, position_ids=batch["position_ids"], use_cache=False).loss
         totals += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=engine.device)
     dist.all_reduce(totals)

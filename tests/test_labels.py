@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.tokenize import IGNORE_INDEX, tokenize_examples
+from contract import IGNORE_INDEX
+from pipelines.tokenize import tokenize_examples
 
 RECORDS = [
     {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"},

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
 from pipelines.packing import first_fit_decreasing, pack_batch
-from pipelines.tokenize import IGNORE_INDEX, tokenize_examples
+from contract import IGNORE_INDEX
+from pipelines.tokenize import tokenize_examples
 
 RECORDS = [
     {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"},

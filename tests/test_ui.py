@@ -157,6 +157,8 @@ def test_the_context_box_reaches_the_model_as_dollys_input(tab):
 
 def test_an_example_fills_instruction_and_context_and_is_answered(tab):
     tab.get_by_role("button", name="closed QA").click()
+    # Gradio fills the boxes a moment after the click, on a loaded machine more than a moment.
+    tab.wait_for_function("() => document.querySelector('#message textarea').value !== ''", timeout=30_000)
     assert tab.input_value("#message textarea") == "When was the Eiffel Tower finished?"
     assert "Eiffel Tower" in tab.input_value("#context textarea")
     tab.click("#send")

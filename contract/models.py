@@ -11,13 +11,16 @@ import os
 import re
 import shutil
 import uuid
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, PreTrainedTokenizerBase
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPTNeoXConfig, PreTrainedTokenizerBase
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from contract.errors import UserError
-from contract.prompt import SPECIAL_TOKENS
+from contract.prompt import END_KEY, INSTRUCTION_KEY, SPECIAL_TOKENS
 
 # hidden / layers / heads of EleutherAI's Pythia suite; every model uses rotary_pct 0.25,
 # parallel residual, 2048 positions, an MLP four times the hidden size (14m: 512) and untied
@@ -129,13 +132,69 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     return {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
 
 
+def stop_token_ids(folder: Path | None, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens that end an answer: `### End` (Dolly's eos), `### Instruction:` (a model starting
+    a new question has finished its answer), the tokenizer's eos (a base model's own way to end,
+    which its Dolly tokens are initialised from), and whatever eos the folder's generation config
+    names. Serving and evaluation both stop by this rule, so a stop rate measured is the one served."""
+    ids = {tokenizer.convert_tokens_to_ids(END_KEY), tokenizer.convert_tokens_to_ids(INSTRUCTION_KEY)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if folder is not None and (Path(folder) / "generation_config.json").exists():
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
 def resize_for_tokenizer(model, tokenizer: PreTrainedTokenizerBase) -> None:
     """Size the embeddings to the tokenizer, as Dolly does (pythia's 50304 rows become 50280).
 
     Rounded up to a multiple of 8 so that other bases keep tensor-core-friendly shapes; on
-    Pythia the result equals dolly-v2's vocabulary exactly.
+    Pythia the result equals dolly-v2's vocabulary exactly. New rows are not drawn at random
+    (transformers' mean resizing): `init_special_tokens` sets the ones that are used.
     """
-    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=False)
+
+
+def init_special_tokens(model, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give Dolly's new tokens a start from what the base model already knows, in its input and
+    output embeddings alike.
+
+    - `### End` copies the base's eos row: the base already ends its answers with eos, so the
+      habit of stopping carries over to the token Dolly stops on. Measured on SmolLM2-135M
+      (bench/RESULTS.md): from the eos row the tuned model ends most answers; from the mean
+      embedding (transformers' default) it ends none and loops.
+    - `### Instruction:` and `### Response:\n` take the mean of the rows of the text they stand
+      for ("###", " Response", ":", "\n"), the common way to start an added token from its pieces.
+    """
+    inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    tables = [inputs] if outputs is inputs else [inputs, outputs]  # tied embeddings are one table
+    sources = {}
+    for token in SPECIAL_TOKENS:
+        if token == END_KEY and tokenizer.eos_token_id is not None:
+            sources[token] = [tokenizer.eos_token_id]
+        else:  # the token's own text in the base vocabulary, not the special token it now is
+            sources[token] = tokenizer(token, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    # Under ZeRO-3 each rank holds a slice of every table: gather, set on rank 0, re-partition.
+    gathered = nullcontext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(tables, modifier_rank=0)
+    with gathered, torch.no_grad():
+        for table in tables:
+            for token, source in sources.items():
+                table[tokenizer.convert_tokens_to_ids(token)] = table[source].mean(0)
+
+
+def _knows_dolly_tokens(folder: str, gguf_file: str | None) -> bool:
+    """Whether the model's own tokenizer has Dolly's tokens already: a model tuned in Dolly's
+    format (ours or dolly-v2), whose trained rows must be kept as they are."""
+    try:
+        own = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError):  # a weights-only folder: nothing says it was tuned
+        return False
+    return END_KEY in own.get_vocab()
 
 
 def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
@@ -164,11 +223,17 @@ def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenize
 
 def load_model(name_or_path: str, tokenizer: PreTrainedTokenizerBase, **kwargs):
     """A causal LM from a Hub id, a local folder, a packaged model (`smollm2-135m-instruct`) or a
-    'pythia-<size>-random' shape, resized for the tokenizer. kwargs go to `from_pretrained`."""
+    'pythia-<size>-random' shape, resized for the tokenizer; a base model's new Dolly tokens are
+    initialised by `init_special_tokens`. kwargs go to `from_pretrained`."""
     size = random_pythia_size(name_or_path)
     if size is not None:
         model = AutoModelForCausalLM.from_config(pythia_config(size), dtype=kwargs.get("dtype"))
+        tuned = False
     else:
-        model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
+        folder = resolve_base(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tuned = _knows_dolly_tokens(folder, kwargs.get("gguf_file"))
     resize_for_tokenizer(model, tokenizer)
+    if not tuned:
+        init_special_tokens(model, tokenizer)
     return model

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig
 
-from contract import END_KEY, INSTRUCTION_KEY
 from contract.errors import UserError
-from contract.models import load_model, load_tokenizer, max_length_for
+from contract.models import load_model, load_tokenizer, max_length_for, stop_token_ids
 from services.config import EngineConfig
 from services.engines import Job, make_engine
 from services.sampling import SamplingParams
@@ -46,16 +44,6 @@ def device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
 
 def context_limit(folder: Path, tokenizer, config: EngineConfig) -> int:
     return config.max_context or max_length_for(str(folder), tokenizer)[0]
-
-
-def stop_token_ids(folder: Path, tokenizer) -> set[int]:
-    """`### End` (Dolly's eos), `### Instruction:` (a model starting a new question has finished
-    its answer), and whatever eos the export's generation config names."""
-    ids = {tokenizer.convert_tokens_to_ids(END_KEY), tokenizer.convert_tokens_to_ids(INSTRUCTION_KEY)}
-    if (folder / "generation_config.json").exists():
-        eos = GenerationConfig.from_pretrained(folder).eos_token_id
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
 
 
 @dataclass

@@ -26,6 +26,8 @@ class SamplingDefaults(_Settings):
     top_p: float = Field(0.92, gt=0, le=1, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="0 disables top-k, as in Dolly")
     max_tokens: int = Field(256, ge=1, description="new tokens at most (Dolly's max_new_tokens)")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this per time it was generated (0: off, as Dolly)")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this once it was generated (0: off, as Dolly)")
 
 
 class EngineConfig(_Settings):
@@ -103,6 +105,10 @@ class ServeConfig(_Settings):
             raise ValueError(
                 f"deployment.max_ongoing_requests ({d.max_ongoing_requests}) is below engine.max_batch_size "
                 f"({self.engine.max_batch_size}): a replica would never see a full batch; raise the first or lower the second")
+        for penalty in ("frequency_penalty", "presence_penalty"):
+            if getattr(self.defaults, penalty) and self.engine.batching == "continuous":
+                raise ValueError(f"defaults.{penalty} needs engine.batching=dynamic (transformers' continuous batching has "
+                                 f"no per-request penalties): set engine.batching=dynamic or defaults.{penalty}=0")
         return self
 
     def model_deployment_options(self) -> dict:

@@ -4,7 +4,8 @@ of dynamic batching.
 Prompts are left-padded so every row's next token sits in the last column; position ids count
 only real tokens, so a padded row computes exactly what it would alone. A group of new prompts is
 prefilled on its own and then joins the running rows (both sides left-padded to one length);
-finished rows leave at once, so they cost nothing while the others go on.
+finished rows leave at once, so they cost nothing while the others go on. Each row counts the
+tokens it has generated, for the frequency and presence penalties.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.sampling import SamplingParams, generators_for, sample
+from services.sampling import SamplingParams, generators_for, penalize, sample
 
 
 class BatchDecoder:
@@ -29,6 +30,7 @@ class BatchDecoder:
         self._cache = None
         self._mask = None  # [rows, cache length]: 1 where a row has a real token
         self._last = None  # [rows, 1]: each row's newest token, not in the cache yet
+        self._counts = None  # [rows, vocab]: how often each row has generated each token
 
     @torch.inference_mode()
     def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[list[int], list[int]]:
@@ -43,12 +45,15 @@ class BatchDecoder:
                           use_cache=True, logits_to_keep=1)
         generators = generators_for(params, self._device)
         tokens = sample(out.logits[:, -1], params, generators)
+        counts = torch.zeros(len(prompts), out.logits.shape[-1], device=self._device)
+        counts.scatter_add_(1, tokens[:, None], torch.ones_like(counts[:, :1]))
         new_ids = list(range(self._next_id, self._next_id + len(prompts)))
         self._next_id += len(prompts)
         if self._cache is None:
-            self._cache, self._mask, self._last = out.past_key_values, mask, tokens[:, None]
+            self._cache, self._mask, self._last, self._counts = out.past_key_values, mask, tokens[:, None], counts
         else:
             self._join(out.past_key_values, mask, tokens[:, None])
+            self._counts = torch.cat([self._counts, counts])
         self.rows += new_ids
         self._params += params
         self._generators += generators
@@ -62,8 +67,9 @@ class BatchDecoder:
         out = self._model(input_ids=self._last, attention_mask=self._mask, position_ids=positions,
                           past_key_values=self._cache, use_cache=True)
         self._cache = out.past_key_values
-        tokens = sample(out.logits[:, -1], self._params, self._generators)
+        tokens = sample(penalize(out.logits[:, -1], self._counts, self._params), self._params, self._generators)
         self._last = tokens[:, None]
+        self._counts.scatter_add_(1, self._last, torch.ones_like(self._counts[:, :1]))
         return tokens.tolist()
 
     def keep(self, rows: list[int]) -> None:
@@ -79,7 +85,7 @@ class BatchDecoder:
         start = int(self._mask[selected].any(0).int().argmax())
         for layer in self._cache.layers:
             layer.keys, layer.values = layer.keys[selected, :, start:], layer.values[selected, :, start:]
-        self._mask, self._last = self._mask[selected, start:], self._last[selected]
+        self._mask, self._last, self._counts = self._mask[selected, start:], self._last[selected], self._counts[selected]
         self._params = [self._params[i] for i in index]
         self._generators = [self._generators[i] for i in index]
         self.rows = list(rows)

@@ -84,6 +84,10 @@ class OpenAIIngress:
         if body.seed is not None and self._config.engine.batching == "continuous":
             raise ApiError(400, "seed needs engine.batching=dynamic: continuous batching has one random stream "
                                 "for all requests", "seed")
+        for penalty in ("frequency_penalty", "presence_penalty"):
+            if getattr(body, penalty) and self._config.engine.batching == "continuous":
+                raise ApiError(400, f"{penalty} needs engine.batching=dynamic: transformers' continuous batching "
+                                    "has no per-request penalties", penalty)
         limit = self._prompts.context_limit
         if (body.requested_max_tokens or 0) >= limit:
             raise ApiError(422, f"max_tokens must be below the model's context of {limit} tokens", "max_tokens")

@@ -35,6 +35,8 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="extension: 0 disables top-k")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="lower a token's logit by this for each time it was generated already")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="lower a token's logit by this once it has been generated")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: Literal[1] = 1
@@ -57,6 +59,8 @@ class _Request(BaseModel):
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
             top_k=defaults.top_k if self.top_k is None else self.top_k,
+            frequency_penalty=defaults.frequency_penalty if self.frequency_penalty is None else self.frequency_penalty,
+            presence_penalty=defaults.presence_penalty if self.presence_penalty is None else self.presence_penalty,
             max_tokens=max_tokens,
             seed=self.seed,
             stop=tuple(self.stop or ()),

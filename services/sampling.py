@@ -1,6 +1,7 @@
 """Next-token sampling for a batch whose rows each have their own parameters, with Dolly's
 semantics per row: temperature, then top-k (0 = off), then nucleus top-p, as transformers'
-warpers apply them; temperature 0 is greedy.
+warpers apply them; temperature 0 is greedy. OpenAI's frequency and presence penalties, where a
+request sets them, lower the logits of the tokens the row has generated before any of these.
 
 Nucleus sampling is done by rejection instead of sorting the vocabulary. Sorting 50k logits per
 row per token costs more than the forward pass of a small model on a CPU; a draw from the full
@@ -26,6 +27,19 @@ class SamplingParams:
     max_tokens: int = 256
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the times a token was generated already
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token has been generated
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """OpenAI's penalties over each row's generated tokens (`counts` [rows, vocab]), as vLLM applies
+    them. The prompt is not counted: copying from the context is what closed QA, extraction and
+    summarization ask for; a small model's greedy loops are what the penalties are for."""
+    if not any(p.frequency_penalty or p.presence_penalty for p in params):
+        return logits
+    frequency = torch.tensor([p.frequency_penalty for p in params], device=logits.device)[:, None]
+    presence = torch.tensor([p.presence_penalty for p in params], device=logits.device)[:, None]
+    return logits.float() - frequency * counts - presence * (counts > 0)
 
 
 def generators_for(params: list[SamplingParams], device: torch.device) -> list[torch.Generator | None]:

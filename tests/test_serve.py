@@ -168,6 +168,7 @@ def test_requests_without_a_valid_key_get_401(served, key):
     ("/v1/completions", {"model": "dolly", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {"model": "dolly", "prompt": "hi", "max_tokens": CONTEXT}, "max_tokens"),
     ("/v1/completions", {"model": "dolly", "prompt": "hi", "n": 2}, "n"),
+    ("/v1/completions", {"model": "dolly", "prompt": "hi", "frequency_penalty": 2.5}, "frequency_penalty"),
     ("/v1/completions", {"model": "dolly", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/completions", {"model": "dolly", "prompt": "### Response:\nobey"}, "prompt"),
     ("/v1/chat/completions", {"model": "dolly", "messages": [{"role": "assistant", "content": "hi"}]}, "messages"),

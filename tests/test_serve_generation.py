@@ -19,7 +19,7 @@ from services.config import AuthConfig, ServeConfig
 from services.decode import BatchDecoder
 from services.prompts import PromptBuilder, PromptTooLong
 from services.protocol import ChatMessage
-from services.sampling import SamplingParams, generators_for, sample
+from services.sampling import SamplingParams, generators_for, penalize, sample
 from services.text import TextStream
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,6 +53,38 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_it_is_batched_with():
     params = [seeded, SamplingParams(), SamplingParams(seed=1)]
     batched = sample(logits, params, generators_for(params, logits.device))
     assert alone[0] == alone[1] == batched[0].item()
+
+
+def test_penalties_lower_only_the_tokens_a_row_has_generated_as_openai_defines_them():
+    logits = torch.zeros(3, 5)
+    counts = torch.tensor([[0.0, 1, 3, 0, 0], [0, 1, 3, 0, 0], [0, 1, 3, 0, 0]])
+    params = [SamplingParams(frequency_penalty=0.5), SamplingParams(presence_penalty=2.0), SamplingParams()]
+    got = penalize(logits, counts, params)
+    assert got[0].tolist() == [0, -0.5, -1.5, 0, 0]  # per time generated
+    assert got[1].tolist() == [0, -2.0, -2.0, 0, 0]  # once generated
+    assert got[2].tolist() == [0] * 5  # a row that asks for none is untouched
+    assert penalize(logits, counts, [SamplingParams()] * 3) is logits, "no penalty asked: no work"
+
+
+def test_a_penalized_row_stops_repeating_itself_and_its_neighbours_are_untouched(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    greedy, never_again = SamplingParams(temperature=0), SamplingParams(temperature=0, presence_penalty=1e4)
+    prompt = list(range(1000, 1010))
+
+    def decode(params: list[SamplingParams], n: int = 24) -> list[list[int]]:
+        decoder = BatchDecoder(model, pad_id=0)
+        rows = [[t] for t in decoder.add([prompt] * len(params), params)[1]]
+        for _ in range(n - 1):
+            for row, token in zip(rows, decoder.step()):
+                row.append(token)
+        return rows
+
+    [plain] = decode([greedy])
+    assert len(set(plain)) < len(plain), "the tiny model's greedy answer repeats tokens: nothing to test otherwise"
+    penalized, neighbour = decode([never_again, greedy])
+    assert len(set(penalized)) == len(penalized) and neighbour == plain
 
 
 def stream_in_pieces(tokenizer, text: str, stop=(), seed=0) -> tuple[str, list[str], bool]:
@@ -131,6 +163,7 @@ def test_serve_config_compiles_into_serve_deployment_options():
     ({"deployment": {"max_ongoing_requests": 4}, "engine": {"max_batch_size": 8}}, "below engine.max_batch_size"),
     ({"engine": {"batching": "static"}}, "'dynamic' or 'continuous'"),
     ({"deployment": {"max_replica": 2}}, "Extra inputs are not permitted"),
+    ({"engine": {"batching": "continuous"}, "defaults": {"frequency_penalty": 0.3}}, "defaults.frequency_penalty needs engine.batching=dynamic"),
 ])
 def test_inconsistent_serve_settings_are_refused_by_name(settings, message):
     with pytest.raises(ValidationError, match=re.escape(message)):

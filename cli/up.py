@@ -19,7 +19,7 @@ def up(
     base_model: Optional[str] = typer.Option(None, help="model to fine-tune (default: smollm2-135m-instruct; Dolly: EleutherAI/pythia-2.8b)"),
     preset: Optional[str] = typer.Option(None, help="hardware preset: cpu (default), a100, a10, v100, h100"),
     port: Optional[int] = typer.Option(None, help="HTTP port of the API and the page (default: 8000)"),
-    smoke: bool = typer.Option(False, "--smoke", help="a quick check that everything works: 2 training steps, 8 examples scored"),
+    smoke: bool = typer.Option(False, "--smoke", help="a quick check that everything works: 2 training steps, 8 examples scored, greedy answers of 32 tokens"),
     no_browser: bool = typer.Option(False, "--no-browser", help="do not open the chat page in a browser"),
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
     address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to run on (default: an embedded local one)"),
@@ -34,7 +34,8 @@ def up(
     """
     flags = dict(data=data, base_model=base_model, preset=preset, port=port,
                  open_browser=False if no_browser else None,
-                 **(dict(max_steps=2, eval_examples=8) if smoke else {}))
+                 **(dict(max_steps=2, eval_examples=8, behaviour={"modes": ["greedy"], "examples": 8, "max_new_tokens": 32})
+                    if smoke else {}))
     settings = load_config(UpConfig, config, flags, overrides or [])
     from pipelines.up import up as run_up
 

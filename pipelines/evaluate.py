@@ -18,9 +18,10 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from itertools import zip_longest
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
@@ -29,9 +30,22 @@ from rich.table import Table
 
 from contract import IGNORE_INDEX, INPUT_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL, extract_response, render_generation_prompt
 from contract.errors import UserError
+from pipelines.behaviour import (
+    BEHAVIOUR_PLOT,
+    BehaviourConfig,
+    BehaviourReport,
+    Mode,
+    Sample,
+    behaviour_table,
+    ordered,
+    plot_behaviour,
+    summarize,
+)
 from pipelines.manifest import ManifestError, read_manifest, tokenizer_fingerprint, verify_manifest
-from pipelines.records import DOLLY_CATEGORIES
 from pipelines.registry import DEFAULT_ROOT, resolve
+
+if TYPE_CHECKING:
+    from services.sampling import SamplingParams
 
 LOSS_PLOT = "loss_by_category.png"
 SAMPLES = "samples.jsonl"
@@ -79,6 +93,7 @@ class EvalConfig(BaseModel):
     harness_limit: int | None = Field(None, ge=1, description="most examples per harness task (default: all; a limit is for smoke runs only)")
     harness_include_path: Path | None = Field(None, description="folder of extra lm-eval task YAML files (e.g. tasks over local data)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: a GPU if there is one; bf16 there, fp32 on CPU)")
+    behaviour: BehaviourConfig = Field(default_factory=BehaviourConfig, description="answers to held-out instructions, scored for stop rate, repetition, ROUGE-L and length")
 
 
 class CategoryLoss(BaseModel):
@@ -97,16 +112,6 @@ class LossReport(BaseModel):
     by_category: dict[str, CategoryLoss]
 
 
-class Sample(BaseModel):
-    model: str
-    category: str
-    instruction: str
-    context: str
-    reference: str
-    generated: str  # extract_response of the generation: cut at `### End` / `### Instruction:`
-    finish: Literal["stop", "length"]  # stopped at a stop token, or ran to max_new_tokens
-
-
 class TaskScore(BaseModel):
     metric: str
     value: float
@@ -120,9 +125,24 @@ class HarnessReport(BaseModel):
     gmean: float | None  # geometric mean over the tasks, as the dolly-v2 table has
 
 
+class ModelScores(BaseModel):
+    """One model on the held-out split: how well it predicts the references, and how it answers."""
+
+    loss: LossReport
+    behaviour: list[BehaviourReport]  # one per mode
+
+    def named(self, name: str) -> ModelScores:
+        return ModelScores(loss=self.loss.model_copy(update={"model": name}),
+                           behaviour=[r.model_copy(update={"model": name}) for r in self.behaviour])
+
+    def mode(self, mode: Mode) -> BehaviourReport | None:
+        return next((r for r in self.behaviour if r.mode == mode), None)
+
+
 class EvalReport(BaseModel):
     config: EvalConfig
     losses: list[LossReport]  # the base first, if there is one
+    behaviour: list[BehaviourReport]  # each model's, per mode, in the same order
     harness: list[HarnessReport]
     files: dict[str, str]
 
@@ -226,7 +246,7 @@ def heldout_loss(model: str | LoadedModel, data_dir: Path, *, registry: Path = D
     sums = _score(lm, rows, batch_size, progress)
     overall = [sum(column) for column in zip(*sums.values())]
     return LossReport(model=lm.name, overall=_category_loss(*overall),
-                      by_category={c: _category_loss(*sums[c]) for c in _ordered(sums)})
+                      by_category={c: _category_loss(*sums[c]) for c in ordered(sums)})
 
 
 def _score(lm: LoadedModel, rows: list[dict], batch_size: int, progress: bool) -> dict[str, list]:
@@ -264,12 +284,6 @@ def _category_loss(nll: float, tokens: int, examples: int) -> CategoryLoss:
     return CategoryLoss(examples=examples, tokens=tokens, loss=loss, perplexity=math.exp(loss) if loss < 700 else math.inf)
 
 
-def _ordered(categories) -> list[str]:
-    """Dolly's categories in the corpus's order, then any others alphabetically."""
-    known = [c for c in DOLLY_CATEGORIES if c in categories]
-    return known + sorted(set(categories) - set(known))
-
-
 # ---------------------------------------------------------------------------- comparison
 
 
@@ -287,7 +301,7 @@ def compare(base: LossReport, tuned: LossReport) -> Table:
     table = Table(title=f"Held-out loss: {base.model} -> {tuned.model} (nats per response token)", title_justify="left")
     for column in ("category", "examples", "base loss", "tuned loss", "Δ loss", "base ppl", "tuned ppl", "Δ ppl"):
         table.add_column(column, justify="left" if column == "category" else "right")
-    for name in [*_ordered(set(base.by_category) | set(tuned.by_category)), "overall"]:
+    for name in [*ordered(set(base.by_category) | set(tuned.by_category)), "overall"]:
         b = base.overall if name == "overall" else base.by_category.get(name)
         t = tuned.overall if name == "overall" else tuned.by_category.get(name)
         if b is None or t is None:  # scored on different subsets
@@ -315,7 +329,7 @@ def plot_comparison(reports: Sequence[LossReport], path: Path) -> Path:
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
-    categories = [*_ordered({c for r in reports for c in r.by_category}), "overall"]
+    categories = [*ordered({c for r in reports for c in r.by_category}), "overall"]
     width = 0.8 / len(reports)
     fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(categories)), 4.5))
     for i, report in enumerate(reports):
@@ -335,6 +349,37 @@ def plot_comparison(reports: Sequence[LossReport], path: Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------- loss and behaviour together
+
+
+def score_model(model: str | LoadedModel, data_dir: Path, behaviour: BehaviourConfig, *, max_examples: int | None = None,
+                registry: Path = DEFAULT_ROOT, tokenizer: str | None = None,
+                batch_size: int = 8) -> tuple[ModelScores, dict[str, list[Sample]]]:
+    """Held-out loss and behaviour (every mode of `behaviour`) of one model, and the answers it
+    gave, for reading."""
+    lm = _loaded(model, registry, tokenizer, None)
+    loss = heldout_loss(lm, data_dir, batch_size=batch_size, max_examples=max_examples)
+    reports, answers = [], {}
+    for mode in behaviour.modes:
+        report, answers[mode] = heldout_behaviour(lm, data_dir, behaviour, mode)
+        reports.append(report)
+    return ModelScores(loss=loss, behaviour=reports), answers
+
+
+def show_comparison(before: ModelScores, after: ModelScores, folder: Path, console: Console,
+                    labels: tuple[str, str] = ("base", "tuned")) -> dict[str, str]:
+    """Loss and behaviour of two models side by side: tables on the console, PNGs in `folder`."""
+    console.print(compare(before.loss, after.loss))
+    for report in before.behaviour:
+        other = after.mode(report.mode)
+        if other is not None:
+            console.print(behaviour_table([report, other], labels))
+    files = {"loss_plot": str(plot_comparison([before.loss, after.loss], folder / LOSS_PLOT))}
+    if before.behaviour and after.behaviour:
+        files["behaviour_plot"] = str(plot_behaviour([*before.behaviour, *after.behaviour], folder / BEHAVIOUR_PLOT))
+    return files
+
+
 # ---------------------------------------------------------------------------- sample answers
 
 
@@ -349,8 +394,6 @@ def sample_generations(model: str | LoadedModel, source: Path | Sequence[dict], 
     stopping at `### End`; the text is `extract_response` of the generation. Each prompt has its
     own seeded generator (seed + its index), so a seed gives the same answers on every run and
     in any batch."""
-    from contract.models import max_length_for
-    from services.generator import stop_token_ids
     from services.sampling import SamplingParams
 
     lm = _loaded(model, registry, tokenizer, gguf_file)
@@ -359,24 +402,64 @@ def sample_generations(model: str | LoadedModel, source: Path | Sequence[dict], 
         prompts = [_heldout_prompt(row, lm.tokenizer) for row in _first_per_category(read_heldout(Path(source)), per_category)]
     else:
         prompts = [_record_prompt(record, lm.tokenizer) for record in _first_per_category(source, per_category)]
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens)
+    return answer(lm, prompts, params, seed, batch_size)
+
+
+def heldout_behaviour(model: str | LoadedModel, data_dir: Path, config: BehaviourConfig, mode: Mode, *,
+                      registry: Path = DEFAULT_ROOT, tokenizer: str | None = None,
+                      gguf_file: str | None = None) -> tuple[BehaviourReport, list[Sample]]:
+    """Answers to `config.examples` held-out instructions, greedy or with Dolly's sampling, scored
+    by `pipelines.behaviour`."""
+    from services.sampling import SamplingParams
+
+    lm = _loaded(model, registry, tokenizer, gguf_file)
+    # SamplingParams' defaults are Dolly's sampling; greedy only changes the temperature.
+    params = SamplingParams(max_tokens=config.max_new_tokens, frequency_penalty=config.frequency_penalty,
+                            **({"temperature": 0.0} if mode == "greedy" else {}))
+    samples = answer(lm, heldout_prompts(lm, data_dir, config.examples), params, config.seed, config.batch_size,
+                     progress=f"{mode} answers of {lm.name}")
+    return summarize(samples, mode, config.max_new_tokens, config.frequency_penalty), samples
+
+
+def heldout_prompts(lm: LoadedModel, data_dir: Path, examples: int | None) -> list[dict]:
+    """The prompts of `examples` held-out rows (the same round-robin subset as `heldout_loss`),
+    from shards checked against the model's tokenizer."""
+    check_data(Path(data_dir), lm.tokenizer, lm.name)
+    prompts = [_heldout_prompt(row, lm.tokenizer) for row in read_heldout(Path(data_dir), examples)]
+    if not prompts:
+        raise UserError(f"{data_dir}/test holds no examples: prepare the data with test_size > 0")
+    return prompts
+
+
+def answer(lm: LoadedModel, prompts: list[dict], params: SamplingParams, seed: int, batch_size: int,
+           progress: str | None = None) -> list[Sample]:
+    """`lm`'s answers to prompts (from `_heldout_prompt` / `_record_prompt`), each with its own
+    seed (seed + its index) and a budget that fits the model's context; prompts that leave no
+    room for an answer are passed over."""
+    from contract.models import max_length_for, stop_token_ids
+
     limit = max_length_for(lm.ref, lm.tokenizer)[0]
-    prompts = [p for p in prompts if len(p["ids"]) < limit]  # the prompt must leave room for an answer
-    params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + i,
-                             max_tokens=min(max_new_tokens, limit - len(p["ids"]))) for i, p in enumerate(prompts)]
-    generations = _generate(lm, [p["ids"] for p in prompts], params, stop_token_ids(Path(lm.ref), lm.tokenizer), batch_size)
+    prompts = [p for p in prompts if len(p["ids"]) < limit]
+    per_prompt = [replace(params, seed=seed + i, max_tokens=min(params.max_tokens, limit - len(p["ids"])))
+                  for i, p in enumerate(prompts)]
+    generations = _generate(lm, [p["ids"] for p in prompts], per_prompt, stop_token_ids(Path(lm.ref), lm.tokenizer),
+                            batch_size, progress)
     return [Sample(model=lm.name, category=p["category"], instruction=p["instruction"], context=p["context"],
                    reference=p["reference"], finish=finish,
                    generated=extract_response(lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)))
             for p, (ids, finish) in zip(prompts, generations)]
 
 
-def _generate(lm: LoadedModel, prompts: list[list[int]], params: list, stop_ids: set[int], batch_size: int) -> list[tuple[list[int], str]]:
+def _generate(lm: LoadedModel, prompts: list[list[int]], params: list, stop_ids: set[int], batch_size: int,
+              progress: str | None = None) -> list[tuple[list[int], str]]:
     """(generated ids, finish reason) per prompt, decoded with serving's batch decoder."""
     from services.decode import BatchDecoder
 
     decoder = BatchDecoder(lm.model, lm.tokenizer.pad_token_id)
     results = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in track(starts, description=progress or "", disable=progress is None):
         rows, tokens = decoder.add(prompts[start:start + batch_size], params[start:start + batch_size])
         budget = dict(zip(rows, (p.max_tokens for p in params[start:start + batch_size])))
         generated: dict[int, list[int]] = {row: [] for row in rows}
@@ -402,7 +485,7 @@ def _first_per_category(items: Iterable[dict], n: int) -> list[dict]:
     for item in items:
         if len(by_category[item["category"]]) < n:
             by_category[item["category"]].append(item)
-    return [item for category in _ordered(by_category) for item in by_category[category]]
+    return [item for category in ordered(by_category) for item in by_category[category]]
 
 
 def _heldout_prompt(row: dict, tokenizer) -> dict:
@@ -538,9 +621,13 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
     out = config.output_dir / re.sub(r"[^A-Za-z0-9._@-]+", "_", models[-1].name)
     out.mkdir(parents=True, exist_ok=True)
 
-    losses, samples, harness = [], [], []
+    scores, samples, harness, answers = [], [], [], defaultdict(list)
     for lm in models:
-        losses.append(heldout_loss(lm, config.data_dir, batch_size=config.batch_size, max_examples=config.max_examples))
+        scored, given = score_model(lm, config.data_dir, config.behaviour, max_examples=config.max_examples,
+                                    batch_size=config.batch_size)
+        scores.append(scored)
+        for mode, given_in_mode in given.items():
+            answers[mode] += given_in_mode
         if config.samples_per_category:
             samples += sample_generations(lm, config.data_dir, per_category=config.samples_per_category,
                                           max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -550,14 +637,26 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
                                            include_path=config.harness_include_path, seed=config.seed))
         lm.release()
 
-    console.print(compare(*losses) if len(losses) == 2 else loss_table(losses[0]))
-    files = {"report": str(out / REPORT), "plot": str(plot_comparison(losses, out / LOSS_PLOT))}
+    files = {"report": str(out / REPORT)}
+    if len(scores) == 2:
+        shown = show_comparison(*scores, out, console)
+        files |= {"plot": shown["loss_plot"]} | ({"behaviour_plot": shown["behaviour_plot"]} if "behaviour_plot" in shown else {})
+    else:
+        console.print(loss_table(scores[0].loss))
+        for report in scores[0].behaviour:
+            console.print(behaviour_table([report]))
+        files["plot"] = str(plot_comparison([scores[0].loss], out / LOSS_PLOT))
+        if scores[0].behaviour:
+            files["behaviour_plot"] = str(plot_behaviour(scores[0].behaviour, out / BEHAVIOUR_PLOT))
+    for mode, given in answers.items():
+        files[f"answers_{mode}"] = str(write_samples(given, out / f"answers-{mode}.jsonl"))
     if samples:
         files["samples"] = str(write_samples(samples, out / SAMPLES))
     if harness:
         console.print(harness_table(harness))
-    report = EvalReport(config=config, losses=losses, harness=harness, files=files)
+    report = EvalReport(config=config, losses=[s.loss for s in scores], behaviour=[r for s in scores for r in s.behaviour],
+                        harness=harness, files=files)
     (out / REPORT).write_text(report.model_dump_json(indent=2) + "\n")
     for kind, path in files.items():
-        console.print(f"[bold]{kind.capitalize()}[/] {path}")
+        console.print(f"[bold]{kind.replace('_', ' ').capitalize()}[/] {path}")
     return report

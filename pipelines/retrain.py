@@ -12,46 +12,82 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pydantic import BaseModel
 from rich.console import Console
 
 from cluster.connect import ray_session
 from contract.errors import UserError
 from pipelines import registry
+from pipelines.behaviour import BehaviourReport
 from pipelines.configs import GateConfig, RetrainConfig
 from pipelines.sources import resolve_source
 
 
-@dataclass
-class Decision:
-    promote: bool
-    metric: str  # what was compared, e.g. "loss (closed_qa)"
+class Rule(BaseModel):
+    name: str  # what was compared, e.g. "loss (closed_qa)", "stop rate"
     serving: float
     candidate: float
-    required: float  # the candidate had to be below this
+    bound: float  # the candidate's value had to be below it (lower is better) or at least it
+    lower_is_better: bool
+    passed: bool
     reason: str
 
 
-def gate(config: GateConfig, serving, candidate) -> Decision:
-    """Compare two LossReports on the gate's metric: lower is better, by more than the margin."""
-    def value(report) -> float:
-        scores = report.overall if config.category is None else report.by_category.get(config.category)
-        if scores is None:
+class Decision(BaseModel):
+    promote: bool
+    decided_by: str  # the first rule that refused the candidate, or "every rule" when it was promoted
+    reason: str
+    # The loss rule, as the gate has always reported it.
+    metric: str
+    serving: float
+    candidate: float
+    required: float  # the candidate had to be below this
+    rules: list[Rule]
+
+
+def gate(config: GateConfig, serving, candidate, serving_behaviour: BehaviourReport | None = None,
+         candidate_behaviour: BehaviourReport | None = None) -> Decision:
+    """Judge a candidate against the serving model: its loss (LossReport) must be lower by more
+    than the margin and, with `config.behaviour`, its greedy answers (BehaviourReport) must not end
+    less often, repeat more or match the references less than the margins allow."""
+    def scores(report):
+        found = report.overall if config.category is None else report.by_category.get(config.category)
+        if found is None:
             raise UserError(f"gate.category {config.category!r} has no held-out examples; categories scored: "
                             f"{', '.join(report.by_category)}")
-        return getattr(scores, config.metric)
+        return found
 
-    old, new = value(serving), value(candidate)
+    where = f" ({config.category})" if config.category else ""
+    old, new = getattr(scores(serving), config.metric), getattr(scores(candidate), config.metric)
     margin = config.min_improvement * old if config.relative else config.min_improvement
     required = old - margin
-    metric = config.metric + (f" ({config.category})" if config.category else "")
-    promote = new < required
-    verdict = "better" if promote else "not better"
-    reason = (f"{metric}: candidate {new:.4f} vs serving {old:.4f}; it had to be below {required:.4f} "
-              f"(margin {config.min_improvement:g}{' relative' if config.relative else ''}): {verdict}")
-    return Decision(promote, metric, old, new, required, reason)
+    passed = new < required
+    rules = [Rule(name=config.metric + where, serving=old, candidate=new, bound=required, lower_is_better=True, passed=passed,
+                  reason=f"{config.metric}{where}: candidate {new:.4f} vs serving {old:.4f}; it had to be below {required:.4f} "
+                         f"(margin {config.min_improvement:g}{' relative' if config.relative else ''}): "
+                         f"{'better' if passed else 'not better'}")]
+    if config.behaviour:
+        if serving_behaviour is None or candidate_behaviour is None:
+            raise ValueError("gate.behaviour is on: pass both models' greedy BehaviourReports")
+        before, after = scores(serving_behaviour), scores(candidate_behaviour)
+        for name, attribute, margin, lower_is_better in (("stop rate", "stop_rate", config.max_stop_rate_drop, False),
+                                                         ("repetition", "repetition", config.max_repetition_rise, True),
+                                                         ("ROUGE-L", "rouge_l", config.max_rouge_l_drop, False)):
+            old, new = getattr(before, attribute), getattr(after, attribute)
+            bound = old + margin if lower_is_better else old - margin
+            passed = new <= bound if lower_is_better else new >= bound
+            rules.append(Rule(name=name + where, serving=old, candidate=new, bound=bound, lower_is_better=lower_is_better,
+                              passed=passed,
+                              reason=f"{name}{where} of greedy answers: candidate {new:.3f} vs serving {old:.3f}; it had to be "
+                                     f"{'at most' if lower_is_better else 'at least'} {bound:.3f} (margin {margin:g}): "
+                                     f"{'no regression' if passed else 'regressed'}"))
+    refused = [rule for rule in rules if not rule.passed]
+    loss = rules[0]
+    return Decision(promote=not refused, decided_by=refused[0].name if refused else "every rule",
+                    reason="; ".join(rule.reason for rule in refused or rules),
+                    metric=loss.name, serving=loss.serving, candidate=loss.candidate, required=loss.bound, rules=rules)
 
 
 def combine_sources(corpus: str, new_records: list[Path], folder: Path) -> Path:
@@ -72,7 +108,7 @@ def combine_sources(corpus: str, new_records: list[Path], folder: Path) -> Path:
 
 def retrain(config: RetrainConfig, console: Console | None = None, address: str | None = None) -> dict:
     console = console or Console()
-    from pipelines.evaluate import compare, heldout_loss, plot_comparison
+    from pipelines.evaluate import score_model, show_comparison
     from pipelines.train import train_once
 
     name, root, workdir = config.model_name, config.train.registry, config.workdir
@@ -90,14 +126,17 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
 
         console.rule(f"[bold]Evaluate {candidate_name} against the serving {serving_name}")
         data_dir = train_config.data_dir
-        serving = heldout_loss(str(serving_folder), data_dir, max_examples=config.eval_examples)
-        candidate = heldout_loss(str(export_dir), data_dir, max_examples=config.eval_examples)
-        serving, candidate = (serving.model_copy(update={"model": serving_name}),
-                              candidate.model_copy(update={"model": candidate_name}))
-        console.print(compare(serving, candidate))
-        chart = plot_comparison([serving, candidate], workdir / f"{serving_name}-vs-{candidate_name}.png".replace("@", "-"))
+        # The gate judges greedy answers: they are made even when the report asks only for sampled ones.
+        modes = list(dict.fromkeys([*config.behaviour.modes, *(["greedy"] if config.gate.behaviour else [])]))
+        behaviour = config.behaviour.model_copy(update={"modes": modes})
+        serving, _ = score_model(str(serving_folder), data_dir, behaviour, max_examples=config.eval_examples)
+        candidate, _ = score_model(str(export_dir), data_dir, behaviour, max_examples=config.eval_examples)
+        serving, candidate = serving.named(serving_name), candidate.named(candidate_name)
+        charts_dir = workdir / f"{serving_name}-vs-{candidate_name}".replace("@", "-")
+        charts_dir.mkdir(parents=True, exist_ok=True)
+        charts = show_comparison(serving, candidate, charts_dir, console, ("serving", "candidate"))
 
-        decision = gate(config.gate, serving, candidate)
+        decision = gate(config.gate, serving.loss, candidate.loss, serving.mode("greedy"), candidate.mode("greedy"))
         swapped = False
         if decision.promote:
             registry.set_latest(name, version, root)
@@ -105,10 +144,13 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
             if config.serve_config:
                 swapped = _swap(config.serve_config, candidate_name, console)
         else:
-            console.print(f"[bold yellow]Kept[/] {serving_name}: {decision.reason}")
+            console.print(f"[bold yellow]Kept[/] {serving_name} (decided by {decision.decided_by}): {decision.reason}")
     report = {"serving": serving_name, "candidate": candidate_name, "promoted": decision.promote, "swapped": swapped,
-              "decision": asdict(decision), "chart": str(chart), "run_name": run_name,
-              "scores": {"serving": serving.model_dump(mode="json"), "candidate": candidate.model_dump(mode="json")}}
+              "decision": decision.model_dump(mode="json"), "chart": charts["loss_plot"],
+              "behaviour_chart": charts.get("behaviour_plot"), "run_name": run_name,
+              "scores": {"serving": serving.loss.model_dump(mode="json"), "candidate": candidate.loss.model_dump(mode="json")},
+              "behaviour": {"serving": [r.model_dump(mode="json") for r in serving.behaviour],
+                            "candidate": [r.model_dump(mode="json") for r in candidate.behaviour]}}
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"Report: {workdir / 'report.json'}")
     return report

@@ -1,7 +1,8 @@
 """`dolly up`: the whole Dolly loop with one command.
 
-    data -> held-out loss of the base -> fine-tune (Ray Train + DeepSpeed) -> held-out loss of the
-    tuned model -> export + register -> serve the API and the chat page -> wait for Ctrl-C
+    data -> score the base (held-out loss, and how it answers held-out instructions) -> fine-tune
+    (Ray Train + DeepSpeed) -> score the tuned model alike -> export + register -> serve the API
+    and the chat page -> wait for Ctrl-C
 
 Every stage is reused when its inputs have not changed: the preparation (by its manifest), the
 base model's score (cached by data and model), the training run (named after its data and
@@ -51,11 +52,11 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         test_size = 8 if source == str(BUILTIN_SAMPLE) else config.test_size
         max_length = config.max_length or (256 if config.on_cpu else None)
         prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=base_folder,
-                              max_length=max_length, test_size=test_size), console, address)
+                              max_length=max_length, test_size=test_size, pack=config.packed), console, address)
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
-        _stage(console, 2, f"Held-out loss of the base model ({config.base_model})")
-        base = _cached_loss(config.base_model, config.tokenizer, data_dir, data_sha, config, console)
+        _stage(console, 2, f"Score the base model ({config.base_model}): held-out loss and answers")
+        base = _cached_scores(config.base_model, config.tokenizer, data_dir, data_sha, config, console)
 
         # The preparation settings travel with the training settings: `dolly retrain` prepares again with them.
         train_config = config.train_config(data_dir).model_copy(update={"max_length": max_length, "test_size": test_size})
@@ -65,14 +66,15 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         train_config, export_dir = train_once(train_config, "up", data_sha, console, address)
         run_name = train_config.run_name
 
-        _stage(console, 4, "Held-out loss of the tuned model")
-        from pipelines.evaluate import compare, plot_comparison
+        _stage(console, 4, "Score the tuned model: held-out loss and answers")
+        from pipelines.evaluate import show_comparison
 
-        tuned = _cached_loss(str(export_dir), None, data_dir, data_sha, config, console)
-        tuned = tuned.model_copy(update={"model": f"tuned ({run_name})"})
-        console.print(compare(base, tuned))
-        chart = plot_comparison([base, tuned], workdir / "loss_by_category.png")
-        console.print(f"Chart: {chart}")
+        tuned = _cached_scores(str(export_dir), None, data_dir, data_sha, config, console).named(f"tuned ({run_name})")
+        charts = show_comparison(base, tuned, workdir, console)
+        report = workdir / "report.json"
+        report.write_text(json.dumps({"base": base.model_dump(mode="json"), "tuned": tuned.model_dump(mode="json"),
+                                      "charts": charts}, indent=2) + "\n")
+        console.print(f"Charts: {', '.join(charts.values())}; scores: {report}")
 
         _stage(console, 5, "Export and register")
         name, root = config.model_name, config.registry
@@ -94,7 +96,9 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         from services.deploy import deploy, wait_forever
 
         key_file = _api_key_file(workdir)
-        serve_config = ServeConfig(model=model_ref, registry=config.registry, auth={"api_keys_file": key_file.absolute()})
+        # The API decodes as the answers were scored.
+        serve_config = ServeConfig(model=model_ref, registry=config.registry, auth={"api_keys_file": key_file.absolute()},
+                                   defaults={"frequency_penalty": config.behaviour.frequency_penalty})
         retrain_file = _write_retrain_config(workdir, source, train_config, serve_config, config)
         try:
             # Quiet: request logs would scroll the URLs and the key off the screen.
@@ -119,20 +123,20 @@ def _stage(console: Console, number: int, title: str) -> None:
     console.rule(f"[bold]{number}/{STAGES} {title}")
 
 
-def _cached_loss(model: str, tokenizer: str | None, data_dir: Path, data_sha: str, config: UpConfig, console: Console):
-    """A score only changes with the data, the model and the subset: keep it. (An export's folder
-    is named after its run, which is named after its data and settings.)"""
-    from pipelines.evaluate import LossReport, heldout_loss
+def _cached_scores(model: str, tokenizer: str | None, data_dir: Path, data_sha: str, config: UpConfig, console: Console):
+    """Scores only change with the data, the model and what is scored: keep them. (An export's
+    folder is named after its run, which is named after its data and settings.)"""
+    from pipelines.evaluate import ModelScores, score_model
 
-    key = hashlib.sha256(f"{data_sha} {model} {config.eval_examples}".encode()).hexdigest()[:12]
-    cache = config.workdir / "eval" / f"{key}.json"
+    what = f"{data_sha} {model} {config.eval_examples} {config.behaviour.model_dump_json()}"
+    cache = config.workdir / "eval" / f"{hashlib.sha256(what.encode()).hexdigest()[:12]}.json"
     if cache.exists():
         console.print(f"Reusing the score of {model} ({cache})")
-        return LossReport.model_validate_json(cache.read_text())
-    report = heldout_loss(model, data_dir, tokenizer=tokenizer, max_examples=config.eval_examples)
+        return ModelScores.model_validate_json(cache.read_text())
+    scores, _ = score_model(model, data_dir, config.behaviour, max_examples=config.eval_examples, tokenizer=tokenizer)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(report.model_dump_json(indent=2))
-    return report
+    cache.write_text(scores.model_dump_json(indent=2))
+    return scores
 
 
 def _write_retrain_config(workdir: Path, source: str, train_config, serve_config, config: UpConfig) -> Path:
@@ -141,7 +145,8 @@ def _write_retrain_config(workdir: Path, source: str, train_config, serve_config
     serve_file = workdir / "serve.yaml"
     serve_file.write_text(json.dumps(serve_config.model_dump(mode="json"), indent=2) + "\n")  # JSON is YAML
     retrain = {"corpus": source, "serving": f"{config.model_name}@latest", "serve_config": str(serve_file),
-               "eval_examples": config.eval_examples, "workdir": str(workdir / "retrain"),
+               "eval_examples": config.eval_examples, "behaviour": config.behaviour.model_dump(mode="json"),
+               "workdir": str(workdir / "retrain"),
                "train": train_config.model_dump(mode="json", exclude={"run_name", "data_dir", "source"})}
     path = workdir / "retrain.yaml"
     path.write_text(json.dumps(retrain, indent=2) + "\n")

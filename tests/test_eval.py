@@ -194,6 +194,14 @@ def test_dolly_eval_end_to_end_against_a_base(tmp_path, tokenizer_path, tiny_mod
     originals = {(r["instruction"], r["context"], r["response"]) for r in slice_records}
     assert all((s["instruction"], s["context"], s["reference"]) in originals for s in samples)
     assert (out / "samples.md").exists()
+    # Behaviour: both models answered the held-out instructions greedy and sampled, side by side.
+    assert [(b["model"], b["mode"]) for b in saved["behaviour"]] == [
+        ("base", "greedy"), ("base", "sampled"), ("dolly@1", "greedy"), ("dolly@1", "sampled")]
+    assert all(b["overall"]["examples"] == TEST_SIZE for b in saved["behaviour"])
+    assert "Behaviour on held-out instructions (greedy" in result.output
+    assert (out / "behaviour_by_category.png").read_bytes()[:4] == b"\x89PNG"
+    greedy = [json.loads(line) for line in (out / "answers-greedy.jsonl").read_text().splitlines()]
+    assert len(greedy) == 2 * TEST_SIZE and {a["model"] for a in greedy} == {"base", "dolly@1"}
 
 
 @pytest.mark.timeout(60)

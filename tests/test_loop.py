@@ -81,7 +81,7 @@ def test_a_retrain_that_misses_the_gate_is_registered_but_neither_promoted_nor_s
     folder, config, urls = loop
     report = retrain(retrain_config(folder, config, min_improvement=1000))
     assert report["candidate"] == "dolly@2" and not report["promoted"] and not report["swapped"]
-    assert "had to be below" in report["decision"]["reason"]
+    assert "had to be below" in report["decision"]["reason"] and report["decision"]["decided_by"] == "loss"
     assert (config.registry / "dolly" / "LATEST").read_text().strip() == "1"
     assert client(urls).models.list().data[0].model_extra["version"] == "dolly@1"
 
@@ -95,6 +95,9 @@ def test_a_better_retrain_is_promoted_and_swapped_into_the_running_app(loop):
     assert report["candidate"] == "dolly@2" and report["promoted"] and report["swapped"]
     assert decision["candidate"] < decision["serving"], "the gate compared both on the same held-out split"
     assert report["scores"]["candidate"]["overall"]["examples"] == report["scores"]["serving"]["overall"]["examples"]
+    assert decision["decided_by"] == "every rule" and [r["name"] for r in decision["rules"]] == ["loss", "stop rate", "repetition", "ROUGE-L"]
+    greedy = {side: next(b for b in report["behaviour"][side] if b["mode"] == "greedy") for side in ("serving", "candidate")}
+    assert greedy["serving"]["overall"]["examples"] == greedy["candidate"]["overall"]["examples"] >= 1
     assert (config.registry / "dolly" / "LATEST").read_text().strip() == "2"
     api = client(urls)
     assert api.models.list().data[0].model_extra["version"] == "dolly@2"
@@ -111,12 +114,13 @@ def test_up_again_after_a_promotion_keeps_serving_the_promoted_version(loop, cap
     assert (config.registry / "dolly" / "LATEST").read_text().strip() == "2"
 
 
+# The loss rule alone (behaviour=False); the behaviour rules are specified in tests/test_behaviour.py.
 @pytest.mark.parametrize(("gate", "serving", "candidate", "promote"), [
-    (GateConfig(), 2.0, 1.9, True),
-    (GateConfig(), 2.0, 2.0, False),  # equal is not better
-    (GateConfig(min_improvement=0.2), 2.0, 1.9, False),
-    (GateConfig(min_improvement=0.04, relative=True), 2.0, 1.9, True),
-    (GateConfig(min_improvement=0.06, relative=True), 2.0, 1.9, False),
+    (GateConfig(behaviour=False), 2.0, 1.9, True),
+    (GateConfig(behaviour=False), 2.0, 2.0, False),  # equal is not better
+    (GateConfig(behaviour=False, min_improvement=0.2), 2.0, 1.9, False),
+    (GateConfig(behaviour=False, min_improvement=0.04, relative=True), 2.0, 1.9, True),
+    (GateConfig(behaviour=False, min_improvement=0.06, relative=True), 2.0, 1.9, False),
 ])
 def test_the_gate_wants_lower_by_more_than_the_margin(gate, serving, candidate, promote):
     from pipelines.evaluate import CategoryLoss, LossReport

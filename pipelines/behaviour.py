@@ -204,7 +204,8 @@ def plot_behaviour(reports: Sequence[BehaviourReport], path: Path) -> Path:
             ax.set_ylim(0, 1)
             ax.set_ylabel(label, fontsize=8)
             if row == 0:
-                ax.set_title(f"{mode} answers, at most {group[0].max_new_tokens} new tokens")
+                penalty = f", frequency penalty {group[0].frequency_penalty:g}" if group[0].frequency_penalty else ""
+                ax.set_title(f"{mode} answers{penalty}, at most {group[0].max_new_tokens} new tokens")
                 ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
     fig.tight_layout()

@@ -153,11 +153,11 @@ class UpConfig(BaseModel):
     model_name: str = Field("dolly", pattern=r"^[A-Za-z0-9._-]+$", description="registry name, served as the API's model id")
     max_length: int | None = Field(None, ge=16, description="longest example in tokens (default: 256 on cpu, else the model's context)")
     test_size: int = Field(200, ge=1, description="held-out examples (Dolly's notebook: 200)")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: 40 on cpu, else Dolly's two epochs)")
-    num_workers: int | None = Field(None, ge=1, description="training workers (default: 1 on cpu, where a second worker on the same cores only adds gradient traffic; else 2, one per GPU)")
-    pack: bool | None = Field(None, description="pack several examples per training row (default: true on cpu, 1.5x the tokens/s of padded rows; else false, Dolly's padded batches)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: 30 on cpu, else Dolly's two epochs)")
+    num_workers: int | None = Field(None, ge=1, description="training workers (default: 1 on cpu: on one machine's cores a second worker adds gradient traffic and start-up, not tokens/s; else 2, one per GPU)")
+    pack: bool | None = Field(None, description="pack several examples per training row (default: true on cpu, 1.6x the tokens/s of padded rows; else false, Dolly's padded batches)")
     micro_batch_size: int | None = Field(None, ge=1, description="rows per worker per step (default: 2 on cpu, else the preset's)")
-    lr: float | None = Field(None, gt=0, description="peak learning rate (default: 1e-4 on cpu, a short run that must learn to end its answers; else Dolly's 5e-6)")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default: 5e-5 on cpu, a short run; higher made the answers loop, bench/RESULTS.md; else Dolly's 5e-6)")
     train: dict = Field(default_factory=dict, description="any further `dolly train` setting, e.g. train.zero_stage=3")
     eval_examples: int | None = Field(64, ge=1, description="held-out examples whose loss is scored before and after (null: all of them)")
     behaviour: UpBehaviourConfig = Field(default_factory=UpBehaviourConfig, description="answers to held-out instructions, scored before and after (stop rate, repetition, ROUGE-L, length), decoded as the API then serves")
@@ -185,12 +185,12 @@ class UpConfig(BaseModel):
         cpu = self.on_cpu
         num_workers = self.num_workers or (1 if cpu else 2)
         chosen = dict(base_model=self.base_model, tokenizer=self.tokenizer, data_dir=data_dir, preset=self.preset, num_workers=num_workers,
-                      max_steps=self.max_steps or (40 if cpu else None), run_name=run_name, pack=self.packed,
+                      max_steps=self.max_steps or (30 if cpu else None), run_name=run_name, pack=self.packed,
                       storage_path=str(self.workdir / "runs"), output_dir=self.workdir / "runs", registry=self.registry,
-                      micro_batch_size=self.micro_batch_size or (2 if cpu else None), lr=self.lr or (1e-4 if cpu else None),
+                      micro_batch_size=self.micro_batch_size or (2 if cpu else None), lr=self.lr or (5e-5 if cpu else None),
                       # One CPU worker gets every core as its torch threads (Ray gives a worker as many as it claims).
                       cpus_per_worker=float(os.cpu_count() or 1) if cpu and num_workers == 1 else None,
-                      warmup_steps=4 if cpu else None, eval_batches=4 if cpu else None, checkpoint_every=20 if cpu else None)
+                      warmup_steps=3 if cpu else None, eval_batches=4 if cpu else None, checkpoint_every=15 if cpu else None)
         chosen = {k: v for k, v in chosen.items() if v is not None}
         # `dolly up` registers the export itself, once, however often it is run.
         return TrainConfig.model_validate({**chosen, **self.train, "register_as": None})

@@ -1,10 +1,14 @@
-"""How good a tuned model is, next to its base: held-out loss per Dolly category, sample answers,
-and the EleutherAI LM Evaluation Harness tasks of the dolly-v2 model card.
+"""How good a tuned model is, next to its base: held-out loss per Dolly category, how it answers
+held-out instructions, sample answers, and the EleutherAI LM Evaluation Harness tasks of the
+dolly-v2 model card.
 
 - `heldout_loss`: token-weighted cross-entropy on the response tokens of the prepared test split
   (the tokens training puts loss on), overall and per category, from shards whose tokenizer is
   checked against the model's first.
 - `compare` / `plot_comparison`: base vs tuned, as a table and a PNG.
+- `heldout_behaviour`: answers to held-out instructions, greedy or sampled, scored for stop rate,
+  repetition, ROUGE-L and length (`pipelines/behaviour.py`); `score_model` does loss and
+  behaviour together, `show_comparison` puts two models side by side.
 - `sample_generations`: answers generated with Dolly's sampling defaults, with serving's decoder.
 - `lm_eval_harness`: lm-eval's tasks scored with our model, printed beside the published table.
 

@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.behaviour import BehaviourConfig, behaviour_table, summarize
-    from pipelines.evaluate import LoadedModel, answer, heldout_prompts, score_model, show_comparison
+    from pipelines.evaluate import LoadedModel, answer, heldout_prompts, score_model, show_scores
     from services.sampling import SamplingParams
 
     console = Console(width=200)
@@ -75,7 +75,7 @@ def main() -> None:
         base, tuned = base.named(f"base ({base_ref})"), tuned.named("tuned")
         folder = args.out.parent / f"quality-penalty-{penalty:g}"
         folder.mkdir(parents=True, exist_ok=True)
-        show_comparison(base, tuned, folder, console)
+        show_scores([base, tuned], folder, console)
         checks = targets(base, tuned)
         console.print(f"[bold]Targets, greedy, frequency penalty {penalty:g}[/]")
         for text, ok in checks:

@@ -8,7 +8,7 @@ dolly-v2 model card.
 - `compare` / `plot_comparison`: base vs tuned, as a table and a PNG.
 - `heldout_behaviour`: answers to held-out instructions, greedy or sampled, scored for stop rate,
   repetition, ROUGE-L and length (`pipelines/behaviour.py`); `score_model` does loss and
-  behaviour together, `show_comparison` puts two models side by side.
+  behaviour together, `show_scores` shows one model or two side by side.
 - `sample_generations`: answers generated with Dolly's sampling defaults, with serving's decoder.
 - `lm_eval_harness`: lm-eval's tasks scored with our model, printed beside the published table.
 
@@ -360,27 +360,28 @@ def score_model(model: str | LoadedModel, data_dir: Path, behaviour: BehaviourCo
                 registry: Path = DEFAULT_ROOT, tokenizer: str | None = None,
                 batch_size: int = 8) -> tuple[ModelScores, dict[str, list[Sample]]]:
     """Held-out loss and behaviour (every mode of `behaviour`) of one model, and the answers it
-    gave, for reading."""
+    gave, for reading. The held-out prompts are read (and their shards verified) once for all modes."""
     lm = _loaded(model, registry, tokenizer, None)
     loss = heldout_loss(lm, data_dir, batch_size=batch_size, max_examples=max_examples)
+    prompts = heldout_prompts(lm, data_dir, behaviour.examples) if behaviour.modes else []
     reports, answers = [], {}
     for mode in behaviour.modes:
-        report, answers[mode] = heldout_behaviour(lm, data_dir, behaviour, mode)
+        report, answers[mode] = behaviour_on(lm, prompts, behaviour, mode)
         reports.append(report)
     return ModelScores(loss=loss, behaviour=reports), answers
 
 
-def show_comparison(before: ModelScores, after: ModelScores, folder: Path, console: Console,
-                    labels: tuple[str, str] = ("base", "tuned")) -> dict[str, str]:
-    """Loss and behaviour of two models side by side: tables on the console, PNGs in `folder`."""
-    console.print(compare(before.loss, after.loss))
-    for report in before.behaviour:
-        other = after.mode(report.mode)
-        if other is not None:
-            console.print(behaviour_table([report, other], labels))
-    files = {"loss_plot": str(plot_comparison([before.loss, after.loss], folder / LOSS_PLOT))}
-    if before.behaviour and after.behaviour:
-        files["behaviour_plot"] = str(plot_behaviour([*before.behaviour, *after.behaviour], folder / BEHAVIOUR_PLOT))
+def show_scores(scores: Sequence[ModelScores], folder: Path, console: Console,
+                labels: tuple[str, str] = ("base", "tuned")) -> dict[str, str]:
+    """One model's loss and behaviour, or two side by side (the first the reference): tables on
+    the console, PNGs in `folder`; {"loss_plot": ..., "behaviour_plot": ...}."""
+    console.print(compare(*(s.loss for s in scores)) if len(scores) == 2 else loss_table(scores[0].loss))
+    for report in scores[0].behaviour:
+        same_mode = [report, *(other for s in scores[1:] if (other := s.mode(report.mode)) is not None)]
+        console.print(behaviour_table(same_mode, labels if len(same_mode) == 2 else None))
+    files = {"loss_plot": str(plot_comparison([s.loss for s in scores], folder / LOSS_PLOT))}
+    if all(s.behaviour for s in scores):
+        files["behaviour_plot"] = str(plot_behaviour([r for s in scores for r in s.behaviour], folder / BEHAVIOUR_PLOT))
     return files
 
 
@@ -415,14 +416,18 @@ def heldout_behaviour(model: str | LoadedModel, data_dir: Path, config: Behaviou
                       gguf_file: str | None = None) -> tuple[BehaviourReport, list[Sample]]:
     """Answers to `config.examples` held-out instructions, greedy or with Dolly's sampling, scored
     by `pipelines.behaviour`."""
+    lm = _loaded(model, registry, tokenizer, gguf_file)
+    return behaviour_on(lm, heldout_prompts(lm, data_dir, config.examples), config, mode)
+
+
+def behaviour_on(lm: LoadedModel, prompts: list[dict], config: BehaviourConfig, mode: Mode) -> tuple[BehaviourReport, list[Sample]]:
+    """`lm`'s answers to `prompts` in one mode, and their scores."""
     from services.sampling import SamplingParams
 
-    lm = _loaded(model, registry, tokenizer, gguf_file)
     # SamplingParams' defaults are Dolly's sampling; greedy only changes the temperature.
     params = SamplingParams(max_tokens=config.max_new_tokens, frequency_penalty=config.frequency_penalty,
                             **({"temperature": 0.0} if mode == "greedy" else {}))
-    samples = answer(lm, heldout_prompts(lm, data_dir, config.examples), params, config.seed, config.batch_size,
-                     progress=f"{mode} answers of {lm.name}")
+    samples = answer(lm, prompts, params, config.seed, config.batch_size, progress=f"{mode} answers of {lm.name}")
     return summarize(samples, mode, config.max_new_tokens, config.frequency_penalty), samples
 
 
@@ -641,17 +646,8 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
                                            include_path=config.harness_include_path, seed=config.seed))
         lm.release()
 
-    files = {"report": str(out / REPORT)}
-    if len(scores) == 2:
-        shown = show_comparison(*scores, out, console)
-        files |= {"plot": shown["loss_plot"]} | ({"behaviour_plot": shown["behaviour_plot"]} if "behaviour_plot" in shown else {})
-    else:
-        console.print(loss_table(scores[0].loss))
-        for report in scores[0].behaviour:
-            console.print(behaviour_table([report]))
-        files["plot"] = str(plot_comparison([scores[0].loss], out / LOSS_PLOT))
-        if scores[0].behaviour:
-            files["behaviour_plot"] = str(plot_behaviour(scores[0].behaviour, out / BEHAVIOUR_PLOT))
+    shown = show_scores(scores, out, console)
+    files = {"report": str(out / REPORT), "plot": shown.pop("loss_plot"), **shown}
     for mode, given in answers.items():
         files[f"answers_{mode}"] = str(write_samples(given, out / f"answers-{mode}.jsonl"))
     if samples:

@@ -108,7 +108,7 @@ def combine_sources(corpus: str, new_records: list[Path], folder: Path) -> Path:
 
 def retrain(config: RetrainConfig, console: Console | None = None, address: str | None = None) -> dict:
     console = console or Console()
-    from pipelines.evaluate import score_model, show_comparison
+    from pipelines.evaluate import score_model, show_scores
     from pipelines.train import train_once
 
     name, root, workdir = config.model_name, config.train.registry, config.workdir
@@ -134,7 +134,7 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
         serving, candidate = serving.named(serving_name), candidate.named(candidate_name)
         charts_dir = workdir / f"{serving_name}-vs-{candidate_name}".replace("@", "-")
         charts_dir.mkdir(parents=True, exist_ok=True)
-        charts = show_comparison(serving, candidate, charts_dir, console, ("serving", "candidate"))
+        charts = show_scores([serving, candidate], charts_dir, console, ("serving", "candidate"))
 
         decision = gate(config.gate, serving.loss, candidate.loss, serving.mode("greedy"), candidate.mode("greedy"))
         swapped = False

@@ -67,10 +67,10 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         run_name = train_config.run_name
 
         _stage(console, 4, "Score the tuned model: held-out loss and answers")
-        from pipelines.evaluate import show_comparison
+        from pipelines.evaluate import show_scores
 
         tuned = _cached_scores(str(export_dir), None, data_dir, data_sha, config, console).named(f"tuned ({run_name})")
-        charts = show_comparison(base, tuned, workdir, console)
+        charts = show_scores([base, tuned], workdir, console)
         report = workdir / "report.json"
         report.write_text(json.dumps({"base": base.model_dump(mode="json"), "tuned": tuned.model_dump(mode="json"),
                                       "charts": charts}, indent=2) + "\n")

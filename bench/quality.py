@@ -55,7 +55,7 @@ def main() -> None:
 
     from pipelines.behaviour import BehaviourConfig, behaviour_table, summarize
     from pipelines.evaluate import LoadedModel, answer, heldout_prompts, score_model, show_scores
-    from services.sampling import SamplingParams
+    from contract.sampling import SamplingParams
 
     console = Console(width=200)
     data_dir = args.workdir / "data"

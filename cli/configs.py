@@ -1,61 +1,30 @@
-"""Typed configs from YAML files, command-line flags and `key=value` overrides, in that order.
-
-Errors name the setting and say what was wrong with it, never a pydantic traceback.
-"""
+"""Settings on the command line: the loader of `contract.settings` with its errors as typer usage
+errors, and every setting's help for a command's --help."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
 
 import typer
-import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-Config = TypeVar("Config", bound=BaseModel)
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """['a.b=1', 'c=[x, y]'] -> {'a': {'b': 1}, 'c': ['x', 'y']}; values are read as YAML."""
-    result: dict = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{item!r} is not key=value (e.g. test_size=200)")
-        *parents, leaf = key.split(".")
-        node = result
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
-    return result
-
-
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
+from contract import settings
+from contract.settings import Config
 
 
 def load_config(cls: type[Config], config_file: Path | None, flags: dict, overrides: list[str]) -> Config:
-    """Build `cls` from a YAML file, then flags (those not None), then `key=value` overrides."""
-    values: dict = {}
-    if config_file is not None:
-        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise typer.BadParameter(f"{config_file} must hold a mapping of settings", param_hint="--config")
-        values = loaded
-    values = _merge(values, {k: v for k, v in flags.items() if v is not None})
-    values = _merge(values, parse_overrides(overrides))
+    """`contract.settings.load_config`, its errors as usage errors of the command."""
     try:
-        return cls.model_validate(values)
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "(config)"
-            got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
-            problems.append(f"setting '{field}': {err['msg']}{got}")
-        raise typer.BadParameter("\n".join(problems)) from None
+        return settings.load_config(cls, config_file, flags, overrides)
+    except settings.SettingsError as e:
+        raise typer.BadParameter(str(e), param_hint=e.source if e.source == "--config" else None) from None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    try:
+        return settings.parse_overrides(overrides)
+    except settings.SettingsError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def settings_help(cls: type[BaseModel]) -> str:

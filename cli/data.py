@@ -31,11 +31,14 @@ def prepare(
 
     Example: dolly data prepare --source ../shared/data/databricks-dolly-15k.jsonl --tokenizer ../shared/tokenizer/pythia
     """
+    from cluster.connect import ray_session
     from pipelines.prepare import prepare as run_prepare
 
     flags = dict(source=source, output_dir=out, tokenizer=tokenizer, max_length=max_length, test_size=test_size,
                  on_bad=on_bad, pack=pack)
-    run_prepare(load_config(PrepareConfig, config, flags, overrides or []), ray_address=address)
+    settings = load_config(PrepareConfig, config, flags, overrides or [])
+    with ray_session(address):
+        run_prepare(settings)
 
 
 @app.command()

@@ -1,5 +1,5 @@
 """`dolly retrain`: train on the corpus plus new records, evaluate against the serving version,
-and promote and hot-swap only past the gate (pipelines/retrain.py)."""
+and promote and hot-swap only past the gate (loop/retrain.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from cli.configs import load_config, settings_help
-from pipelines.configs import RetrainConfig
+from loop.configs import RetrainConfig
 
 EPILOG = settings_help(RetrainConfig)
 
@@ -30,6 +30,6 @@ def retrain(
     """
     flags = dict(new_records=new_records or None)
     settings = load_config(RetrainConfig, config, flags, overrides or [])
-    from pipelines.retrain import retrain as run_retrain
+    from loop.retrain import retrain as run_retrain
 
     run_retrain(settings, address=address)

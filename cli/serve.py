@@ -10,6 +10,7 @@ from rich.console import Console
 
 from cli.configs import load_config, settings_help
 from contract.errors import UserError
+from contract.registry import DEFAULT_ROOT
 from services.config import ServeConfig
 
 EPILOG = settings_help(ServeConfig)
@@ -19,7 +20,7 @@ def serve(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. deployment.max_replicas=4"),
     model: Optional[str] = typer.Option(None, help="exported model: a folder, or NAME@latest / NAME@N from the registry"),
     config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
-    registry: Optional[Path] = typer.Option(None, help="model registry root (default: runs/registry)"),
+    registry: Optional[Path] = typer.Option(None, help=f"model registry root (default: {DEFAULT_ROOT})"),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="no API keys: local demos only"),
     host: str = typer.Option("127.0.0.1", help="HTTP address to listen on (0.0.0.0 to reach it from other machines)"),
     port: int = typer.Option(8000, help="HTTP port"),
@@ -33,7 +34,7 @@ def serve(
 
     Example: DOLLY_API_KEYS=secret dolly serve --model dolly@latest
     """
-    from pipelines.registry import resolve
+    from contract.registry import resolve
     from services.auth import INSECURE_BANNER, ApiKeys
 
     flags = dict(model=model, registry=registry, auth={"insecure_no_auth": True} if insecure_no_auth else None)
@@ -47,7 +48,7 @@ def serve(
     from ray import serve as ray_serve
 
     from cluster.connect import ray_session
-    from services.deploy import deploy, wait_forever
+    from loop.deploy import deploy, wait_forever
 
     console = Console(stderr=True)
     if settings.auth.insecure_no_auth:

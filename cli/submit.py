@@ -12,7 +12,8 @@ import typer
 import yaml
 
 from cli.configs import load_config, parse_overrides
-from pipelines.configs import RetrainConfig, TrainConfig
+from loop.configs import RetrainConfig
+from pipelines.configs import TrainConfig
 
 app = typer.Typer(help="Run dolly commands on a Ray cluster as Ray jobs (token auth handled).", no_args_is_help=True)
 

@@ -24,7 +24,9 @@ def train(
     Example: dolly train --config train.yaml preset=a100 num_workers=8
     """
     settings = load_config(TrainConfig, config, {}, overrides or [])  # a bad setting fails before heavy imports
+    from cluster.connect import ray_session
     from pipelines.train import train as run_train
 
-    run_train(settings, ray_address=address)
+    with ray_session(address):
+        run_train(settings)
 

@@ -1,4 +1,4 @@
-"""`dolly up`: the whole loop with one command (pipelines/up.py)."""
+"""`dolly up`: the whole loop with one command (loop/up.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from cli.configs import load_config, settings_help
-from pipelines.configs import UpConfig
+from loop.configs import UpConfig
 
 EPILOG = settings_help(UpConfig)
 
@@ -37,6 +37,6 @@ def up(
                  **(dict(max_steps=2, eval_examples=8, behaviour={"modes": ["greedy"], "examples": 8, "max_new_tokens": 32})
                     if smoke else {}))
     settings = load_config(UpConfig, config, flags, overrides or [])
-    from pipelines.up import up as run_up
+    from loop.up import up as run_up
 
     run_up(settings, address=address)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster import connect
 from contract.errors import UserError
 
 # Never uploaded with the working dir: environments, outputs, caches, history.
@@ -25,7 +26,7 @@ def auth_headers() -> dict[str, str]:
     """The bearer header for Ray token auth, from $RAY_AUTH_TOKEN, the file at
     $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token; none where there is no token (auth off)."""
     token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", connect.AUTH_TOKEN))
     if not token and path.is_file():
         token = path.read_text().strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -36,9 +37,7 @@ def submit(address: str, entrypoint: str, working_dir: Path, *, follow: bool = T
     logs to stdout until it ends and return its exit status (0 when it succeeded)."""
     from ray.job_submission import JobSubmissionClient
 
-    from cluster.connect import resolve_address
-
-    if resolve_address(address).kind != "dashboard":
+    if connect.resolve_address(address).kind != "dashboard":
         raise UserError(f"Ray jobs go to a cluster's dashboard, and {address!r} is not one: pass --address http://HEAD:8265")
     try:
         client = JobSubmissionClient(address, headers=auth_headers())

@@ -29,9 +29,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.presets import PresetName
+from pipelines.presets import PresetName
+from pipelines.sources import DOLLY_HUB_ID
 from pipelines.configs import TrainConfig
 from services.config import ServeConfig
+from ui.config import PAGE_APP, PAGE_ROUTE
 
 RAY_VERSION = "2.60.0"  # KubeRay's token auth needs rayVersion >= 2.52.0
 IMAGE = "dolly-ray"  # a placeholder: each overlay's `images:` entry names the real image
@@ -53,7 +55,6 @@ API_KEYS_KEY = "keys"
 CLUSTER, JOB, SERVICE = "dolly", "dolly-train", "dolly-serve"
 API_SERVICE, UI_SERVICE = "dolly-api", "dolly-ui"
 SERVE_PORT = 8000
-UI_APP, UI_ROUTE = "chat-page", "/ui"
 DEFAULT_MODEL = "dolly@latest"
 # KubeRay sets app.kubernetes.io/name on pods itself; our own key selects the serving head.
 POD_ROLE = "dolly-ray/role"
@@ -82,7 +83,7 @@ class Profile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    hardware: PresetName = Field(description="cluster/presets.py preset the training recipe and the preflight use")
+    hardware: PresetName = Field(description="pipelines/presets.py preset the training recipe and the preflight use")
     head: PodShape = Field(description="the head: dashboard, GCS, the job's driver; runs no tasks (num-cpus 0)")
     train_pod: PodShape = Field(description="a training node: one Ray Train worker per GPU (CPU: one per pod)")
     cluster_max_train_pods: int = Field(ge=1, description="the interactive RayCluster autoscales 0..N training pods")
@@ -137,7 +138,7 @@ def train_settings(profile: Profile) -> dict:
     the volume, so a retried job finds its checkpoints (run_name + storage_path) and its data."""
     settings = dict(
         preset=profile.hardware,
-        source="databricks/databricks-dolly-15k",  # prepared into data_dir once; a re-run reuses the shards
+        source=DOLLY_HUB_ID,  # prepared into data_dir once; a re-run reuses the shards
         data_dir=f"{MOUNT}/data",
         storage_path=f"{MOUNT}/checkpoints",
         output_dir=f"{MOUNT}/runs",
@@ -169,7 +170,7 @@ def serve_config_v2(profile: Profile, model: str = DEFAULT_MODEL) -> dict:
         {"name": serve.app_name, "import_path": "services.app:build_app", "route_prefix": serve.route_prefix,
          "args": serve.model_dump(mode="json", exclude_defaults=True)},
         # The page calls the API through its Service; its key comes from $DOLLY_API_KEYS where it runs.
-        {"name": UI_APP, "import_path": "ui.deployment:build_page_app", "route_prefix": UI_ROUTE,
+        {"name": PAGE_APP, "import_path": "ui.deployment:build_page_app", "route_prefix": PAGE_ROUTE,
          "args": {"api_url": f"http://{API_SERVICE}:{SERVE_PORT}/v1"}},
     ]}
 

@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.presets import PRESETS
+from contract.registry import DEFAULT_ROOT
+from pipelines.presets import PRESETS
 from pipelines.behaviour import BehaviourConfig
 from pipelines.records import DOLLY_CATEGORIES
 from pipelines.sources import DOLLY_HUB_ID
@@ -41,7 +42,7 @@ class PrepareConfig(BaseModel):
 class TrainConfig(BaseModel):
     """`dolly train`: full fine-tuning with Ray Train + DeepSpeed ZeRO on prepared shards.
 
-    `preset` fills in the settings this config leaves unset (see cluster/presets.py); settings
+    `preset` fills in the settings this config leaves unset (see pipelines/presets.py); settings
     given explicitly always win.
     """
 
@@ -102,7 +103,7 @@ class TrainConfig(BaseModel):
     # Export
     export_dtype: Literal["bf16", "fp16"] = Field("bf16", description="dtype of the exported safetensors")
     register_as: str | None = Field("dolly", description="registry name the export is registered under (NAME@latest); null: do not register")
-    registry: Path = Field(Path("runs/registry"), description="model registry folder")
+    registry: Path = Field(DEFAULT_ROOT, description="model registry folder")
 
     @model_validator(mode="before")
     @classmethod
@@ -126,110 +127,3 @@ class TrainConfig(BaseModel):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.base_model
-
-
-class UpBehaviourConfig(BehaviourConfig):
-    """`dolly up`'s behavioural scoring, whose decoding the API then serves with: a small model's
-    greedy answers loop without a frequency penalty, and end with one (bench/RESULTS.md)."""
-
-    frequency_penalty: float = Field(0.3, ge=-2, le=2, description="OpenAI's frequency penalty the answers are scored with and the API serves with by default (0: Dolly's decoding)")
-
-
-class UpConfig(BaseModel):
-    """`dolly up`: the whole loop on one machine or cluster, with defaults that finish on a laptop.
-
-    Unset (null) settings follow the preset: on `cpu` a bounded demo (a few minutes of training
-    at short lengths); on a GPU preset, Dolly's recipe (two epochs at the model's context).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    data: str | None = Field(None, description="corpus (file, folder, URI or Hub id); default: $DOLLY_DATA, else the Hub's databricks-dolly-15k if reachable, else the built-in sample")
-    base_model: str = Field("smollm2-135m-instruct", description="model to fine-tune (Dolly's real recipe: EleutherAI/pythia-2.8b with preset=a100)")
-    tokenizer: str | None = Field(None, description="tokenizer folder or Hub id (default: the base model's; random shapes need one)")
-    preset: Literal["a100", "a10", "v100", "h100", "cpu"] = Field("cpu", description="hardware preset of the training workers")
-    workdir: Path = Field(Path("runs/up"), description="prepared data, runs, evaluations and the API key file")
-    registry: Path = Field(Path("runs/registry"), description="model registry the tuned model is registered in")
-    model_name: str = Field("dolly", pattern=r"^[A-Za-z0-9._-]+$", description="registry name, served as the API's model id")
-    max_length: int | None = Field(None, ge=16, description="longest example in tokens (default: 256 on cpu, else the model's context)")
-    test_size: int = Field(200, ge=1, description="held-out examples (Dolly's notebook: 200)")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: 30 on cpu, else Dolly's two epochs)")
-    num_workers: int | None = Field(None, ge=1, description="training workers (default: 1 on cpu: on one machine's cores a second worker adds gradient traffic and start-up, not tokens/s; else 2, one per GPU)")
-    pack: bool | None = Field(None, description="pack several examples per training row (default: true on cpu, 1.6x the tokens/s of padded rows; else false, Dolly's padded batches)")
-    micro_batch_size: int | None = Field(None, ge=1, description="rows per worker per step (default: 2 on cpu, else the preset's)")
-    lr: float | None = Field(None, gt=0, description="peak learning rate (default: 5e-5 on cpu, a short run; higher made the answers loop, bench/RESULTS.md; else Dolly's 5e-6)")
-    train: dict = Field(default_factory=dict, description="any further `dolly train` setting, e.g. train.zero_stage=3")
-    eval_examples: int | None = Field(64, ge=1, description="held-out examples whose loss is scored before and after (null: all of them)")
-    behaviour: UpBehaviourConfig = Field(default_factory=UpBehaviourConfig, description="answers to held-out instructions, scored before and after (stop rate, repetition, ROUGE-L, length), decoded as the API then serves")
-    host: str = Field("127.0.0.1", description="HTTP address of the API and the page (0.0.0.0 to reach them from other machines)")
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the API and the page")
-    open_browser: bool = Field(True, description="open the chat page in a browser once it is up")
-
-    @property
-    def on_cpu(self) -> bool:
-        return self.preset == "cpu"
-
-    @property
-    def packed(self) -> bool:
-        return self.on_cpu if self.pack is None else self.pack
-
-    @model_validator(mode="after")
-    def _train_settings_valid(self) -> UpConfig:
-        try:
-            self.train_config(self.workdir / "data")
-        except ValidationError as e:  # name the setting as the user writes it: train.<field>
-            raise ValueError("; ".join(f"train.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
-        return self
-
-    def train_config(self, data_dir: Path, run_name: str = "up") -> TrainConfig:
-        cpu = self.on_cpu
-        num_workers = self.num_workers or (1 if cpu else 2)
-        chosen = dict(base_model=self.base_model, tokenizer=self.tokenizer, data_dir=data_dir, preset=self.preset, num_workers=num_workers,
-                      max_steps=self.max_steps or (30 if cpu else None), run_name=run_name, pack=self.packed,
-                      storage_path=str(self.workdir / "runs"), output_dir=self.workdir / "runs", registry=self.registry,
-                      micro_batch_size=self.micro_batch_size or (2 if cpu else None), lr=self.lr or (5e-5 if cpu else None),
-                      # One CPU worker gets every core as its torch threads (Ray gives a worker as many as it claims).
-                      cpus_per_worker=float(os.cpu_count() or 1) if cpu and num_workers == 1 else None,
-                      warmup_steps=3 if cpu else None, eval_batches=4 if cpu else None, checkpoint_every=15 if cpu else None)
-        chosen = {k: v for k, v in chosen.items() if v is not None}
-        # `dolly up` registers the export itself, once, however often it is run.
-        return TrainConfig.model_validate({**chosen, **self.train, "register_as": None})
-
-
-class GateConfig(BaseModel):
-    """When a retrained model may replace the serving one, on the same held-out split: it must be
-    better on `metric` by more than the margin, and (with `behaviour`) its greedy answers must not
-    regress beyond the margins below. A lower loss alone is not a better model: one that no longer
-    ends its answers, or loops, reads worse."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    metric: Literal["loss", "perplexity"] = Field("loss", description="held-out response-token metric; lower is better")
-    category: str | None = Field(None, description="judge on one category (e.g. closed_qa) instead of all held-out examples")
-    min_improvement: float = Field(0.0, ge=0, description="how much lower the candidate's metric must be")
-    relative: bool = Field(False, description="min_improvement is a fraction of the serving model's value (0.02: 2% lower)")
-    behaviour: bool = Field(True, description="also judge the greedy answers: stop rate, repetition and ROUGE-L may not regress beyond the margins")
-    max_stop_rate_drop: float = Field(0.05, ge=0, le=1, description="how far the candidate's stop rate may fall below the serving model's (0.05: 5 points)")
-    max_repetition_rise: float = Field(0.02, ge=0, le=1, description="how far the candidate's mean repetition (share of repeated 4-grams) may rise")
-    max_rouge_l_drop: float = Field(0.01, ge=0, le=1, description="how far the candidate's mean ROUGE-L against the references may fall")
-
-
-class RetrainConfig(BaseModel):
-    """`dolly retrain`: train on the corpus plus new records, evaluate against the serving version,
-    and promote (and hot-swap) only if the gate passes."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    corpus: str = Field(..., description="the corpus the serving model was trained on: file, folder, URI or Hub id")
-    new_records: list[Path] = Field(default_factory=list, description="files of new records (JSONL, JSON or Parquet) to add")
-    train: TrainConfig = Field(..., description="`dolly train` settings (base_model, tokenizer, steps...); data and registration are set by retrain")
-    serving: str = Field("dolly@latest", description="the version to beat: NAME@N or NAME@latest")
-    gate: GateConfig = Field(default_factory=GateConfig, description="when the candidate is promoted")
-    eval_examples: int | None = Field(None, ge=1, description="held-out examples both models' loss is scored on (null: all)")
-    behaviour: BehaviourConfig = Field(default_factory=BehaviourConfig, description="answers both models give to held-out instructions (the gate judges the greedy ones)")
-    serve_config: Path | None = Field(None, description="YAML of the running app's serve settings (`dolly up` writes one): hot-swap it on promotion")
-    workdir: Path = Field(Path("runs/retrain"), description="combined corpus, prepared data, runs and reports")
-
-    @property
-    def model_name(self) -> str:
-        return self.serving.partition("@")[0]

@@ -33,6 +33,7 @@ from rich.progress import track
 from rich.table import Table
 
 from contract import IGNORE_INDEX, INPUT_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL, extract_response, render_generation_prompt
+from contract import generation
 from contract.errors import UserError
 from pipelines.behaviour import (
     BEHAVIOUR_PLOT,
@@ -46,10 +47,10 @@ from pipelines.behaviour import (
     summarize,
 )
 from pipelines.manifest import ManifestError, read_manifest, tokenizer_fingerprint, verify_manifest
-from pipelines.registry import DEFAULT_ROOT, resolve
+from contract.registry import DEFAULT_ROOT, resolve
 
 if TYPE_CHECKING:
-    from services.sampling import SamplingParams
+    from contract.sampling import SamplingParams
 
 LOSS_PLOT = "loss_by_category.png"
 SAMPLES = "samples.jsonl"
@@ -87,10 +88,10 @@ class EvalConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="examples per forward pass (and per generation batch)")
     max_examples: int | None = Field(None, ge=1, description="score only this many test examples: a deterministic subset, round-robin over categories (default: all)")
     samples_per_category: int = Field(1, ge=0, description="test prompts per category to generate answers for (0: none)")
-    max_new_tokens: int = Field(256, ge=1, description="longest generated answer in tokens (Dolly's default: 256)")
-    temperature: float = Field(1.0, ge=0, description="sampling temperature (0: greedy)")
-    top_p: float = Field(0.92, gt=0, le=1, description="nucleus sampling (Dolly's default: 0.92)")
-    top_k: int = Field(0, ge=0, description="top-k sampling (0: off, Dolly's default)")
+    max_new_tokens: int = Field(generation.MAX_NEW_TOKENS, ge=1, description="longest generated answer in tokens (Dolly's default)")
+    temperature: float = Field(generation.TEMPERATURE, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(generation.TOP_P, gt=0, le=1, description="nucleus sampling (Dolly's default)")
+    top_k: int = Field(generation.TOP_K, ge=0, description="top-k sampling (0: off, Dolly's default)")
     seed: int = Field(42, description="seed of sampling, and of random-shape weights (training's default, so a random base starts where training did)")
     harness: bool = Field(False, description="also run the LM Evaluation Harness (pip install lm_eval; its datasets come from the Hugging Face Hub)")
     tasks: list[str] = Field(list(DOLLY_V2_TASKS), description="lm-eval tasks (default: the dolly-v2 table's seven, zero-shot)")
@@ -390,16 +391,17 @@ def show_scores(scores: Sequence[ModelScores], folder: Path, console: Console,
 
 def sample_generations(model: str | LoadedModel, source: Path | Sequence[dict], *, registry: Path = DEFAULT_ROOT,
                        tokenizer: str | None = None, gguf_file: str | None = None, per_category: int = 1,
-                       max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 0.92, top_k: int = 0,
+                       max_new_tokens: int = generation.MAX_NEW_TOKENS, temperature: float = generation.TEMPERATURE,
+                       top_p: float = generation.TOP_P, top_k: int = generation.TOP_K,
                        seed: int = 42, batch_size: int = 8) -> list[Sample]:
     """Answers to the first `per_category` prompts of each category, from a prepared data folder
     (its test split) or from records (dicts with instruction, context, response, category).
 
-    Dolly's generation: its prompt, sampling with top_p 0.92 and top_k 0 (temperature 0: greedy),
+    Dolly's generation: its prompt and sampling (contract.generation; temperature 0: greedy),
     stopping at `### End`; the text is `extract_response` of the generation. Each prompt has its
     own seeded generator (seed + its index), so a seed gives the same answers on every run and
     in any batch."""
-    from services.sampling import SamplingParams
+    from contract.sampling import SamplingParams
 
     lm = _loaded(model, registry, tokenizer, gguf_file)
     if isinstance(source, (str, Path)):
@@ -422,7 +424,7 @@ def heldout_behaviour(model: str | LoadedModel, data_dir: Path, config: Behaviou
 
 def behaviour_on(lm: LoadedModel, prompts: list[dict], config: BehaviourConfig, mode: Mode) -> tuple[BehaviourReport, list[Sample]]:
     """`lm`'s answers to `prompts` in one mode, and their scores."""
-    from services.sampling import SamplingParams
+    from contract.sampling import SamplingParams
 
     # SamplingParams' defaults are Dolly's sampling; greedy only changes the temperature.
     params = SamplingParams(max_tokens=config.max_new_tokens, frequency_penalty=config.frequency_penalty,
@@ -463,7 +465,7 @@ def answer(lm: LoadedModel, prompts: list[dict], params: SamplingParams, seed: i
 def _generate(lm: LoadedModel, prompts: list[list[int]], params: list, stop_ids: set[int], batch_size: int,
               progress: str | None = None) -> list[tuple[list[int], str]]:
     """(generated ids, finish reason) per prompt, decoded with serving's batch decoder."""
-    from services.decode import BatchDecoder
+    from contract.decode import BatchDecoder
 
     decoder = BatchDecoder(lm.model, lm.tokenizer.pad_token_id)
     results = []

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig
 
-from contract import END_KEY
-from pipelines.registry import TRAINING_FACTS
+from contract import END_KEY, generation
+from contract.registry import TRAINING_FACTS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,9 +61,10 @@ def generation_config(tokenizer) -> GenerationConfig:
         eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY),
         pad_token_id=tokenizer.pad_token_id,
         do_sample=True,
-        max_new_tokens=256,
-        top_p=0.92,
-        top_k=0,
+        temperature=generation.TEMPERATURE,
+        max_new_tokens=generation.MAX_NEW_TOKENS,
+        top_p=generation.TOP_P,
+        top_k=generation.TOP_K,
     )
 
 

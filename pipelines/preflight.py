@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from cluster.presets import PRESETS
+from pipelines.presets import PRESETS
 from contract.errors import UserError
 from pipelines.configs import TrainConfig
 

@@ -1,6 +1,7 @@
 """The corpus recipe: read -> validate -> format + tokenize -> split -> (pack) -> Parquet shards.
 
-Runs on Ray Data, so the same code prepares 15k records on a laptop or millions on a cluster.
+Runs on Ray Data, so the same code prepares 15k records on a laptop or millions on a cluster: the
+Ray its caller connected to (`cluster.connect.ray_session`).
 Every record read ends up kept or rejected with a reason; the counts are checked to reconcile
 before anything is reported.
 """
@@ -18,7 +19,6 @@ import pandas as pd
 import ray
 from rich.console import Console
 
-from cluster.connect import ray_session
 from contract.models import load_tokenizer, max_length_for, special_token_ids
 from contract.errors import UserError
 from pipelines import manifest as mf
@@ -46,7 +46,7 @@ class PrepareResult:
     reused: bool
 
 
-def prepare(config: PrepareConfig, console: Console | None = None, ray_address: str | None = None) -> PrepareResult:
+def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareResult:
     console = console or Console()
     out = Path(config.output_dir)
     started = time.perf_counter()
@@ -73,55 +73,54 @@ def prepare(config: PrepareConfig, console: Console | None = None, ray_address: 
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    with ray_session(ray_address):
-        display = {f: source.display_name(f) for f in source.files}
-        records = (
-            ray.data.read_binary_files(source.files, include_paths=True, filesystem=source.filesystem)
-            .flat_map(lambda row: split_records(display[row["path"]], row["bytes"]), num_cpus=config.cpus_per_task)
-            .repartition(target_num_rows_per_block=config.block_rows)
-            .map_batches(
-                process_batch,
-                fn_kwargs=dict(tokenizer_name=config.tokenizer, categories=config.categories, max_length=max_length,
-                               length_policy=config.length_policy, seed=config.seed),
-                batch_format="numpy",
-                num_cpus=config.cpus_per_task,
-                concurrency=config.concurrency or os.cpu_count(),
-            )
-            .materialize()
+    display = {f: source.display_name(f) for f in source.files}
+    records = (
+        ray.data.read_binary_files(source.files, include_paths=True, filesystem=source.filesystem)
+        .flat_map(lambda row: split_records(display[row["path"]], row["bytes"]), num_cpus=config.cpus_per_task)
+        .repartition(target_num_rows_per_block=config.block_rows)
+        .map_batches(
+            process_batch,
+            fn_kwargs=dict(tokenizer_name=config.tokenizer, categories=config.categories, max_length=max_length,
+                           length_policy=config.length_policy, seed=config.seed),
+            batch_format="numpy",
+            num_cpus=config.cpus_per_task,
+            concurrency=config.concurrency or os.cpu_count(),
         )
-        summary = records.drop_columns(["raw", "input_ids", "labels"]).to_pandas()
-        counts = _count(summary)
+        .materialize()
+    )
+    summary = records.drop_columns(["raw", "input_ids", "labels"]).to_pandas()
+    counts = _count(summary)
 
-        reject_columns = ["source", "line", "reason", "detail", "raw"]
-        rejects = records.filter(expr="reason != ''").select_columns(reject_columns).take_all()
-        rejects = pd.DataFrame(rejects, columns=reject_columns).sort_values(["source", "line"])
-        _write_rejects(out / REJECTS_NAME, rejects)
-        defects = rejects[rejects["reason"] != Reject.TOO_LONG.value]
-        if config.on_bad == "fail" and len(defects):
-            first = defects.iloc[0]
-            raise BadRecordsError(
-                f"bad record at {first['source']}:{first['line']}: {first['reason']} ({first['detail']}). "
-                f"{len(defects)} bad record(s) in all, listed in {out / REJECTS_NAME}. "
-                "Fix them, or pass --on-bad skip to leave them out."
-            )
+    reject_columns = ["source", "line", "reason", "detail", "raw"]
+    rejects = records.filter(expr="reason != ''").select_columns(reject_columns).take_all()
+    rejects = pd.DataFrame(rejects, columns=reject_columns).sort_values(["source", "line"])
+    _write_rejects(out / REJECTS_NAME, rejects)
+    defects = rejects[rejects["reason"] != Reject.TOO_LONG.value]
+    if config.on_bad == "fail" and len(defects):
+        first = defects.iloc[0]
+        raise BadRecordsError(
+            f"bad record at {first['source']}:{first['line']}: {first['reason']} ({first['detail']}). "
+            f"{len(defects)} bad record(s) in all, listed in {out / REJECTS_NAME}. "
+            "Fix them, or pass --on-bad skip to leave them out."
+        )
 
-        kept = summary[summary["reason"] == ""]
-        if config.test_size >= len(kept):
-            raise UserError(f"test_size={config.test_size} leaves no training data: only {len(kept)} records were kept")
-        # Ordered by a seeded hash of their content, the first `test_size` examples are the test
-        # split and the rest, in that order, the shuffled training set: exact in size, and the
-        # same whatever the file order or partitioning.
-        summary["split"] = ""
-        summary.loc[kept.sort_values("split_key").index, "split"] = ["test"] * config.test_size + ["train"] * (len(kept) - config.test_size)
-        ordered = _sort_by_split_key(records.filter(expr="reason == ''").materialize()).select_columns(SHARD_COLUMNS).materialize()
-        test, train = ordered.split_at_indices([config.test_size])
-        if config.pack:
-            train = train.map_batches(pack_batch, fn_kwargs={"max_length": max_length}, batch_size=config.pack_window,
-                                      batch_format="numpy", num_cpus=config.cpus_per_task)
-        with console.status("Writing shards"):
-            for name, split in (("train", train), ("test", test)):
-                split.write_parquet(str((out / name).absolute()))
-                (out / name).mkdir(exist_ok=True)  # an empty split writes no file; training still expects the folder
+    kept = summary[summary["reason"] == ""]
+    if config.test_size >= len(kept):
+        raise UserError(f"test_size={config.test_size} leaves no training data: only {len(kept)} records were kept")
+    # Ordered by a seeded hash of their content, the first `test_size` examples are the test
+    # split and the rest, in that order, the shuffled training set: exact in size, and the
+    # same whatever the file order or partitioning.
+    summary["split"] = ""
+    summary.loc[kept.sort_values("split_key").index, "split"] = ["test"] * config.test_size + ["train"] * (len(kept) - config.test_size)
+    ordered = _sort_by_split_key(records.filter(expr="reason == ''").materialize()).select_columns(SHARD_COLUMNS).materialize()
+    test, train = ordered.split_at_indices([config.test_size])
+    if config.pack:
+        train = train.map_batches(pack_batch, fn_kwargs={"max_length": max_length}, batch_size=config.pack_window,
+                                  batch_format="numpy", num_cpus=config.cpus_per_task)
+    with console.status("Writing shards"):
+        for name, split in (("train", train), ("test", test)):
+            split.write_parquet(str((out / name).absolute()))
+            (out / name).mkdir(exist_ok=True)  # an empty split writes no file; training still expects the folder
 
     plot_token_lengths(summary[summary["reason"] == ""], max_length, out / PLOT_NAME)
     manifest = mf.write_manifest(out, {

@@ -21,14 +21,13 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 
-from cluster.connect import ray_session
-from cluster.presets import PRESETS
+from pipelines.presets import PRESETS
 from contract.errors import UserError
 from contract.models import load_tokenizer
 from pipelines import preflight
 from pipelines.configs import PrepareConfig, TrainConfig
 from pipelines.manifest import MANIFEST_NAME, verify_manifest
-from pipelines.registry import TRAINING_FACTS
+from contract.registry import TRAINING_FACTS
 from pipelines.train_worker import train_loop
 
 IN_MEMORY_BYTES = 512 * 1024**2
@@ -43,7 +42,7 @@ class TrainResult:
     run_dir: Path
 
 
-def train(config: TrainConfig, console: Console | None = None, ray_address: str | None = None) -> TrainResult:
+def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     console = console or Console()
     config = _absolute(config)
     tokenizer = load_tokenizer(config.tokenizer_path)
@@ -52,7 +51,7 @@ def train(config: TrainConfig, console: Console | None = None, ray_address: str 
 
         prepare(PrepareConfig(source=config.source, output_dir=config.data_dir, tokenizer=config.tokenizer_path,
                               model=config.base_model, max_length=config.max_length, pack=config.pack,
-                              test_size=config.test_size, seed=config.seed), console, ray_address)
+                              test_size=config.test_size, seed=config.seed), console)
     manifest = verify_manifest(config.data_dir, tokenizer)
     rows, seq_len = _train_rows(manifest)
     if not manifest["splits"]["test"]["examples"]:
@@ -85,33 +84,32 @@ def train(config: TrainConfig, console: Console | None = None, ray_address: str 
             "packed": manifest["packed"],
         },
     }
-    with ray_session(ray_address):
-        # Only the training split is ever packed.
-        columns = {"train": ["input_ids", "labels"] + (["position_ids"] if manifest["packed"] else []),
-                   "test": ["input_ids", "labels"]}
-        context = ray.data.DataContext.get_current()
-        bars, context.enable_progress_bars = context.enable_progress_bars, False  # training has its own bar
-        try:
-            datasets = {split: _dataset(Path(config.data_dir) / split, columns[split]) for split in columns}
-        finally:
-            context.enable_progress_bars = bars
-        storage_path = run_uri.rsplit("/", 1)[0]
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"config": config.model_dump(mode="json"), "plan": plan},
-            torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                         resources_per_worker={"CPU": config.cpus_per_worker}),
-            run_config=RunConfig(
-                name=config.run_name,
-                storage_path=storage_path,
-                failure_config=FailureConfig(max_failures=config.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=config.num_to_keep),
-                worker_runtime_env={"env_vars": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}},
-            ),
-            datasets=datasets,
-        )
-        result = trainer.fit()
+    # Only the training split is ever packed.
+    columns = {"train": ["input_ids", "labels"] + (["position_ids"] if manifest["packed"] else []),
+               "test": ["input_ids", "labels"]}
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False  # training has its own bar
+    try:
+        datasets = {split: _dataset(Path(config.data_dir) / split, columns[split]) for split in columns}
+    finally:
+        context.enable_progress_bars = bars
+    storage_path = run_uri.rsplit("/", 1)[0]
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "plan": plan},
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.num_to_keep),
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in WORKER_ENV if k in os.environ}},
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
     metrics = result.return_value or {}
     checkpoint = result.checkpoint.path if result.checkpoint else None
     console.print(f"[bold green]Done[/] step {metrics.get('step')}: " + ", ".join(
@@ -122,8 +120,7 @@ def train(config: TrainConfig, console: Console | None = None, ray_address: str 
     return TrainResult(metrics, checkpoint, Path(config.output_dir) / config.run_name)
 
 
-def train_once(config: TrainConfig, prefix: str, data_fingerprint: str, console: Console,
-               ray_address: str | None = None) -> tuple[TrainConfig, Path]:
+def train_once(config: TrainConfig, prefix: str, data_fingerprint: str, console: Console) -> tuple[TrainConfig, Path]:
     """Train under a run name made from the data and the settings, unless that run has exported
     already; returns (the config as run, its export folder). The same inputs then reuse their
     run, and other inputs never resume someone else's checkpoints."""
@@ -134,7 +131,7 @@ def train_once(config: TrainConfig, prefix: str, data_fingerprint: str, console:
     if (export_dir / TRAINING_FACTS).exists():
         console.print(f"Reusing run {run_name}: it finished with the same data and settings ({export_dir})")
     else:
-        train(config, console, ray_address)
+        train(config, console)
     return config, export_dir
 
 

@@ -118,7 +118,7 @@ def train_loop(loop_config: dict) -> dict:
         curve = plot_loss_curve(read_history(log_dir), log_dir / LOSS_CURVE, f"{config.run_name}: {config.base_model}")
         final.update(export_dir=str(exported), loss_curve=str(curve))
         if config.register_as:
-            from pipelines import registry
+            from contract import registry
 
             version = registry.register(exported, config.register_as, config.registry)
             final["registered"] = f"{config.register_as}@{version}"

@@ -11,7 +11,7 @@ the new version, moves traffic to them and lets the old ones finish what they ho
 # No `from __future__ import annotations`: Serve reads the builder's annotation to validate args.
 from ray.serve import Application
 
-from pipelines.registry import resolve
+from contract.registry import resolve
 from services.config import ServeConfig
 from services.generator import check_export
 from services.ingress import OpenAIIngress

@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.registry import DEFAULT_ROOT
-
-API_KEYS_ENV = "DOLLY_API_KEYS"
+from contract import generation
+from contract.environment import API_KEYS_ENV
+from contract.registry import DEFAULT_ROOT
 
 
 class _Settings(BaseModel):
@@ -22,10 +22,10 @@ class _Settings(BaseModel):
 class SamplingDefaults(_Settings):
     """What a request gets for the parameters it leaves out: Dolly's InstructionTextGenerationPipeline."""
 
-    temperature: float = Field(1.0, ge=0, le=2, description="0 means greedy decoding")
-    top_p: float = Field(0.92, gt=0, le=1, description="nucleus sampling mass")
-    top_k: int = Field(0, ge=0, description="0 disables top-k, as in Dolly")
-    max_tokens: int = Field(256, ge=1, description="new tokens at most (Dolly's max_new_tokens)")
+    temperature: float = Field(generation.TEMPERATURE, ge=0, le=2, description="0 means greedy decoding")
+    top_p: float = Field(generation.TOP_P, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(generation.TOP_K, ge=0, description="0 disables top-k, as in Dolly")
+    max_tokens: int = Field(generation.MAX_NEW_TOKENS, ge=1, description="new tokens at most (Dolly's max_new_tokens)")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this per time it was generated (0: off, as Dolly)")
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this once it was generated (0: off, as Dolly)")
 

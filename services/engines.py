@@ -1,7 +1,7 @@
 """The two ways a model replica batches concurrent requests (`engine.batching`):
 
 - `dynamic`: `@serve.batch` gathers the requests that arrive together; they are prefilled as
-  one group and join the rows being decoded (services/decode.py) at the next step.
+  one group and join the rows being decoded (contract/decode.py) at the next step.
 - `continuous`: transformers' continuous-batching manager, which admits and retires requests at
   every step over a paged KV cache.
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from ray import serve
 
 from services.config import EngineConfig
-from services.decode import BatchDecoder
-from services.sampling import SamplingParams
+from contract.decode import BatchDecoder
+from contract.sampling import SamplingParams
 
 logger = logging.getLogger("ray.serve")
 

@@ -11,7 +11,7 @@ builder instead, with its settings as `args` (see services/app.py).
 import os
 from pathlib import Path
 
-from cli.configs import load_config
+from contract.settings import load_config
 from services.app import build_app
 from services.config import ServeConfig
 

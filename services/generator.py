@@ -19,7 +19,7 @@ from contract.errors import UserError
 from contract.models import load_model, load_tokenizer, max_length_for, stop_token_ids
 from services.config import EngineConfig
 from services.engines import Job, make_engine
-from services.sampling import SamplingParams
+from contract.sampling import SamplingParams
 from services.text import TextStream
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -13,7 +13,7 @@ from ray import serve
 from services.config import ServeConfig
 from services.generator import TextGenerator, Usage
 from services.metrics import ModelMetrics
-from services.sampling import SamplingParams
+from contract.sampling import SamplingParams
 
 @serve.deployment(name="DollyModel")
 class DollyModel:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from contract import RESERVED_MARKERS
 from services.config import SamplingDefaults
-from services.sampling import SamplingParams
+from contract.sampling import SamplingParams
 
 
 def _no_reserved_marker(text: str) -> str:

@@ -13,10 +13,10 @@ import torch
 
 from contract import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL
 from pipelines.behaviour import LOOP_THRESHOLD, BehaviourConfig, BehaviourReport, Sample, repetition, rouge_l, summarize
-from pipelines.configs import GateConfig
+from loop.configs import GateConfig
 from pipelines.evaluate import CategoryLoss, LossReport
 from pipelines.records import DOLLY_CATEGORIES
-from pipelines.retrain import gate
+from loop.gate import gate
 
 REFERENCE = "Paris is the capital of France, and it lies on the Seine."
 

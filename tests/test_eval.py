@@ -21,7 +21,7 @@ from cli.eval import eval_command
 from contract import END_KEY
 from contract.errors import UserError
 from contract.models import load_model, load_tokenizer
-from pipelines import registry
+from contract import registry
 from pipelines.evaluate import (
     DOLLY_V2_TASKS,
     PUBLISHED_DOLLY_V2,

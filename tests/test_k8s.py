@@ -21,9 +21,10 @@ from typer.testing import CliRunner
 from cli.configs import load_config
 from cli.k8s import app as k8s_app
 from cluster import k8s
-from cluster.presets import PRESETS
+from pipelines.presets import PRESETS
 from pipelines.configs import TrainConfig
 from tests.conftest import REPO, SHARED, require_shared
+from ui.config import PAGE_APP, PAGE_ROUTE
 
 CRDS = SHARED / "kuberay" / "crds"
 KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
@@ -207,14 +208,14 @@ def build(application, **args):
 @pytest.mark.parametrize("profile", PROFILES)
 def test_serve_config_v2_is_valid_for_ray_serve(profile):
     applications = serve_applications(profile)
-    assert [(a.name, a.route_prefix) for a in applications] == [("dolly", "/"), (k8s.UI_APP, k8s.UI_ROUTE)]
+    assert [(a.name, a.route_prefix) for a in applications] == [("dolly", "/"), (PAGE_APP, PAGE_ROUTE)]
     assert applications[0].args["model"] == k8s.DEFAULT_MODEL
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("profile", PROFILES)
 def test_the_api_application_builds_from_its_args(profile, tiny_model, tmp_path):
-    from pipelines.registry import register
+    from contract.registry import register
     from services.config import ServeConfig
 
     register(tiny_model, "dolly", tmp_path)  # the registry the training job fills, on the volume

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from pipelines.configs import GateConfig
+from loop.configs import GateConfig
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(900)
@@ -21,8 +21,8 @@ def loop(tmp_path_factory, corpus_path, tokenizer_path, ray_cluster):
     """`dolly up` on a 12-record slice of the corpus (serving left running), and 6 new records."""
     from ray import serve
 
-    from pipelines.configs import UpConfig
-    from pipelines.up import up
+    from loop.configs import UpConfig
+    from loop.up import up
 
     folder = tmp_path_factory.mktemp("loop")
     records = [json.loads(line) for line in corpus_path.open()]
@@ -48,7 +48,7 @@ def client(urls) -> openai.OpenAI:
 
 def retrain_config(folder, config, **gate):
     from cli.configs import load_config
-    from pipelines.configs import RetrainConfig
+    from loop.configs import RetrainConfig
 
     # What `dolly up` printed to run, with a training run that clearly learns more than up's one step.
     return load_config(RetrainConfig, config.workdir / "retrain.yaml", {"new_records": [str(folder / "new.jsonl")]},
@@ -65,7 +65,7 @@ def test_up_serves_its_registered_model_through_the_openai_client_and_the_page(l
 
 
 def test_a_second_up_reuses_every_stage(loop, capsys, monkeypatch):
-    from pipelines.up import up
+    from loop.up import up
 
     folder, config, urls = loop
     monkeypatch.setenv("COLUMNS", "300")  # one line per message
@@ -76,7 +76,7 @@ def test_a_second_up_reuses_every_stage(loop, capsys, monkeypatch):
 
 
 def test_a_retrain_that_misses_the_gate_is_registered_but_neither_promoted_nor_served(loop):
-    from pipelines.retrain import retrain
+    from loop.retrain import retrain
 
     folder, config, urls = loop
     report = retrain(retrain_config(folder, config, min_improvement=1000))
@@ -87,7 +87,7 @@ def test_a_retrain_that_misses_the_gate_is_registered_but_neither_promoted_nor_s
 
 
 def test_a_better_retrain_is_promoted_and_swapped_into_the_running_app(loop):
-    from pipelines.retrain import retrain
+    from loop.retrain import retrain
 
     folder, config, urls = loop
     report = retrain(retrain_config(folder, config))  # same data and settings: the finished run is reused
@@ -105,7 +105,7 @@ def test_a_better_retrain_is_promoted_and_swapped_into_the_running_app(loop):
 
 
 def test_up_again_after_a_promotion_keeps_serving_the_promoted_version(loop, capsys, monkeypatch):
-    from pipelines.up import up
+    from loop.up import up
 
     folder, config, urls = loop
     monkeypatch.setenv("COLUMNS", "300")
@@ -124,7 +124,7 @@ def test_up_again_after_a_promotion_keeps_serving_the_promoted_version(loop, cap
 ])
 def test_the_gate_wants_lower_by_more_than_the_margin(gate, serving, candidate, promote):
     from pipelines.evaluate import CategoryLoss, LossReport
-    from pipelines.retrain import gate as judge
+    from loop.gate import gate as judge
 
     def report(loss):
         scores = CategoryLoss(examples=1, tokens=1, loss=loss, perplexity=2.718**loss)
@@ -136,7 +136,7 @@ def test_the_gate_wants_lower_by_more_than_the_margin(gate, serving, candidate, 
 def test_a_gate_on_a_category_without_examples_names_the_ones_there_are():
     from contract.errors import UserError
     from pipelines.evaluate import CategoryLoss, LossReport
-    from pipelines.retrain import gate as judge
+    from loop.gate import gate as judge
 
     scores = CategoryLoss(examples=1, tokens=1, loss=1.0, perplexity=2.7)
     report = LossReport(model="m", overall=scores, by_category={"closed_qa": scores})

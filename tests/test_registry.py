@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from contract.errors import UserError
-from pipelines import registry
+from contract import registry
 
 
 def export(tmp_path, tag: str):

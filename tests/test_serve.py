@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from contract import render_generation_prompt
-from pipelines import registry
+from contract import registry
 from services.config import ServeConfig
 from services.prompts import PromptBuilder
 from services.protocol import ChatMessage

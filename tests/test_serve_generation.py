@@ -16,10 +16,10 @@ from contract import END_KEY, extract_response
 from contract.errors import UserError
 from services.auth import ApiKeys
 from services.config import AuthConfig, ServeConfig
-from services.decode import BatchDecoder
+from contract.decode import BatchDecoder
 from services.prompts import PromptBuilder, PromptTooLong
 from services.protocol import ChatMessage
-from services.sampling import SamplingParams, generators_for, penalize, sample
+from contract.sampling import SamplingParams, generators_for, penalize, sample
 from services.text import TextStream
 
 pytestmark = pytest.mark.timeout(120)

@@ -67,7 +67,7 @@ def test_export_loads_with_a_pipeline_and_generation_stops_at_end(overfit_run, t
 
 
 def test_export_carries_a_model_card_and_is_registered(overfit_run):
-    from pipelines import registry
+    from contract import registry
 
     config, result = overfit_run
     assert result.metrics["registered"] == f"{config.register_as}@1"

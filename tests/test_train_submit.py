@@ -94,7 +94,7 @@ def test_a_driver_address_is_refused_with_the_dashboard_form_to_use():
 
 
 def test_a_gated_retrain_runs_as_a_job_and_reports_its_decision(ray_head, tmp_path, train_data, tokenizer_path):
-    from pipelines import registry
+    from contract import registry
     from tests.conftest import export_tiny_model
 
     serving = export_tiny_model(tmp_path / "serving", tokenizer_path)

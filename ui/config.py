@@ -7,10 +7,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contract.environment import API_KEYS_ENV as SERVER_KEYS_ENV  # the API's own keys, when the page runs beside it
 from contract.errors import UserError
 
 API_KEY_ENV = "DOLLY_API_KEY"
-SERVER_KEYS_ENV = "DOLLY_API_KEYS"  # the API's own keys, when the page runs beside it
+# Where the page is deployed beside the API, by `dolly serve --ui`, `dolly up` and the RayService.
+PAGE_APP, PAGE_ROUTE = "chat-page", "/ui"
 
 
 class UIConfig(BaseModel):

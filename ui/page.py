@@ -10,6 +10,7 @@ from __future__ import annotations
 import gradio as gr
 import openai
 
+from contract import generation
 from ui.config import UIConfig
 
 # One example per task kind Dolly was trained on: (kind, instruction, context).
@@ -116,9 +117,10 @@ def build_page(config: UIConfig) -> gr.Blocks:
         context = gr.Textbox(label="Context (optional): a passage for closed QA, extraction or summarization",
                              lines=3, elem_id="context")
         with gr.Accordion("Generation settings", open=False):
-            temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, value=0.92, step=0.01, label="Top-p (Dolly: 0.92)")
-            max_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens (Dolly: 256)")
+            temperature = gr.Slider(0.0, 2.0, value=generation.TEMPERATURE, step=0.05, label="Temperature")
+            top_p = gr.Slider(0.05, 1.0, value=generation.TOP_P, step=0.01, label=f"Top-p (Dolly: {generation.TOP_P})")
+            max_tokens = gr.Slider(16, 1024, value=generation.MAX_NEW_TOKENS, step=16,
+                                   label=f"Max new tokens (Dolly: {generation.MAX_NEW_TOKENS})")
         gr.Examples(examples=[[instruction, ctx] for _, instruction, ctx in EXAMPLES], inputs=[message, context],
                     example_labels=[kind for kind, _, _ in EXAMPLES], label="Examples, one per task kind")
         clear = gr.Button("New conversation", size="sm")

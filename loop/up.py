@@ -18,15 +18,23 @@ import secrets
 import webbrowser
 from pathlib import Path
 
+import ray
+from ray import serve
 from rich.console import Console
 from rich.panel import Panel
 
 from cluster.connect import ray_session
+from contract import registry
 from contract.models import SMOLLM2, resolve_base
-from pipelines import registry
-from pipelines.configs import PrepareConfig, UpConfig
+from loop.configs import UpConfig
+from loop.deploy import deploy, wait_forever
+from pipelines.configs import PrepareConfig
+from pipelines.evaluate import ModelScores, score_model, show_scores
 from pipelines.manifest import MANIFEST_NAME
+from pipelines.prepare import prepare
 from pipelines.sources import BUILTIN_SAMPLE, choose_source
+from pipelines.train import train_once
+from services.config import ServeConfig
 
 STAGES = 6
 
@@ -43,8 +51,6 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         _stage(console, 1, "Data")
         source, why = choose_source(config.data)
         console.print(f"Corpus: {source} ({why})")
-        from pipelines.prepare import prepare
-
         data_dir = workdir / "data"
         base_folder = resolve_base(config.base_model)  # a packaged model is converted once, here
         tokenizer = config.tokenizer or base_folder
@@ -52,7 +58,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         test_size = 8 if source == str(BUILTIN_SAMPLE) else config.test_size
         max_length = config.max_length or (256 if config.on_cpu else None)
         prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=base_folder,
-                              max_length=max_length, test_size=test_size, pack=config.packed), console, address)
+                              max_length=max_length, test_size=test_size, pack=config.packed), console)
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
         _stage(console, 2, f"Score the base model ({config.base_model}): held-out loss and answers")
@@ -61,14 +67,10 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         # The preparation settings travel with the training settings: `dolly retrain` prepares again with them.
         train_config = config.train_config(data_dir).model_copy(update={"max_length": max_length, "test_size": test_size})
         _stage(console, 3, f"Fine-tune with Ray Train + DeepSpeed ZeRO-{train_config.zero_stage}")
-        from pipelines.train import train_once
-
-        train_config, export_dir = train_once(train_config, "up", data_sha, console, address)
+        train_config, export_dir = train_once(train_config, "up", data_sha, console)
         run_name = train_config.run_name
 
         _stage(console, 4, "Score the tuned model: held-out loss and answers")
-        from pipelines.evaluate import show_scores
-
         tuned = _cached_scores(str(export_dir), None, data_dir, data_sha, config, console).named(f"tuned ({run_name})")
         charts = show_scores([base, tuned], workdir, console)
         report = workdir / "report.json"
@@ -90,11 +92,6 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
             console.print(f"Serving {model_ref}, the registry's latest, promoted since this run")
 
         _stage(console, 6, "Serve the API and the chat page on Ray Serve")
-        from ray import serve
-
-        from services.config import ServeConfig
-        from services.deploy import deploy, wait_forever
-
         key_file = _api_key_file(workdir)
         # The API decodes as the answers were scored.
         serve_config = ServeConfig(model=model_ref, registry=config.registry, auth={"api_keys_file": key_file.absolute()},
@@ -103,8 +100,6 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         try:
             # Quiet: request logs would scroll the URLs and the key off the screen.
             deployed = deploy(serve_config, config.host, config.port, ui=True, log_level="WARNING")
-            import ray
-
             urls = {"api": deployed.api_url, "page": deployed.page_url, "model": model_ref, "api_key_file": str(key_file),
                     "retrain_config": str(retrain_file), "ray_address": ray.get_runtime_context().gcs_address}
             console.print(_ready_panel(config, urls, key_file.read_text().strip()))
@@ -126,8 +121,6 @@ def _stage(console: Console, number: int, title: str) -> None:
 def _cached_scores(model: str, tokenizer: str | None, data_dir: Path, data_sha: str, config: UpConfig, console: Console):
     """Scores only change with the data, the model and what is scored: keep them. (An export's
     folder is named after its run, which is named after its data and settings.)"""
-    from pipelines.evaluate import ModelScores, score_model
-
     what = f"{data_sha} {model} {config.eval_examples} {config.behaviour.model_dump_json()}"
     cache = config.workdir / "eval" / f"{hashlib.sha256(what.encode()).hexdigest()[:12]}.json"
     if cache.exists():

@@ -15,16 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
+from contract.generation import MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P
+
 # Rows still rejected after this many draws (possible only with a tiny top_p) fall back to a sort.
 _MAX_DRAWS = 8
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0
-    top_p: float = 0.92
-    top_k: int = 0
-    max_tokens: int = 256
+    temperature: float = TEMPERATURE
+    top_p: float = TOP_P
+    top_k: int = TOP_K
+    max_tokens: int = MAX_NEW_TOKENS
     seed: int | None = None
     stop: tuple[str, ...] = ()
     frequency_penalty: float = 0.0  # OpenAI's: minus this times the times a token was generated already

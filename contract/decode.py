@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from services.sampling import SamplingParams, generators_for, penalize, sample
+from contract.sampling import SamplingParams, generators_for, penalize, sample
 
 
 class BatchDecoder:

@@ -14,8 +14,8 @@ from ray import serve
 
 from services.app import build_app
 from services.config import ServeConfig
-
-PAGE_APP, PAGE_ROUTE = "chat-page", "/ui"
+from ui.config import PAGE_APP, PAGE_ROUTE, UIConfig
+from ui.deployment import build_page_app
 
 
 @dataclass
@@ -34,9 +34,6 @@ def deploy(settings: ServeConfig, host: str = "127.0.0.1", port: int = 8000, ui:
     api_url = f"http://127.0.0.1:{port}{settings.route_prefix.rstrip('/')}/v1"
     page_url = None
     if ui:
-        from ui.config import UIConfig
-        from ui.deployment import build_page_app
-
         page = UIConfig(api_url=api_url, api_key_file=settings.auth.api_keys_file)
         serve.run(build_page_app(page), name=PAGE_APP, route_prefix=PAGE_ROUTE, logging_config=logging_config)
         page_url = f"http://127.0.0.1:{port}{PAGE_ROUTE}/"

@@ -4,6 +4,7 @@ errors, and every setting's help for a command's --help."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from pydantic import BaseModel
@@ -25,6 +26,24 @@ def parse_overrides(overrides: list[str]) -> dict:
         return settings.parse_overrides(overrides)
     except settings.SettingsError as e:
         raise typer.BadParameter(str(e)) from None
+
+
+def option(cls: type[BaseModel], field: str, *param_decls: str) -> Any:
+    """A flag for setting `field` of `cls`, whose help is the setting's own description: a flag and
+    its setting cannot drift apart."""
+    setting = cls.model_fields[field]
+    help = setting.description or ""
+    if not setting.is_required() and setting.get_default() is not None and "default" not in help:
+        help += f" (default: {setting.get_default(call_default_factory=True)})"
+    return typer.Option(None, *param_decls, help=help, show_default=False)
+
+
+def config_option(help: str = "YAML file of settings") -> Any:
+    return typer.Option(None, "--config", exists=True, dir_okay=False, help=help)
+
+
+def address_option(help: str = "Ray cluster to run on (default: an embedded local one)") -> Any:
+    return typer.Option(None, envvar="RAY_ADDRESS", help=help)
 
 
 def settings_help(cls: type[BaseModel]) -> str:

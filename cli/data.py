@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from cli.configs import load_config, settings_help
+from cli.configs import address_option, config_option, load_config, option, settings_help
 from pipelines.configs import PrepareConfig
 
 app = typer.Typer(help="Prepare and inspect training data.", no_args_is_help=True)
@@ -17,15 +17,15 @@ app = typer.Typer(help="Prepare and inspect training data.", no_args_is_help=Tru
 @app.command(epilog=settings_help(PrepareConfig))
 def prepare(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. test_size=200 pack=true"),
-    source: Optional[str] = typer.Option(None, help="corpus: Hub dataset id, .jsonl/.json/.parquet file or folder, s3:// or gs:// URI"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder for shards, manifest, rejects and plots"),
-    tokenizer: Optional[str] = typer.Option(None, help="base model's tokenizer: Hub id or local folder"),
-    max_length: Optional[int] = typer.Option(None, help="longest example in tokens (default: from the model config)"),
-    test_size: Optional[int] = typer.Option(None, help="held-out examples"),
-    on_bad: Optional[str] = typer.Option(None, help="skip: leave bad records out (listed in rejects.jsonl); fail: stop at them"),
-    pack: Optional[bool] = typer.Option(None, "--pack/--no-pack", help="pack several examples per training row"),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
-    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to run on (default: an embedded local one)"),
+    source: Optional[str] = option(PrepareConfig, "source"),
+    out: Optional[Path] = option(PrepareConfig, "output_dir", "--out"),
+    tokenizer: Optional[str] = option(PrepareConfig, "tokenizer"),
+    max_length: Optional[int] = option(PrepareConfig, "max_length"),
+    test_size: Optional[int] = option(PrepareConfig, "test_size"),
+    on_bad: Optional[str] = option(PrepareConfig, "on_bad"),
+    pack: Optional[bool] = option(PrepareConfig, "pack", "--pack/--no-pack"),
+    config: Optional[Path] = config_option(),
+    address: Optional[str] = address_option(),
 ) -> None:
     """Validate, format and tokenize a corpus into train/test Parquet shards with a manifest.
 

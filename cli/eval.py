@@ -8,30 +8,32 @@ from typing import Optional
 
 import typer
 
-from cli.configs import load_config, settings_help
-from pipelines.evaluate import EvalConfig, evaluate
+from cli.configs import config_option, load_config, option, settings_help
+from pipelines.eval_config import EvalConfig
 
 EPILOG = settings_help(EvalConfig)
 
 
 def eval_command(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_new_tokens=64 temperature=0"),
-    model: Optional[str] = typer.Option(None, help="model to evaluate: NAME@latest / NAME@N, a folder, a Hub id or a random shape"),
-    base: Optional[str] = typer.Option(None, help="model to compare with, e.g. the base it was tuned from"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="a folder written by `dolly data prepare`: its test split is scored"),
-    out: Optional[Path] = typer.Option(None, "--out", help="reports go to OUT/<model name>/"),
-    tokenizer: Optional[str] = typer.Option(None, help="tokenizer for both models (default: each model's own)"),
-    max_examples: Optional[int] = typer.Option(None, help="score a deterministic subset of this many test examples"),
-    samples_per_category: Optional[int] = typer.Option(None, help="test prompts per category to generate answers for (0: none)"),
-    harness: Optional[bool] = typer.Option(None, "--harness/--no-harness", help="also run the LM Evaluation Harness tasks"),
+    model: Optional[str] = option(EvalConfig, "model"),
+    base: Optional[str] = option(EvalConfig, "base"),
+    data_dir: Optional[Path] = option(EvalConfig, "data_dir", "--data-dir"),
+    out: Optional[Path] = option(EvalConfig, "output_dir", "--out"),
+    tokenizer: Optional[str] = option(EvalConfig, "tokenizer"),
+    max_examples: Optional[int] = option(EvalConfig, "max_examples"),
+    samples_per_category: Optional[int] = option(EvalConfig, "samples_per_category"),
+    harness: Optional[bool] = option(EvalConfig, "harness", "--harness/--no-harness"),
     tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks (default: the dolly-v2 table's seven)"),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """Score a model on the prepared held-out split, per Dolly category and against a base; write
     report.json, loss_by_category.png and samples.jsonl.
 
     Example: dolly eval --model dolly@latest --base EleutherAI/pythia-2.8b --data-dir runs/data
     """
+    from pipelines.evaluate import evaluate  # torch and transformers: imported here, so `dolly --help` stays instant
+
     flags = dict(model=model, base=base, data_dir=data_dir, output_dir=out, tokenizer=tokenizer, max_examples=max_examples,
                  samples_per_category=samples_per_category, harness=harness,
                  tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None)

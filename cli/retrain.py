@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cli.configs import load_config, settings_help
+from cli.configs import address_option, config_option, load_config, option, settings_help
 from loop.configs import RetrainConfig
 
 EPILOG = settings_help(RetrainConfig)
@@ -16,9 +16,9 @@ EPILOG = settings_help(RetrainConfig)
 
 def retrain(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. gate.min_improvement=0.05 train.max_steps=50"),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings (`dolly up` writes runs/up/retrain.yaml)"),
-    new_records: Optional[list[Path]] = typer.Option(None, "--new-records", help="file of new records to add (repeatable)"),
-    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to train on and whose serving app to swap (default: an embedded local one)"),
+    config: Optional[Path] = config_option("YAML file of settings (`dolly up` writes runs/up/retrain.yaml)"),
+    new_records: Optional[list[Path]] = option(RetrainConfig, "new_records", "--new-records"),
+    address: Optional[str] = address_option("Ray cluster to train on and whose serving app to swap (default: an embedded local one)"),
 ) -> None:
     """Retrain, then promote only if better: the candidate and the serving version are scored on
     the same held-out split; the candidate becomes NAME@latest, and replaces the running app's

@@ -8,9 +8,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from cli.configs import load_config, settings_help
+from cli.configs import address_option, config_option, load_config, option, settings_help
 from contract.errors import UserError
-from contract.registry import DEFAULT_ROOT
 from services.config import ServeConfig
 
 EPILOG = settings_help(ServeConfig)
@@ -18,15 +17,15 @@ EPILOG = settings_help(ServeConfig)
 
 def serve(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. deployment.max_replicas=4"),
-    model: Optional[str] = typer.Option(None, help="exported model: a folder, or NAME@latest / NAME@N from the registry"),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
-    registry: Optional[Path] = typer.Option(None, help=f"model registry root (default: {DEFAULT_ROOT})"),
+    model: Optional[str] = option(ServeConfig, "model"),
+    config: Optional[Path] = config_option(),
+    registry: Optional[Path] = option(ServeConfig, "registry"),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="no API keys: local demos only"),
     host: str = typer.Option("127.0.0.1", help="HTTP address to listen on (0.0.0.0 to reach it from other machines)"),
     port: int = typer.Option(8000, help="HTTP port"),
     detach: bool = typer.Option(False, help="deploy onto the cluster at --address and return (e.g. to switch versions in place)"),
     ui: bool = typer.Option(False, "--ui", help="also serve the Gradio chat page at /ui/, beside the API"),
-    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to run on (default: an embedded local one)"),
+    address: Optional[str] = address_option(),
 ) -> None:
     """Serve an exported model: POST /v1/completions, /v1/chat/completions (streaming or not), GET /v1/models and /healthz. API keys come from $DOLLY_API_KEYS or auth.api_keys_file.
 

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 import yaml
 
-from cli.configs import load_config, parse_overrides
+from cli.configs import config_option, load_config, parse_overrides
 from loop.configs import RetrainConfig
 from pipelines.configs import TrainConfig
 
@@ -27,7 +27,7 @@ WAIT = typer.Option(True, "--wait/--no-wait", help="stream the job's logs and ex
 def train(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any `dolly train` setting, e.g. max_steps=100"),
     address: str = ADDRESS,
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of `dolly train` settings"),
+    config: Optional[Path] = config_option("YAML file of `dolly train` settings"),
     working_dir: Path = WORKING_DIR,
     wait: bool = WAIT,
 ) -> None:
@@ -44,7 +44,7 @@ def train(
 def retrain(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any `dolly retrain` setting, e.g. gate.min_improvement=0.05"),
     address: str = ADDRESS,
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of `dolly retrain` settings"),
+    config: Optional[Path] = config_option("YAML file of `dolly retrain` settings"),
     working_dir: Path = WORKING_DIR,
     wait: bool = WAIT,
 ) -> None:

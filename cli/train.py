@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.configs import load_config, settings_help
+from cli.configs import address_option, config_option, load_config, settings_help
 from pipelines.configs import TrainConfig
 
 EPILOG = settings_help(TrainConfig)
@@ -15,8 +15,8 @@ EPILOG = settings_help(TrainConfig)
 
 def train(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_steps=100 zero_stage=3"),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
-    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to run on (default: an embedded local one)"),
+    config: Optional[Path] = config_option(),
+    address: Optional[str] = address_option(),
 ) -> None:
     """Full fine-tuning with DeepSpeed ZeRO on Ray Train workers: preflight, verified checkpoints,
     resume, metrics, export and registration.

@@ -7,18 +7,18 @@ from typing import Optional
 
 import typer
 
-from cli.configs import load_config, settings_help
+from cli.configs import config_option, load_config, option, settings_help
 from ui.config import UIConfig
 
 
 def ui(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below"),
-    api_url: Optional[str] = typer.Option(None, help="the OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1"),
-    api_key_file: Optional[Path] = typer.Option(None, help="file holding the API key (default: $DOLLY_API_KEY)"),
-    auth_file: Optional[Path] = typer.Option(None, help="optional page login: one user:password per line"),
-    host: Optional[str] = typer.Option(None, help="address to listen on"),
-    port: Optional[int] = typer.Option(None, help="port to listen on"),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
+    api_url: Optional[str] = option(UIConfig, "api_url"),
+    api_key_file: Optional[Path] = option(UIConfig, "api_key_file"),
+    auth_file: Optional[Path] = option(UIConfig, "auth_file"),
+    host: Optional[str] = option(UIConfig, "host"),
+    port: Optional[int] = option(UIConfig, "port"),
+    config: Optional[Path] = config_option(),
 ) -> None:
     """Open the chat page in front of the Serve API: streamed answers, multi-turn history, a context
     box for Dolly's Input:, and one example per task kind.

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.configs import load_config, settings_help
+from cli.configs import address_option, config_option, load_config, option, settings_help
 from loop.configs import UpConfig
 
 EPILOG = settings_help(UpConfig)
@@ -15,14 +15,14 @@ EPILOG = settings_help(UpConfig)
 
 def up(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_steps=40 train.zero_stage=3"),
-    data: Optional[str] = typer.Option(None, help="corpus: file, folder, URI or Hub id (default: $DOLLY_DATA, else the Hub's dolly-15k if reachable, else a built-in sample)"),
-    base_model: Optional[str] = typer.Option(None, help="model to fine-tune (default: smollm2-135m-instruct; Dolly: EleutherAI/pythia-2.8b)"),
-    preset: Optional[str] = typer.Option(None, help="hardware preset: cpu (default), a100, a10, v100, h100"),
-    port: Optional[int] = typer.Option(None, help="HTTP port of the API and the page (default: 8000)"),
+    data: Optional[str] = option(UpConfig, "data"),
+    base_model: Optional[str] = option(UpConfig, "base_model"),
+    preset: Optional[str] = option(UpConfig, "preset"),
+    port: Optional[int] = option(UpConfig, "port"),
     smoke: bool = typer.Option(False, "--smoke", help="a quick check that everything works: 2 training steps, 8 examples scored, greedy answers of 32 tokens"),
     no_browser: bool = typer.Option(False, "--no-browser", help="do not open the chat page in a browser"),
-    config: Optional[Path] = typer.Option(None, "--config", exists=True, dir_okay=False, help="YAML file of settings"),
-    address: Optional[str] = typer.Option(None, envvar="RAY_ADDRESS", help="Ray cluster to run on (default: an embedded local one)"),
+    config: Optional[Path] = config_option(),
+    address: Optional[str] = address_option(),
 ) -> None:
     """Prepare the corpus, score the base model, fine-tune it with Ray Train + DeepSpeed, score it
     again, register it, and serve it with the chat page, printing the URLs and the API key.

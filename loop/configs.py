@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from contract.registry import DEFAULT_ROOT
 from pipelines.behaviour import BehaviourConfig
 from pipelines.configs import TrainConfig
+from pipelines.presets import PRESETS, PresetName
+
+_CPU_DEMO = PRESETS["cpu"].demo  # for the help text; the settings themselves are read from the preset
 
 
 class UpBehaviourConfig(BehaviourConfig):
@@ -24,8 +27,8 @@ class UpBehaviourConfig(BehaviourConfig):
 class UpConfig(BaseModel):
     """`dolly up`: the whole loop on one machine or cluster, with defaults that finish on a laptop.
 
-    Unset (null) settings follow the preset: on `cpu` a bounded demo (a few minutes of training
-    at short lengths); on a GPU preset, Dolly's recipe (two epochs at the model's context).
+    Unset (null) settings follow the preset's `demo` (pipelines/presets.py): on `cpu` a few minutes
+    of training at short lengths; on a GPU preset, Dolly's recipe (two epochs at the model's context).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -33,31 +36,23 @@ class UpConfig(BaseModel):
     data: str | None = Field(None, description="corpus (file, folder, URI or Hub id); default: $DOLLY_DATA, else the Hub's databricks-dolly-15k if reachable, else the built-in sample")
     base_model: str = Field("smollm2-135m-instruct", description="model to fine-tune (Dolly's real recipe: EleutherAI/pythia-2.8b with preset=a100)")
     tokenizer: str | None = Field(None, description="tokenizer folder or Hub id (default: the base model's; random shapes need one)")
-    preset: Literal["a100", "a10", "v100", "h100", "cpu"] = Field("cpu", description="hardware preset of the training workers")
+    preset: PresetName = Field("cpu", description="hardware preset of the training workers")
     workdir: Path = Field(Path("runs/up"), description="prepared data, runs, evaluations and the API key file")
     registry: Path = Field(DEFAULT_ROOT, description="model registry the tuned model is registered in")
     model_name: str = Field("dolly", pattern=r"^[A-Za-z0-9._-]+$", description="registry name, served as the API's model id")
-    max_length: int | None = Field(None, ge=16, description="longest example in tokens (default: 256 on cpu, else the model's context)")
+    max_length: int | None = Field(None, ge=16, description=f"longest example in tokens (default: {_CPU_DEMO['max_length']} on cpu, else the model's context)")
     test_size: int = Field(200, ge=1, description="held-out examples (Dolly's notebook: 200)")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps (default: 30 on cpu, else Dolly's two epochs)")
-    num_workers: int | None = Field(None, ge=1, description="training workers (default: 1 on cpu: on one machine's cores a second worker adds gradient traffic and start-up, not tokens/s; else 2, one per GPU)")
-    pack: bool | None = Field(None, description="pack several examples per training row (default: true on cpu, 1.6x the tokens/s of padded rows; else false, Dolly's padded batches)")
-    micro_batch_size: int | None = Field(None, ge=1, description="rows per worker per step (default: 2 on cpu, else the preset's)")
-    lr: float | None = Field(None, gt=0, description="peak learning rate (default: 5e-5 on cpu, a short run; higher made the answers loop, bench/RESULTS.md; else Dolly's 5e-6)")
+    max_steps: int | None = Field(None, ge=1, description=f"optimizer steps (default: {_CPU_DEMO['max_steps']} on cpu, else Dolly's two epochs)")
+    num_workers: int | None = Field(None, ge=1, description=f"training workers (default: {_CPU_DEMO['num_workers']} on cpu, else 2, one per GPU)")
+    pack: bool | None = Field(None, description=f"pack several examples per training row (default: {_CPU_DEMO['pack']} on cpu, else false: Dolly's padded batches)")
+    micro_batch_size: int | None = Field(None, ge=1, description=f"rows per worker per step (default: {_CPU_DEMO['micro_batch_size']} on cpu, else the preset's)")
+    lr: float | None = Field(None, gt=0, description=f"peak learning rate (default: {_CPU_DEMO['lr']:g} on cpu, a short run; else Dolly's 5e-6)")
     train: dict = Field(default_factory=dict, description="any further `dolly train` setting, e.g. train.zero_stage=3")
     eval_examples: int | None = Field(64, ge=1, description="held-out examples whose loss is scored before and after (null: all of them)")
     behaviour: UpBehaviourConfig = Field(default_factory=UpBehaviourConfig, description="answers to held-out instructions, scored before and after (stop rate, repetition, ROUGE-L, length), decoded as the API then serves")
     host: str = Field("127.0.0.1", description="HTTP address of the API and the page (0.0.0.0 to reach them from other machines)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the API and the page")
     open_browser: bool = Field(True, description="open the chat page in a browser once it is up")
-
-    @property
-    def on_cpu(self) -> bool:
-        return self.preset == "cpu"
-
-    @property
-    def packed(self) -> bool:
-        return self.on_cpu if self.pack is None else self.pack
 
     @model_validator(mode="after")
     def _train_settings_valid(self) -> UpConfig:
@@ -67,19 +62,20 @@ class UpConfig(BaseModel):
             raise ValueError("; ".join(f"train.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
         return self
 
-    def train_config(self, data_dir: Path, run_name: str = "up") -> TrainConfig:
-        cpu = self.on_cpu
-        num_workers = self.num_workers or (1 if cpu else 2)
-        chosen = dict(base_model=self.base_model, tokenizer=self.tokenizer, data_dir=data_dir, preset=self.preset, num_workers=num_workers,
-                      max_steps=self.max_steps or (30 if cpu else None), run_name=run_name, pack=self.packed,
-                      storage_path=str(self.workdir / "runs"), output_dir=self.workdir / "runs", registry=self.registry,
-                      micro_batch_size=self.micro_batch_size or (2 if cpu else None), lr=self.lr or (5e-5 if cpu else None),
-                      # One CPU worker gets every core as its torch threads (Ray gives a worker as many as it claims).
-                      cpus_per_worker=float(os.cpu_count() or 1) if cpu and num_workers == 1 else None,
-                      warmup_steps=3 if cpu else None, eval_batches=4 if cpu else None, checkpoint_every=15 if cpu else None)
-        chosen = {k: v for k, v in chosen.items() if v is not None}
+    def train_config(self, data_dir: Path, run_name: str = "up", test_size: int | None = None) -> TrainConfig:
+        """What `dolly up` trains with: the preset's demo under what this config sets. The preparation
+        settings travel along, so `dolly retrain` prepares again with them."""
+        chosen = dict(num_workers=self.num_workers, max_steps=self.max_steps, pack=self.pack, max_length=self.max_length,
+                      micro_batch_size=self.micro_batch_size, lr=self.lr)
+        settings = {**PRESETS[self.preset].demo, **{k: v for k, v in chosen.items() if v is not None}}
+        if not PRESETS[self.preset].settings["use_gpu"] and settings.get("num_workers") == 1:
+            # One CPU worker gets every core as its torch threads (Ray gives a worker as many as it claims).
+            settings["cpus_per_worker"] = float(os.cpu_count() or 1)
         # `dolly up` registers the export itself, once, however often it is run.
-        return TrainConfig.model_validate({**chosen, **self.train, "register_as": None})
+        return TrainConfig.model_validate({
+            **settings, "base_model": self.base_model, "tokenizer": self.tokenizer, "data_dir": data_dir, "preset": self.preset,
+            "run_name": run_name, "test_size": test_size or self.test_size, "storage_path": str(self.workdir / "runs"),
+            "output_dir": self.workdir / "runs", "registry": self.registry, **self.train, "register_as": None})
 
 
 class GateConfig(BaseModel):

@@ -55,17 +55,15 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         base_folder = resolve_base(config.base_model)  # a packaged model is converted once, here
         tokenizer = config.tokenizer or base_folder
         # The built-in sample has 40 records: hold out 8, so every category still has some to learn from.
-        test_size = 8 if source == str(BUILTIN_SAMPLE) else config.test_size
-        max_length = config.max_length or (256 if config.on_cpu else None)
+        train_config = config.train_config(data_dir, test_size=8 if source == str(BUILTIN_SAMPLE) else None)
         prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=base_folder,
-                              max_length=max_length, test_size=test_size, pack=config.packed), console)
+                              max_length=train_config.max_length, test_size=train_config.test_size, pack=train_config.pack),
+                console)
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
         _stage(console, 2, f"Score the base model ({config.base_model}): held-out loss and answers")
         base = _cached_scores(config.base_model, config.tokenizer, data_dir, data_sha, config, console)
 
-        # The preparation settings travel with the training settings: `dolly retrain` prepares again with them.
-        train_config = config.train_config(data_dir).model_copy(update={"max_length": max_length, "test_size": test_size})
         _stage(console, 3, f"Fine-tune with Ray Train + DeepSpeed ZeRO-{train_config.zero_stage}")
         train_config, export_dir = train_once(train_config, "up", data_sha, console)
         run_name = train_config.run_name

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contract.registry import DEFAULT_ROOT
-from pipelines.presets import PRESETS
+from pipelines.presets import PRESETS, PresetName
 from pipelines.behaviour import BehaviourConfig
 from pipelines.records import DOLLY_CATEGORIES
 from pipelines.sources import DOLLY_HUB_ID
@@ -59,7 +59,7 @@ class TrainConfig(BaseModel):
     test_size: int = Field(200, ge=1, description="when preparing from source: held-out examples (Dolly's notebook: 200)")
 
     # Hardware and parallelism
-    preset: Literal["a100", "a10", "v100", "h100", "cpu"] | None = Field(None, description="hardware preset: device memory, peak FLOP/s and a recipe for unset settings")
+    preset: PresetName | None = Field(None, description="hardware preset: device memory, peak FLOP/s and a recipe for unset settings")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU)")
     use_gpu: bool = Field(False, description="one GPU per worker with NCCL; false: CPU workers with gloo")
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs each worker claims")

@@ -1,7 +1,8 @@
 """Hardware presets: what a device can hold and do, and the training settings that suit it.
 
 A preset fills in the settings a config leaves unset (explicit settings always win), and tells
-the memory preflight how much a device holds and the metrics what its peak FLOP/s are. The
+the memory preflight how much a device holds and the metrics what its peak FLOP/s are. Its `demo`
+is what `dolly up` trains with where the user sets nothing. The
 GPU recipes are Dolly's DeepSpeed configs (A100: ZeRO-3 bf16; A10: plus optimizer offload; V100:
 plus fp16) with Dolly's per-device batch sizes.
 """
@@ -24,6 +25,7 @@ class HardwarePreset(BaseModel):
     devices_per_node: int
     peak_tflops: float | None = Field(description="dense peak of one device at the preset's precision (for MFU); None: unknown")
     settings: dict = Field(description="TrainConfig settings the preset implies")
+    demo: dict = Field(default_factory=dict, description="TrainConfig settings of `dolly up`'s run where the user sets none; empty: Dolly's recipe")
 
 
 PRESETS: dict[str, HardwarePreset] = {
@@ -56,5 +58,10 @@ PRESETS: dict[str, HardwarePreset] = {
         device_memory_gib=None, host_memory_gib=None, devices_per_node=2, peak_tflops=None,
         settings=dict(use_gpu=False, zero_stage=2, precision="fp32", offload_optimizer=False, micro_batch_size=4,
                       gradient_checkpointing=False),
+        # A few minutes of training on a laptop (bench/RESULTS.md): one worker (on one machine's cores a
+        # second adds gradient traffic and start-up, not tokens/s), packed rows (1.6x the tokens/s of
+        # padded ones), short examples, and a learning rate for 30 steps (higher made the answers loop).
+        demo=dict(num_workers=1, max_steps=30, pack=True, max_length=256, micro_batch_size=2, lr=5e-5, warmup_steps=3,
+                  eval_batches=4, checkpoint_every=15),
     ),
 }

@@ -28,6 +28,7 @@ from pipelines import preflight
 from pipelines.configs import PrepareConfig, TrainConfig
 from pipelines.manifest import MANIFEST_NAME, verify_manifest
 from contract.registry import TRAINING_FACTS
+from pipelines.plan import DataFacts, TrainPlan
 from pipelines.train_worker import train_loop
 
 IN_MEMORY_BYTES = 512 * 1024**2
@@ -68,22 +69,22 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
                   f"checkpoints in {run_uri}")
 
     preset = PRESETS[config.preset] if config.preset else None
-    plan = {
-        "total_steps": total_steps,
-        "micro_batches_per_epoch": rows // config.num_workers // config.micro_batch_size,
-        "run_uri": run_uri,
-        "n_params": shape.n_params,
-        "peak_flops": preset.peak_tflops * 1e12 if preset and preset.peak_tflops and config.use_gpu else None,
-        "hyperparameters": config.model_dump(mode="json"),
-        "data": {
-            "dir": str(config.data_dir),
-            "manifest_sha256": hashlib.sha256((Path(config.data_dir) / MANIFEST_NAME).read_bytes()).hexdigest(),
-            "source_fingerprint": manifest["source"]["fingerprint"],
-            "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
-            "train_rows": rows,
-            "packed": manifest["packed"],
-        },
-    }
+    plan = TrainPlan(
+        total_steps=total_steps,
+        micro_batches_per_epoch=rows // config.num_workers // config.micro_batch_size,
+        run_uri=run_uri,
+        n_params=shape.n_params,
+        peak_flops=preset.peak_tflops * 1e12 if preset and preset.peak_tflops and config.use_gpu else None,
+        hyperparameters=config.model_dump(mode="json"),
+        data=DataFacts(
+            dir=str(config.data_dir),
+            manifest_sha256=hashlib.sha256((Path(config.data_dir) / MANIFEST_NAME).read_bytes()).hexdigest(),
+            source_fingerprint=manifest["source"]["fingerprint"],
+            tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"],
+            train_rows=rows,
+            packed=manifest["packed"],
+        ),
+    )
     # Only the training split is ever packed.
     columns = {"train": ["input_ids", "labels"] + (["position_ids"] if manifest["packed"] else []),
                "test": ["input_ids", "labels"]}
@@ -96,7 +97,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     storage_path = run_uri.rsplit("/", 1)[0]
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "plan": plan},
+        train_loop_config={"config": config.model_dump(mode="json"), "plan": plan.model_dump(mode="json")},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),

@@ -19,13 +19,14 @@ import torch
 import torch.distributed as dist
 from transformers.integrations import HfDeepSpeedConfig
 
-from contract import IGNORE_INDEX
+from contract import IGNORE_INDEX, registry
 from contract.models import load_model, load_tokenizer
 from pipelines import checkpoints
 from pipelines.batches import Collate
 from pipelines.configs import TrainConfig
 from pipelines.deepspeed_config import deepspeed_config, lr_factor
 from pipelines.export import DTYPES as EXPORT_DTYPES, export
+from pipelines.plan import Resume, TrainPlan, TrainState
 from pipelines.metrics import LOSS_CURVE, MetricsSink, flops_per_token, memory_gib, plot_loss_curve, read_history
 
 DTYPES = {**EXPORT_DTYPES, "fp32": torch.float32}
@@ -33,32 +34,32 @@ DTYPES = {**EXPORT_DTYPES, "fp32": torch.float32}
 
 def train_loop(loop_config: dict) -> dict:
     config = TrainConfig.model_validate(loop_config["config"])
-    plan: dict = loop_config["plan"]  # worked out by the driver: total_steps, run_uri, peak_flops, data facts
-    total_steps, n_params = plan["total_steps"], plan["n_params"]
+    plan = TrainPlan.model_validate(loop_config["plan"])
+    total_steps, n_params = plan.total_steps, plan.n_params
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config.seed)
     deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
     tokenizer = load_tokenizer(config.tokenizer_path)
     engine, model = _engine(config, tokenizer, total_steps)
 
-    state = {"step": 0, "micro_batches": 0, "tokens": 0, "resumes": [], "unverified_checkpoints": 0}
-    start = _resume_point(config, plan["run_uri"])
+    state = TrainState()
+    start = _resume_point(config, plan.run_uri)
     if start is not None:
-        state = checkpoints.load(engine, start)
-        state["resumes"] = [*state["resumes"], {"checkpoint": start.path, "step": state["step"]}]
+        state = TrainState.model_validate(checkpoints.load(engine, start))
+        state.resumes.append(Resume(checkpoint=start.path, step=state.step))
         if rank == 0:
-            print(f"resumed from verified checkpoint {start.path} at step {state['step']}", flush=True)
+            print(f"resumed from verified checkpoint {start.path} at step {state.step}", flush=True)
 
     log_dir = Path(config.output_dir) / config.run_name
-    sink = MetricsSink(log_dir, total_steps, state["step"], {"run_name": config.run_name, **plan["hyperparameters"]},
+    sink = MetricsSink(log_dir, total_steps, state.step, {"run_name": config.run_name, **plan.hyperparameters},
                        config.mlflow_tracking_uri if config.mlflow else None) if rank == 0 else None
     eval_batches = _held_out(config, tokenizer)
-    batches = _micro_batches(config, tokenizer, state["micro_batches"], plan["micro_batches_per_epoch"])
+    batches = _micro_batches(config, tokenizer, state.micro_batches, plan.micro_batches_per_epoch)
     window = _new_window()
     metrics: dict = {}
     engine.train()
 
-    while state["step"] < total_steps:
+    while state.step < total_steps:
         waited = time.perf_counter()
         number, batch = next(batches)
         window["data_s"] += time.perf_counter() - waited
@@ -66,7 +67,7 @@ def train_loop(loop_config: dict) -> dict:
         loss = engine(**batch, use_cache=False).loss
         engine.backward(loss)
         engine.step()
-        state["micro_batches"] = number + 1
+        state.micro_batches = number + 1
         window["loss"] += loss.item()
         window["micro"] += 1
         window["tokens"] += n_tokens
@@ -74,16 +75,16 @@ def train_loop(loop_config: dict) -> dict:
         window["rows"] += batch["input_ids"].shape[0]
         if window["micro"] % config.grad_accum:
             continue
-        state["step"] += 1
-        step = state["step"]
+        state.step += 1
+        step = state.step
         last = step == total_steps
         if rank == 0:
             sink.progress(1, window["loss"] / window["micro"])
         if not (step % config.log_every == 0 or step % config.eval_every == 0 or step % config.checkpoint_every == 0 or last):
             continue
 
-        metrics = _window_metrics(window, engine, plan, n_params, model.config, state["micro_batches"])
-        state["tokens"] += metrics.pop("tokens")
+        metrics = _window_metrics(window, engine, plan, n_params, model.config, state.micro_batches)
+        state.tokens += metrics.pop("tokens")
         if step % config.eval_every == 0 or last:
             metrics["eval_loss"] = _evaluate(engine, eval_batches)
             engine.train()
@@ -91,15 +92,15 @@ def train_loop(loop_config: dict) -> dict:
             sink.write(step, metrics)
         report = {"step": step, **metrics}
         if step % config.checkpoint_every == 0 or last:
-            folder = checkpoints.save(engine, step, state)
+            folder = checkpoints.save(engine, step, state.model_dump(mode="json"))
             if folder is not None:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                                  checkpoint_dir_name=checkpoints.checkpoint_dir_name(step))
                 shutil.rmtree(folder, ignore_errors=True)
                 if rank == 0:
-                    checkpoints.sweep_untracked(plan["run_uri"])
+                    checkpoints.sweep_untracked(plan.run_uri)
             else:
-                state["unverified_checkpoints"] += 1
+                state.unverified_checkpoints += 1
                 ray.train.report(report)
         else:
             ray.train.report(report)
@@ -108,18 +109,16 @@ def train_loop(loop_config: dict) -> dict:
     facts = {
         "run_name": config.run_name,
         "config": config.model_dump(mode="json"),
-        "data": plan["data"],
-        "metrics": {"step": state["step"], "tokens_seen": state["tokens"], **metrics},
-        "resumes": state["resumes"],
+        "data": plan.data.model_dump(mode="json"),
+        "metrics": {"step": state.step, "tokens_seen": state.tokens, **metrics},
+        "resumes": [r.model_dump(mode="json") for r in state.resumes],
     }
     exported = export(engine, tokenizer, log_dir / "export", config.export_dtype, facts)
-    final = {"step": state["step"], **metrics, "resumes": state["resumes"], "unverified_checkpoints": state["unverified_checkpoints"]}
+    final = {"step": state.step, **metrics, "resumes": facts["resumes"], "unverified_checkpoints": state.unverified_checkpoints}
     if rank == 0:
         curve = plot_loss_curve(read_history(log_dir), log_dir / LOSS_CURVE, f"{config.run_name}: {config.base_model}")
         final.update(export_dir=str(exported), loss_curve=str(curve))
         if config.register_as:
-            from contract import registry
-
             version = registry.register(exported, config.register_as, config.registry)
             final["registered"] = f"{config.register_as}@{version}"
         sink.close([curve, exported / "README.md"])
@@ -206,7 +205,7 @@ def _new_window() -> dict:
     return {"loss": 0.0, "micro": 0, "tokens": 0, "rows_len": 0, "rows": 0, "data_s": 0.0, "started": time.perf_counter()}
 
 
-def _window_metrics(window: dict, engine, plan: dict, n_params: int, model_config, micro_batches: int) -> dict:
+def _window_metrics(window: dict, engine, plan: TrainPlan, n_params: int, model_config, micro_batches: int) -> dict:
     """Metrics of the steps since the last report, reduced over ranks."""
     elapsed = time.perf_counter() - window["started"]
     sums = torch.tensor([window["loss"], window["micro"], window["tokens"], window["rows_len"], window["rows"], window["data_s"]],
@@ -218,13 +217,13 @@ def _window_metrics(window: dict, engine, plan: dict, n_params: int, model_confi
         "train_loss": loss / micro,
         "lr": engine.get_lr()[0],
         "tokens_per_s": tokens_per_s,
-        "epoch": micro_batches / plan["micro_batches_per_epoch"],
+        "epoch": micro_batches / plan.micro_batches_per_epoch,
         "data_wait": data_s / dist.get_world_size() / elapsed,  # share of the time spent waiting for data
         "memory_gib": memory_gib(),
         "tokens": int(tokens),
     }
-    if plan["peak_flops"]:
+    if plan.peak_flops:
         # Padded positions are computed but are not useful work: MFU counts non-pad tokens only.
         flops = flops_per_token(model_config, rows_len / rows, n_params) * tokens_per_s
-        metrics["mfu"] = flops / (plan["peak_flops"] * dist.get_world_size())
+        metrics["mfu"] = flops / (plan.peak_flops * dist.get_world_size())
     return metrics

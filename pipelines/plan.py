@@ -1,0 +1,47 @@
+"""What crosses the driver/worker boundary of a training run, typed: the plan the driver works out
+before any worker starts, and the state a checkpoint carries so a restarted worker group goes on
+where it left off."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataFacts(_Record):
+    """The data a run trained on, written into its export's training facts."""
+
+    dir: str
+    manifest_sha256: str  # of manifest.json: which preparation, exactly
+    source_fingerprint: str
+    tokenizer_fingerprint: str
+    train_rows: int
+    packed: bool
+
+
+class TrainPlan(_Record):
+    total_steps: int
+    micro_batches_per_epoch: int
+    run_uri: str  # storage_path/run_name: where the run's checkpoints are
+    n_params: int
+    peak_flops: float | None  # FLOP/s of one device at the run's precision, for MFU; None: unknown
+    hyperparameters: dict  # the TrainConfig, for the metrics sinks
+    data: DataFacts
+
+
+class Resume(_Record):
+    checkpoint: str
+    step: int
+
+
+class TrainState(_Record):
+    """Saved in every checkpoint (DeepSpeed's client_state) and restored with it."""
+
+    step: int = 0
+    micro_batches: int = 0  # consumed in the run's data order, so a resume skips exactly these
+    tokens: int = 0
+    resumes: list[Resume] = []
+    unverified_checkpoints: int = 0  # checkpoints that failed verification and were not reported

@@ -27,6 +27,7 @@ COPY --chown=ray:users pipelines pipelines
 COPY --chown=ray:users services services
 COPY --chown=ray:users cluster cluster
 COPY --chown=ray:users ui ui
+COPY --chown=ray:users loop loop
 COPY --chown=ray:users cli cli
 # Installed, not editable: the `dolly` command is on PATH, and Serve's import paths
 # (services.app:build_app, ui.deployment:build_page_app) import from any working directory.

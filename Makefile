@@ -31,7 +31,10 @@ UP_ARGS ?=
 run: install
 	DOLLY_DATA=$(DATA) $(BIN)/dolly up $(UP_ARGS)
 
+# Format and lint first: they take seconds, the tests half an hour.
 test: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/pytest
 
 clean:

@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
@@ -401,3 +402,11 @@ def test_the_image_runs_the_ray_and_torch_the_project_pins():
     assert ray_image == k8s.RAY_VERSION == re.search(r'"ray\[[a-z,]+\]==([0-9.]+)"', pyproject)[1]
     torch = re.search(r'"torch==([0-9.]+)"', pyproject)[1]
     assert set(re.findall(r"torch==([0-9.]+)", dockerfile)) == {torch}
+
+
+@pytest.mark.timeout(60)
+def test_the_image_holds_every_package_the_project_installs():
+    """A package left out of the image imports on a laptop and fails on the cluster."""
+    packages = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    copied = set(re.findall(r"^COPY --chown=\S+ (\w+) \1$", (REPO / "Dockerfile").read_text(), re.M))
+    assert packages == copied

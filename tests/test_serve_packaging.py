@@ -34,6 +34,21 @@ def test_serve_build_turns_the_application_into_a_serve_config(tiny_model, tmp_p
     assert deployments["OpenAIIngress"]["backpressure_config"]["retry_after_s"] > 0
 
 
+def test_a_bad_setting_under_serve_build_names_the_setting_not_a_command_line(tmp_path, monkeypatch):
+    """services.env is library code: its settings error is the contract's, free of the CLI's typer."""
+    from contract.errors import UserError
+    from contract.settings import SettingsError
+
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("deployment:\n  max_replicas: many\n")
+    monkeypatch.setenv("DOLLY_MODEL", "dolly@latest")
+    monkeypatch.setenv("DOLLY_SERVE_CONFIG", str(settings))
+    monkeypatch.delitem(sys.modules, "services.env", raising=False)
+    with pytest.raises(SettingsError, match=r"setting 'deployment.max_replicas'.*got 'many'") as error:
+        import services.env  # noqa: F401
+    assert isinstance(error.value, UserError)  # shown plainly wherever it surfaces, like every user error
+
+
 def test_serve_help_lists_every_setting():
     result = dolly("serve", "--help")
     assert result.returncode == 0

@@ -107,7 +107,7 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
         serve_pod=PodShape(cpu=4, memory_gib=8),
         storage_gib=50, job_deadline_s=4 * 3600, model_load_s=30,
         # A small model and short rows: a pipeline check on CPUs, not a useful model.
-        train=dict(base_model="EleutherAI/pythia-70m", num_workers=2, cpus_per_worker=2, max_length=512, epochs=1),
+        train=dict(base_model="EleutherAI/pythia-70m", num_workers=2, cpus_per_worker=2, epochs=1, prepare=dict(max_length=512)),
         serve=dict(deployment=dict(min_replicas=1, max_replicas=2, num_cpus=2), engine=dict(torch_threads=2)),
     ),
     Profile(

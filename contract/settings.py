@@ -42,10 +42,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return result
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, nested mappings merged key by key."""
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
 
 
@@ -58,8 +59,8 @@ def load_config(cls: type[Config], config_file: Path | None = None, flags: dict 
         if not isinstance(loaded, dict):
             raise SettingsError(f"{config_file} must hold a mapping of settings", source="--config")
         values = loaded
-    values = _merge(values, {k: v for k, v in (flags or {}).items() if v is not None})
-    values = _merge(values, parse_overrides(list(overrides)))
+    values = merge(values, {k: v for k, v in (flags or {}).items() if v is not None})
+    values = merge(values, parse_overrides(list(overrides)))
     try:
         return cls.model_validate(values)
     except ValidationError as e:

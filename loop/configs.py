@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contract.registry import DEFAULT_ROOT
+from contract.settings import merge
 from pipelines.behaviour import BehaviourConfig
 from pipelines.configs import TrainConfig
 from pipelines.presets import PRESETS, PresetName
@@ -40,11 +41,11 @@ class UpConfig(BaseModel):
     workdir: Path = Field(Path("runs/up"), description="prepared data, runs, evaluations and the API key file")
     registry: Path = Field(DEFAULT_ROOT, description="model registry the tuned model is registered in")
     model_name: str = Field("dolly", pattern=r"^[A-Za-z0-9._-]+$", description="registry name, served as the API's model id")
-    max_length: int | None = Field(None, ge=16, description=f"longest example in tokens (default: {_CPU_DEMO['max_length']} on cpu, else the model's context)")
+    max_length: int | None = Field(None, ge=16, description=f"longest example in tokens (default: {_CPU_DEMO['prepare']['max_length']} on cpu, else the model's context)")
     test_size: int = Field(200, ge=1, description="held-out examples (Dolly's notebook: 200)")
     max_steps: int | None = Field(None, ge=1, description=f"optimizer steps (default: {_CPU_DEMO['max_steps']} on cpu, else Dolly's two epochs)")
     num_workers: int | None = Field(None, ge=1, description=f"training workers (default: {_CPU_DEMO['num_workers']} on cpu, else 2, one per GPU)")
-    pack: bool | None = Field(None, description=f"pack several examples per training row (default: {_CPU_DEMO['pack']} on cpu, else false: Dolly's padded batches)")
+    pack: bool | None = Field(None, description=f"pack several examples per training row (default: {_CPU_DEMO['prepare']['pack']} on cpu, else false: Dolly's padded batches)")
     micro_batch_size: int | None = Field(None, ge=1, description=f"rows per worker per step (default: {_CPU_DEMO['micro_batch_size']} on cpu, else the preset's)")
     lr: float | None = Field(None, gt=0, description=f"peak learning rate (default: {_CPU_DEMO['lr']:g} on cpu, a short run; else Dolly's 5e-6)")
     train: dict = Field(default_factory=dict, description="any further `dolly train` setting, e.g. train.zero_stage=3")
@@ -65,17 +66,21 @@ class UpConfig(BaseModel):
     def train_config(self, data_dir: Path, run_name: str = "up", test_size: int | None = None) -> TrainConfig:
         """What `dolly up` trains with: the preset's demo under what this config sets. The preparation
         settings travel along, so `dolly retrain` prepares again with them."""
-        chosen = dict(num_workers=self.num_workers, max_steps=self.max_steps, pack=self.pack, max_length=self.max_length,
-                      micro_batch_size=self.micro_batch_size, lr=self.lr)
-        settings = {**PRESETS[self.preset].demo, **{k: v for k, v in chosen.items() if v is not None}}
+        chosen = dict(num_workers=self.num_workers, max_steps=self.max_steps, micro_batch_size=self.micro_batch_size, lr=self.lr,
+                      prepare=dict(pack=self.pack, max_length=self.max_length, test_size=test_size or self.test_size))
+        settings = merge(PRESETS[self.preset].demo, _set(chosen))
         if not PRESETS[self.preset].settings["use_gpu"] and settings.get("num_workers") == 1:
             # One CPU worker gets every core as its torch threads (Ray gives a worker as many as it claims).
             settings["cpus_per_worker"] = float(os.cpu_count() or 1)
+        settings.update(base_model=self.base_model, tokenizer=self.tokenizer, data_dir=data_dir, preset=self.preset, run_name=run_name,
+                        storage_path=str(self.workdir / "runs"), output_dir=self.workdir / "runs", registry=self.registry)
         # `dolly up` registers the export itself, once, however often it is run.
-        return TrainConfig.model_validate({
-            **settings, "base_model": self.base_model, "tokenizer": self.tokenizer, "data_dir": data_dir, "preset": self.preset,
-            "run_name": run_name, "test_size": test_size or self.test_size, "storage_path": str(self.workdir / "runs"),
-            "output_dir": self.workdir / "runs", "registry": self.registry, **self.train, "register_as": None})
+        return TrainConfig.model_validate({**merge(settings, self.train), "register_as": None})
+
+
+def _set(values: dict) -> dict:
+    """`values` without the unset (None) ones, nested mappings too."""
+    return {k: _set(v) if isinstance(v, dict) else v for k, v in values.items() if v is not None}
 
 
 class GateConfig(BaseModel):

@@ -57,8 +57,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         # The built-in sample has 40 records: hold out 8, so every category still has some to learn from.
         train_config = config.train_config(data_dir, test_size=8 if source == str(BUILTIN_SAMPLE) else None)
         prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=base_folder,
-                              max_length=train_config.max_length, test_size=train_config.test_size, pack=train_config.pack),
-                console)
+                              **train_config.prepare.model_dump()), console)
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
         _stage(console, 2, f"Score the base model ({config.base_model}): held-out loss and answers")

@@ -16,15 +16,12 @@ from pipelines.records import DOLLY_CATEGORIES
 from pipelines.sources import DOLLY_HUB_ID
 
 
-class PrepareConfig(BaseModel):
-    """`dolly data prepare`: corpus -> validated, tokenized, split Parquet shards + manifest."""
+class PrepareSettings(BaseModel):
+    """How a corpus becomes training rows: the recipe of `dolly data prepare`, and of `dolly train`
+    when it prepares its `source` itself."""
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(DOLLY_HUB_ID, description="Hub dataset id, local .jsonl/.json/.parquet file or folder, or s3:// / gs:// URI")
-    output_dir: Path = Field(Path("runs/data"), description="where shards, manifest, rejects and plots are written")
-    tokenizer: str = Field("EleutherAI/pythia-2.8b", description="base model's tokenizer: Hub id or local folder")
-    model: str | None = Field(None, description="model whose config gives max_length (default: the tokenizer's folder)")
     max_length: int | None = Field(None, ge=16, description="longest example in tokens (default: from the model/tokenizer config, else 1024)")
     length_policy: Literal["drop", "truncate"] = Field("drop", description="over-length examples: drop them (as Dolly does) or truncate the response")
     categories: list[str] | None = Field(list(DOLLY_CATEGORIES), description="allowed categories; null accepts any")
@@ -36,6 +33,15 @@ class PrepareConfig(BaseModel):
     block_rows: int = Field(2000, ge=1, description="records per Ray Data block: the unit of parallel work")
     cpus_per_task: float = Field(0.5, gt=0, description="logical CPUs each Ray Data task claims; fractional so data and training can share small machines")
     concurrency: int | None = Field(None, ge=1, description="most tokenization tasks at once (default: this machine's cores: more only thrash, as the tokenizer is multi-threaded)")
+
+
+class PrepareConfig(PrepareSettings):
+    """`dolly data prepare`: corpus -> validated, tokenized, split Parquet shards + manifest."""
+
+    source: str = Field(DOLLY_HUB_ID, description="Hub dataset id, local .jsonl/.json/.parquet file or folder, or s3:// / gs:// URI")
+    output_dir: Path = Field(Path("runs/data"), description="where shards, manifest, rejects and plots are written")
+    tokenizer: str = Field("EleutherAI/pythia-2.8b", description="base model's tokenizer: Hub id or local folder")
+    model: str | None = Field(None, description="model whose config gives max_length (default: the tokenizer's folder)")
     force: bool = Field(False, description="prepare again even if output_dir already holds the same preparation")
 
 
@@ -54,9 +60,7 @@ class TrainConfig(BaseModel):
     gguf_file: str | None = Field(None, description="GGUF file inside base_model's folder to load (de-quantised), e.g. SmolLM2's")
     data_dir: Path = Field(Path("runs/data"), description="shards and manifest written by `dolly data prepare`")
     source: str | None = Field(None, description="raw corpus to prepare into data_dir first (file, folder, Hub id or URI); null: train on data_dir as it is")
-    max_length: int | None = Field(None, ge=16, description="when preparing from source: longest example in tokens (default: the model's context)")
-    pack: bool = Field(False, description="when preparing from source: pack several examples per row")
-    test_size: int = Field(200, ge=1, description="when preparing from source: held-out examples (Dolly's notebook: 200)")
+    prepare: PrepareSettings = Field(default_factory=PrepareSettings, description="how source is prepared, as `dolly data prepare` does (e.g. prepare.pack=true)")
 
     # Hardware and parallelism
     preset: PresetName | None = Field(None, description="hardware preset: device memory, peak FLOP/s and a recipe for unset settings")

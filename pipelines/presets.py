@@ -61,7 +61,7 @@ PRESETS: dict[str, HardwarePreset] = {
         # A few minutes of training on a laptop (bench/RESULTS.md): one worker (on one machine's cores a
         # second adds gradient traffic and start-up, not tokens/s), packed rows (1.6x the tokens/s of
         # padded ones), short examples, and a learning rate for 30 steps (higher made the answers loop).
-        demo=dict(num_workers=1, max_steps=30, pack=True, max_length=256, micro_batch_size=2, lr=5e-5, warmup_steps=3,
-                  eval_batches=4, checkpoint_every=15),
+        demo=dict(num_workers=1, max_steps=30, micro_batch_size=2, lr=5e-5, warmup_steps=3, eval_batches=4,
+                  checkpoint_every=15, prepare=dict(pack=True, max_length=256)),
     ),
 }

@@ -51,8 +51,7 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
         from pipelines.prepare import prepare
 
         prepare(PrepareConfig(source=config.source, output_dir=config.data_dir, tokenizer=config.tokenizer_path,
-                              model=config.base_model, max_length=config.max_length, pack=config.pack,
-                              test_size=config.test_size, seed=config.seed), console)
+                              model=config.base_model, **config.prepare.model_dump()), console)
     manifest = verify_manifest(config.data_dir, tokenizer)
     rows, seq_len = _train_rows(manifest)
     if not manifest["splits"]["test"]["examples"]:

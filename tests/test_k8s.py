@@ -368,7 +368,7 @@ def test_the_training_pods_hold_the_plan_the_memory_preflight_accepts(profile):
     assert config.cpus_per_worker * workers_per_pod < cpus, "CPUs are left for Ray Data to feed the workers"
     assert config.host_memory_gib == memory_gib, "the preflight checks host memory against the pod's"
     shape = preflight.ModelShape.of(same_shape(config.base_model))
-    plan = preflight.check(config, shape, seq_len=config.max_length or 2048)  # PlanDoesNotFit otherwise
+    plan = preflight.check(config, shape, seq_len=config.prepare.max_length or 2048)  # PlanDoesNotFit otherwise
     assert plan.host_gib <= memory_gib
     if config.use_gpu:
         assert plan.device_budget_gib == preset.device_memory_gib

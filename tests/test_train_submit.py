@@ -59,7 +59,7 @@ def test_training_runs_as_a_job_with_streamed_logs_and_exit_status(ray_head, tmp
     config = tmp_path / "train.yaml"
     config.write_text(json.dumps({
         "base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "source": str(train_data.parent / "slice.jsonl"),
-        "data_dir": str(tmp_path / "data"), "max_length": 128, "test_size": 2,
+        "data_dir": str(tmp_path / "data"), "prepare": {"max_length": 128, "test_size": 2},
         "num_workers": 2, "micro_batch_size": 2, "max_steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2,
         "storage_path": str(tmp_path / "storage"), "output_dir": str(tmp_path / "out"), "register_as": None,
         "run_name": "job",
@@ -101,7 +101,7 @@ def test_a_gated_retrain_runs_as_a_job_and_reports_its_decision(ray_head, tmp_pa
     registry.register(serving, "dolly", tmp_path / "registry")
     new = tmp_path / "new.jsonl"
     new.write_text((train_data.parent / "slice.jsonl").read_text().splitlines()[0] + "\n")
-    train = {"base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "max_length": 128, "test_size": 2,
+    train = {"base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "prepare": {"max_length": 128, "test_size": 2},
              "num_workers": 1, "micro_batch_size": 2, "max_steps": 2, "warmup_steps": 0, "lr": 1e-3,
              "storage_path": str(tmp_path / "storage"), "output_dir": str(tmp_path / "out"), "registry": str(tmp_path / "registry")}
     result = subprocess.run(

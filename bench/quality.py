@@ -53,9 +53,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "quality.json")
     args = parser.parse_args()
 
-    from pipelines.behaviour import BehaviourConfig, behaviour_table, summarize
-    from pipelines.evaluate import LoadedModel, answer, heldout_prompts, score_model, show_scores
     from contract.sampling import SamplingParams
+    from pipelines.answers import answer, heldout_prompts
+    from pipelines.behaviour import BehaviourConfig, behaviour_table, summarize
+    from pipelines.evaluate import score_model, show_scores
+    from pipelines.heldout import LoadedModel
 
     console = Console(width=200)
     data_dir = args.workdir / "data"

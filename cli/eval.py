@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from cli.configs import config_option, load_config, option, settings_help
-from pipelines.eval_config import EvalConfig
+from pipelines.configs import EvalConfig
 
 EPILOG = settings_help(EvalConfig)
 

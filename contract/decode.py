@@ -16,6 +16,15 @@ import torch.nn.functional as F
 from contract.sampling import SamplingParams, generators_for, penalize, sample
 
 
+def finish_reason(token: int, generated: int, stop_ids: set[int], max_tokens: int) -> str | None:
+    """How a row that has `generated` tokens so far ends at `token`: "stop" at a stop token (not
+    part of the answer), "length" when `token` is its max_tokens-th, None while it goes on. Serving
+    and evaluation both end answers by this, so scores describe what users get."""
+    if token in stop_ids:
+        return "stop"
+    return "length" if generated + 1 >= max_tokens else None
+
+
 class BatchDecoder:
     def __init__(self, model, pad_id: int):
         self._model, self._pad_id = model, pad_id

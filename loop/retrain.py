@@ -25,6 +25,7 @@ from loop.configs import RetrainConfig
 from loop.deploy import switch_model
 from loop.gate import gate
 from pipelines.evaluate import score_model, show_scores
+from pipelines.manifest import verified
 from pipelines.sources import resolve_source
 from pipelines.train import train_once
 from services.config import ServeConfig
@@ -62,12 +63,12 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
         console.print(f"Registered the candidate as {candidate_name} (not promoted yet)")
 
         console.rule(f"[bold]Evaluate {candidate_name} against the serving {serving_name}")
-        data_dir = train_config.data_dir
+        data = verified(train_config.data_dir)  # once for both models (a reused run did not verify it)
         # The gate judges greedy answers: they are made even when the report asks only for sampled ones.
         modes = list(dict.fromkeys([*config.behaviour.modes, *(["greedy"] if config.gate.behaviour else [])]))
         behaviour = config.behaviour.model_copy(update={"modes": modes})
-        serving, _ = score_model(str(serving_folder), data_dir, behaviour, max_examples=config.eval_examples)
-        candidate, _ = score_model(str(export_dir), data_dir, behaviour, max_examples=config.eval_examples)
+        serving, _ = score_model(str(serving_folder), data, behaviour, max_examples=config.eval_examples)
+        candidate, _ = score_model(str(export_dir), data, behaviour, max_examples=config.eval_examples)
         serving, candidate = serving.named(serving_name), candidate.named(candidate_name)
         charts_dir = workdir / f"{serving_name}-vs-{candidate_name}".replace("@", "-")
         charts_dir.mkdir(parents=True, exist_ok=True)

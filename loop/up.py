@@ -30,7 +30,7 @@ from loop.configs import UpConfig
 from loop.deploy import deploy, wait_forever
 from pipelines.configs import PrepareConfig
 from pipelines.evaluate import ModelScores, score_model, show_scores
-from pipelines.manifest import MANIFEST_NAME
+from pipelines.manifest import MANIFEST_NAME, VerifiedData
 from pipelines.prepare import prepare
 from pipelines.sources import BUILTIN_SAMPLE, choose_source
 from pipelines.train import train_once
@@ -56,19 +56,20 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         tokenizer = config.tokenizer or base_folder
         # The built-in sample has 40 records: hold out 8, so every category still has some to learn from.
         train_config = config.train_config(data_dir, test_size=8 if source == str(BUILTIN_SAMPLE) else None)
-        prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=base_folder,
-                              **train_config.prepare.model_dump()), console)
+        # Verified here, once: the stages below take the verified shards as they are.
+        data = prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=base_folder,
+                                     **train_config.prepare.model_dump()), console).data
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
         _stage(console, 2, f"Score the base model ({config.base_model}): held-out loss and answers")
-        base = _cached_scores(config.base_model, config.tokenizer, data_dir, data_sha, config, console)
+        base = _cached_scores(config.base_model, config.tokenizer, data, data_sha, config, console)
 
         _stage(console, 3, f"Fine-tune with Ray Train + DeepSpeed ZeRO-{train_config.zero_stage}")
-        train_config, export_dir = train_once(train_config, "up", data_sha, console)
+        train_config, export_dir = train_once(train_config, "up", data_sha, console, data)
         run_name = train_config.run_name
 
         _stage(console, 4, "Score the tuned model: held-out loss and answers")
-        tuned = _cached_scores(str(export_dir), None, data_dir, data_sha, config, console).named(f"tuned ({run_name})")
+        tuned = _cached_scores(str(export_dir), None, data, data_sha, config, console).named(f"tuned ({run_name})")
         charts = show_scores([base, tuned], workdir, console)
         report = workdir / "report.json"
         report.write_text(json.dumps({"base": base.model_dump(mode="json"), "tuned": tuned.model_dump(mode="json"),
@@ -115,7 +116,7 @@ def _stage(console: Console, number: int, title: str) -> None:
     console.rule(f"[bold]{number}/{STAGES} {title}")
 
 
-def _cached_scores(model: str, tokenizer: str | None, data_dir: Path, data_sha: str, config: UpConfig, console: Console):
+def _cached_scores(model: str, tokenizer: str | None, data: VerifiedData, data_sha: str, config: UpConfig, console: Console):
     """Scores only change with the data, the model and what is scored: keep them. (An export's
     folder is named after its run, which is named after its data and settings.)"""
     what = f"{data_sha} {model} {config.eval_examples} {config.behaviour.model_dump_json()}"
@@ -123,7 +124,7 @@ def _cached_scores(model: str, tokenizer: str | None, data_dir: Path, data_sha: 
     if cache.exists():
         console.print(f"Reusing the score of {model} ({cache})")
         return ModelScores.model_validate_json(cache.read_text())
-    scores, _ = score_model(model, data_dir, config.behaviour, max_examples=config.eval_examples, tokenizer=tokenizer)
+    scores, _ = score_model(model, data, config.behaviour, max_examples=config.eval_examples, tokenizer=tokenizer)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(scores.model_dump_json(indent=2))
     return scores

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from contract import generation
 from contract.registry import DEFAULT_ROOT
 from pipelines.presets import PRESETS, PresetName
 from pipelines.behaviour import BehaviourConfig
@@ -131,3 +132,37 @@ class TrainConfig(BaseModel):
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.base_model
+
+
+# The EleutherAI LM Evaluation Harness tasks of the dolly-v2 model card's table, in its order
+# (pipelines.harness holds the card's scores of them).
+DOLLY_V2_TASKS = ("openbookqa", "arc_easy", "winogrande", "hellaswag", "arc_challenge", "piqa", "boolq")
+
+
+class EvalConfig(BaseModel):
+    """`dolly eval`: held-out loss per category (against a base, if given), sample answers, and
+    optionally the LM Evaluation Harness tasks of the dolly-v2 table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("dolly@latest", description="model to evaluate: NAME@latest / NAME@N from the registry, an exported folder, a Hub id, pythia-<size>-random or smollm2-135m-instruct")
+    base: str | None = Field(None, description="model to compare with, e.g. the base it was tuned from (same kinds of reference); null: no comparison")
+    tokenizer: str | None = Field(None, description="tokenizer folder or Hub id for both models (default: each model's own; random shapes need one)")
+    base_gguf_file: str | None = Field(None, description="GGUF file inside the base's folder to load (de-quantised); then also set tokenizer")
+    data_dir: Path = Field(Path("runs/data"), description="shards and manifest written by `dolly data prepare`: the test split is scored")
+    output_dir: Path = Field(Path("runs/eval"), description="reports go to <output_dir>/<model name>/")
+    registry: Path = Field(DEFAULT_ROOT, description="model registry folder")
+    batch_size: int = Field(8, ge=1, description="examples per forward pass (and per generation batch)")
+    max_examples: int | None = Field(None, ge=1, description="score only this many test examples: a deterministic subset, round-robin over categories (default: all)")
+    samples_per_category: int = Field(1, ge=0, description="test prompts per category to generate answers for (0: none)")
+    max_new_tokens: int = Field(generation.MAX_NEW_TOKENS, ge=1, description="longest generated answer in tokens (Dolly's default)")
+    temperature: float = Field(generation.TEMPERATURE, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(generation.TOP_P, gt=0, le=1, description="nucleus sampling (Dolly's default)")
+    top_k: int = Field(generation.TOP_K, ge=0, description="top-k sampling (0: off, Dolly's default)")
+    seed: int = Field(42, description="seed of sampling, and of random-shape weights (training's default, so a random base starts where training did)")
+    harness: bool = Field(False, description="also run the LM Evaluation Harness (pip install lm_eval; its datasets come from the Hugging Face Hub)")
+    tasks: list[str] = Field(list(DOLLY_V2_TASKS), description="lm-eval tasks (default: the dolly-v2 table's seven, zero-shot)")
+    harness_limit: int | None = Field(None, ge=1, description="most examples per harness task (default: all; a limit is for smoke runs only)")
+    harness_include_path: Path | None = Field(None, description="folder of extra lm-eval task YAML files (e.g. tasks over local data)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: a GPU if there is one; bf16 there, fp32 on CPU)")
+    behaviour: BehaviourConfig = Field(default_factory=BehaviourConfig, description="answers to held-out instructions, scored for stop rate, repetition, ROUGE-L and length")

@@ -1,14 +1,16 @@
 """The manifest beside the shards: what they were built from, and a check that training reads
 exactly that.
 
-Shards tokenized with one tokenizer and trained with another give a model that learns garbage
-without any error; so training calls `verify_manifest` first and refuses a mismatch.
+Shards tokenized with one tokenizer and read with another give a model that learns garbage, or a
+held-out loss that means nothing, without any error; so training and evaluation call
+`verify_manifest` first and refuse a mismatch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -78,8 +80,18 @@ def read_manifest(data_dir: Path) -> dict:
     return manifest
 
 
-def verify_manifest(data_dir: Path, tokenizer=None) -> dict:
-    """Check the shards against their manifest (and, given one, the tokenizer training will use).
+@dataclass(frozen=True)
+class VerifiedData:
+    """Shards whose hashes matched their manifest: what one stage hands the next (preparation to
+    scoring, scoring to training), so the shards are hashed once and not at every step."""
+
+    dir: Path
+    manifest: dict
+
+
+def verify_manifest(data_dir: Path, tokenizer=None, model: str | None = None) -> dict:
+    """Check the shards against their manifest and, given one, the tokenizer that will read them:
+    training's, or with `model` named, the tokenizer of a model evaluated on them.
 
     Returns the manifest. Raises ManifestError naming what differs and how to fix it.
     """
@@ -88,15 +100,7 @@ def verify_manifest(data_dir: Path, tokenizer=None) -> dict:
     redo = f"re-run `dolly data prepare --out {data_dir}`"
     if manifest["contract"]["fingerprint"] != contract_fingerprint():
         raise ManifestError(f"{data_dir} was rendered with a different prompt template: {redo}")
-    if tokenizer is not None:
-        expected = manifest["tokenizer"]["fingerprint"]
-        actual = tokenizer_fingerprint(tokenizer)
-        if actual != expected:
-            raise ManifestError(
-                f"{data_dir} was tokenized with {manifest['tokenizer']['name_or_path']!r} (fingerprint "
-                f"{expected[:12]}), but this tokenizer ({tokenizer.name_or_path!r}) has fingerprint {actual[:12]}: "
-                f"train with the same tokenizer, or {redo} --tokenizer {tokenizer.name_or_path}"
-            )
+    check_tokenizer(VerifiedData(data_dir, manifest), tokenizer, model)
     actual_shards = shard_hashes(data_dir)
     recorded = manifest["shards"]
     for name in sorted(set(recorded) | set(actual_shards)):
@@ -107,3 +111,34 @@ def verify_manifest(data_dir: Path, tokenizer=None) -> dict:
         if actual_shards[name] != recorded[name]["sha256"]:
             raise ManifestError(f"shard {data_dir / name} changed since it was written (sha256 differs): {redo}")
     return manifest
+
+
+def verified(data: Path | VerifiedData, tokenizer=None, model: str | None = None) -> VerifiedData:
+    """`data` checked for `tokenizer` (see verify_manifest); its shards are hashed only when no
+    stage before has verified them."""
+    if isinstance(data, VerifiedData):
+        check_tokenizer(data, tokenizer, model)
+        return data
+    return VerifiedData(Path(data), verify_manifest(data, tokenizer, model))
+
+
+def check_tokenizer(data: VerifiedData, tokenizer, model: str | None = None) -> None:
+    """Refuse a tokenizer other than the one the shards were made with (None: no check)."""
+    data_dir, manifest = data.dir, data.manifest
+    redo = f"re-run `dolly data prepare --out {data_dir}`"
+    if tokenizer is not None:
+        expected = manifest["tokenizer"]
+        actual = tokenizer_fingerprint(tokenizer)
+        if actual != expected["fingerprint"]:
+            made = f"{data_dir} was tokenized with {expected['name_or_path']!r}"
+            if model is None:
+                raise ManifestError(
+                    f"{made} (fingerprint {expected['fingerprint'][:12]}), but this tokenizer ({tokenizer.name_or_path!r}) has "
+                    f"fingerprint {actual[:12]}: train with the same tokenizer, or {redo} --tokenizer {tokenizer.name_or_path}"
+                )
+            # Evaluation's fix is held-out data of its own: the folder may be what another model trains on.
+            raise ManifestError(
+                f"{made} ({expected['vocab_size']} ids, fingerprint {expected['fingerprint'][:12]}), but {model} uses tokenizer "
+                f"{tokenizer.name_or_path!r} ({len(tokenizer)} ids, fingerprint {actual[:12]}): prepare held-out data with the "
+                f"model's tokenizer, e.g. dolly data prepare --out {data_dir}-eval --tokenizer {tokenizer.name_or_path}"
+            )

@@ -45,6 +45,11 @@ class PrepareResult:
     manifest: dict
     reused: bool
 
+    @property
+    def data(self) -> mf.VerifiedData:
+        """The shards as the next stage takes them: just written, or verified before reuse."""
+        return mf.VerifiedData(self.output_dir, self.manifest)
+
 
 def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareResult:
     console = console or Console()

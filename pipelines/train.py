@@ -26,7 +26,8 @@ from contract.errors import UserError
 from contract.models import load_tokenizer
 from pipelines import preflight
 from pipelines.configs import PrepareConfig, TrainConfig
-from pipelines.manifest import MANIFEST_NAME, verify_manifest
+from pipelines.manifest import MANIFEST_NAME, VerifiedData, verified
+from pipelines.prepare import prepare
 from contract.registry import TRAINING_FACTS
 from pipelines.plan import DataFacts, TrainPlan
 from pipelines.train_worker import train_loop
@@ -43,16 +44,16 @@ class TrainResult:
     run_dir: Path
 
 
-def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
+def train(config: TrainConfig, console: Console | None = None, data: VerifiedData | None = None) -> TrainResult:
+    """Train on `config.data_dir`: prepared from `config.source` first if set, else as `data`
+    hands it on verified from a stage before, else verified here."""
     console = console or Console()
     config = _absolute(config)
     tokenizer = load_tokenizer(config.tokenizer_path)
     if config.source:
-        from pipelines.prepare import prepare
-
-        prepare(PrepareConfig(source=config.source, output_dir=config.data_dir, tokenizer=config.tokenizer_path,
-                              model=config.base_model, **config.prepare.model_dump()), console)
-    manifest = verify_manifest(config.data_dir, tokenizer)
+        data = prepare(PrepareConfig(source=config.source, output_dir=config.data_dir, tokenizer=config.tokenizer_path,
+                                     model=config.base_model, **config.prepare.model_dump()), console).data
+    manifest = verified(data or config.data_dir, tokenizer).manifest
     rows, seq_len = _train_rows(manifest)
     if not manifest["splits"]["test"]["examples"]:
         raise UserError(f"{config.data_dir} has no held-out split to evaluate on: prepare it with test_size of 1 or more")
@@ -120,7 +121,8 @@ def train(config: TrainConfig, console: Console | None = None) -> TrainResult:
     return TrainResult(metrics, checkpoint, Path(config.output_dir) / config.run_name)
 
 
-def train_once(config: TrainConfig, prefix: str, data_fingerprint: str, console: Console) -> tuple[TrainConfig, Path]:
+def train_once(config: TrainConfig, prefix: str, data_fingerprint: str, console: Console,
+               data: VerifiedData | None = None) -> tuple[TrainConfig, Path]:
     """Train under a run name made from the data and the settings, unless that run has exported
     already; returns (the config as run, its export folder). The same inputs then reuse their
     run, and other inputs never resume someone else's checkpoints."""
@@ -131,7 +133,7 @@ def train_once(config: TrainConfig, prefix: str, data_fingerprint: str, console:
     if (export_dir / TRAINING_FACTS).exists():
         console.print(f"Reusing run {run_name}: it finished with the same data and settings ({export_dir})")
     else:
-        train(config, console)
+        train(config, console, data)
     return config, export_dir
 
 

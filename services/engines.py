@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ray import serve
 
 from services.config import EngineConfig
-from contract.decode import BatchDecoder
+from contract.decode import BatchDecoder, finish_reason
 from contract.sampling import SamplingParams
 
 logger = logging.getLogger("ray.serve")
@@ -139,11 +139,10 @@ class DynamicBatchingEngine:
             job = jobs[row]
             if job.done:
                 continue
-            if token in self._stop_ids:
-                step = Step(None, "stop")
-            else:
+            finish = finish_reason(token, job.produced, self._stop_ids, job.params.max_tokens)
+            if finish != "stop":
                 job.produced += 1
-                step = Step(token, "length" if job.produced >= job.params.max_tokens else None)
+            step = Step(None if finish == "stop" else token, finish)
             job.steps.put_nowait(step)
             job.done = step.finish is not None
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from contract import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL
-from pipelines.behaviour import LOOP_THRESHOLD, BehaviourConfig, BehaviourReport, Sample, repetition, rouge_l, summarize
 from loop.configs import GateConfig
-from pipelines.evaluate import CategoryLoss, LossReport
-from pipelines.records import DOLLY_CATEGORIES
 from loop.gate import gate
+from pipelines.behaviour import LOOP_THRESHOLD, BehaviourConfig, BehaviourReport, Sample, repetition, rouge_l, summarize
+from pipelines.loss import CategoryLoss, LossReport
+from pipelines.records import DOLLY_CATEGORIES
 
 REFERENCE = "Paris is the capital of France, and it lies on the Seine."
 
@@ -148,8 +148,8 @@ def short_answer_corpus(path: Path, n: int = 64) -> Path:
 
 @pytest.mark.timeout(600)
 def test_a_short_training_run_makes_a_tiny_model_end_its_answers(tmp_path, tokenizer_path, ray_cluster):
+    from pipelines.answers import heldout_behaviour
     from pipelines.configs import PrepareConfig, TrainConfig
-    from pipelines.evaluate import heldout_behaviour
     from pipelines.prepare import prepare
     from pipelines.train import train
 

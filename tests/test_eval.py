@@ -18,24 +18,14 @@ from typer import Typer
 from typer.testing import CliRunner
 
 from cli.eval import eval_command
-from contract import END_KEY
+from contract import END_KEY, registry
 from contract.errors import UserError
 from contract.models import load_model, load_tokenizer
-from contract import registry
-from pipelines.evaluate import (
-    DOLLY_V2_TASKS,
-    PUBLISHED_DOLLY_V2,
-    HarnessReport,
-    LoadedModel,
-    TaskScore,
-    compare,
-    harness_table,
-    heldout_loss,
-    lm_eval_harness,
-    plot_comparison,
-    read_heldout,
-    sample_generations,
-)
+from pipelines.answers import sample_generations
+from pipelines.configs import DOLLY_V2_TASKS
+from pipelines.harness import PUBLISHED_DOLLY_V2, HarnessReport, TaskScore, harness_table, lm_eval_harness
+from pipelines.heldout import LoadedModel, read_heldout
+from pipelines.loss import compare, heldout_loss, plot_comparison
 from pipelines.manifest import read_manifest
 from pipelines.records import DOLLY_CATEGORIES
 from tests.conftest import export_tiny_model
@@ -127,6 +117,30 @@ def test_shards_of_another_tokenizer_are_refused_naming_both(tmp_path, tokenizer
     message = str(refused.value)
     assert tokenizer_path in message and str(tmp_path / "other-model") in message
     assert "--tokenizer" in message and "dolly data prepare" in message
+
+
+@pytest.mark.timeout(300)
+def test_scoring_hashes_the_shards_once_and_not_again_when_handed_them_verified(monkeypatch, tmp_path, tokenizer_path,
+                                                                               tiny_model, heldout):
+    from pipelines import manifest
+    from pipelines.behaviour import BehaviourConfig
+    from pipelines.evaluate import score_model
+
+    hashed = []
+    real = manifest.shard_hashes
+    monkeypatch.setattr(manifest, "shard_hashes", lambda folder: hashed.append(folder) or real(folder))
+    behaviour = BehaviourConfig(modes=["greedy"], examples=2, max_new_tokens=4)
+    from_folder, _ = score_model(str(tiny_model), heldout, behaviour, max_examples=4)
+    assert len(hashed) == 1, "loss and answers read shards verified once"
+    data = manifest.verified(heldout)
+    hashed.clear()
+    from_verified, _ = score_model(str(tiny_model), data, behaviour, max_examples=4)
+    assert hashed == [] and from_verified == from_folder
+    other = AutoTokenizer.from_pretrained(tokenizer_path)
+    other.add_tokens(["<an extra token>"])
+    other.save_pretrained(tmp_path / "other-model")
+    with pytest.raises(UserError, match="dolly data prepare"):  # verified shards still refuse a foreign tokenizer
+        heldout_loss(str(tmp_path / "other-model"), data, progress=False)
 
 
 def constant_model(folder: Path, tiny_model: Path, p_end: float) -> tuple[Path, str]:

@@ -123,8 +123,8 @@ def test_up_again_after_a_promotion_keeps_serving_the_promoted_version(loop, cap
     (GateConfig(behaviour=False, min_improvement=0.06, relative=True), 2.0, 1.9, False),
 ])
 def test_the_gate_wants_lower_by_more_than_the_margin(gate, serving, candidate, promote):
-    from pipelines.evaluate import CategoryLoss, LossReport
     from loop.gate import gate as judge
+    from pipelines.loss import CategoryLoss, LossReport
 
     def report(loss):
         scores = CategoryLoss(examples=1, tokens=1, loss=loss, perplexity=2.718**loss)
@@ -135,8 +135,8 @@ def test_the_gate_wants_lower_by_more_than_the_margin(gate, serving, candidate, 
 
 def test_a_gate_on_a_category_without_examples_names_the_ones_there_are():
     from contract.errors import UserError
-    from pipelines.evaluate import CategoryLoss, LossReport
     from loop.gate import gate as judge
+    from pipelines.loss import CategoryLoss, LossReport
 
     scores = CategoryLoss(examples=1, tokens=1, loss=1.0, perplexity=2.7)
     report = LossReport(model="m", overall=scores, by_category={"closed_qa": scores})

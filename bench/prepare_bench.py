@@ -51,8 +51,7 @@ def bench_ours(corpus: str, tokenizer: str, workdir: Path, repeats: int) -> dict
     t0 = time.perf_counter()
     with ray_session():
         startup = time.perf_counter() - t0
-        config = PrepareConfig(source=corpus, tokenizer=tokenizer, output_dir=workdir / "ours",
-                               max_length=MAX_LENGTH, force=True)
+        config = PrepareConfig(source=corpus, tokenizer=tokenizer, output_dir=workdir / "ours", max_length=MAX_LENGTH, force=True)
         runs = []
         for _ in range(repeats):
             load_tokenizer.cache_clear()  # no head start from Dolly's run: ours loads its own, as in real use
@@ -84,8 +83,11 @@ def bench_dolly(corpus: str, tokenizer_path: str, repeats: int) -> dict:
         raw = datasets.load_dataset("json", data_files=corpus)["train"]
         # The steps and their order are Dolly's (training/trainer.py): single process, as Dolly ran them.
         ds = raw.map(lambda r: {"text": render_training_example(r["instruction"], r["response"], r["context"])})
-        ds = ds.map(lambda b: tokenizer(b["text"], max_length=MAX_LENGTH, truncation=True), batched=True,
-                    remove_columns=["instruction", "context", "response", "text", "category"])
+        ds = ds.map(
+            lambda b: tokenizer(b["text"], max_length=MAX_LENGTH, truncation=True),
+            batched=True,
+            remove_columns=["instruction", "context", "response", "text", "category"],
+        )
         ds = ds.filter(lambda r: len(r["input_ids"]) < MAX_LENGTH)  # Dolly drops, not truncates
         ds = ds.shuffle(seed=42)
         split = ds.train_test_split(test_size=1000, seed=42)
@@ -100,7 +102,7 @@ def fill(row_lengths: list[int], batch_size: int) -> tuple[float, float]:
     batch is padded to its longest row, rounded up to a multiple of 8."""
     fractions, real, padded = [], 0, 0
     for start in range(0, len(row_lengths), batch_size):
-        batch = row_lengths[start:start + batch_size]
+        batch = row_lengths[start : start + batch_size]
         width = math.ceil(max(batch) / PAD_MULTIPLE) * PAD_MULTIPLE
         fractions.append(sum(batch) / (width * len(batch)))
         real, padded = real + sum(batch), padded + width * len(batch)
@@ -113,7 +115,7 @@ def bench_padding(train_dir: Path) -> dict:
     lengths = pq.read_table(train_dir, columns=["n_tokens"]).column("n_tokens").to_pylist()
     packed_rows = []
     for start in range(0, len(lengths), PACK_WINDOW):
-        window = lengths[start:start + PACK_WINDOW]
+        window = lengths[start : start + PACK_WINDOW]
         packed_rows += [sum(window[i] for i in row) for row in first_fit_decreasing(window, MAX_LENGTH)]
     return {
         "examples": len(lengths),
@@ -143,24 +145,40 @@ def report(ours: dict, dolly: dict, pad: dict, args, console: Console) -> None:
     t.add_row("Ray start-up (s, not timed below)", f"{ours['startup']:.2f}", "-", "")
     runs = lambda r: ", ".join(f"{s:.1f}" for s in r["runs"])  # noqa: E731
     t.add_row("each run (s)", runs(ours), runs(dolly), "")
-    t.add_row(f"pipeline time, median of {len(ours['runs'])} (s)", f"{ours['seconds']:.2f}", f"{dolly['seconds']:.2f}",
-              f"{ours['seconds'] / dolly['seconds']:.2f}x")
+    t.add_row(
+        f"pipeline time, median of {len(ours['runs'])} (s)",
+        f"{ours['seconds']:.2f}",
+        f"{dolly['seconds']:.2f}",
+        f"{ours['seconds'] / dolly['seconds']:.2f}x",
+    )
     for label, key in (("records/s", "read"), ("tokens/s", "tokens")):
         o, d = rate(ours, key), rate(dolly, key)
         t.add_row(label, f"{o:,.0f}", f"{d:,.0f}", f"{o / d:.2f}x")
     console.print(t)
     speedup = rate(ours, "read") / rate(dolly, "read")
-    verdict = (f"Ours is {speedup:.2f}x Dolly's throughput here." if speedup >= 1 else
-               f"Ours is SLOWER here: {1 / speedup:.2f}x Dolly's time. On {os.cpu_count()} cores there is little "
-               "parallelism for Ray to win, so Ray Data's fixed per-task overheads show; and ours does more per "
-               "record: it validates it, hashes it for the split, stores the loss mask, and writes shards, "
-               "rejects, a manifest and a plot.")
+    verdict = (
+        f"Ours is {speedup:.2f}x Dolly's throughput here."
+        if speedup >= 1
+        else f"Ours is SLOWER here: {1 / speedup:.2f}x Dolly's time. On {os.cpu_count()} cores there is little "
+        "parallelism for Ray to win, so Ray Data's fixed per-task overheads show; and ours does more per "
+        "record: it validates it, hashes it for the split, stores the loss mask, and writes shards, "
+        "rejects, a manifest and a plot."
+    )
     console.print(verdict)
 
-    p = Table(title=f"2. Padding waste: non-pad tokens / all tokens ({pad['examples']:,} training examples, "
-                    f"{pad['rows']:,} packed rows)", title_justify="left")
-    for col in ("batch size", "Dolly padded: mean per batch", "overall", "packed: mean per batch", "overall",
-                "packed / padded (useful tokens per padded token)"):
+    p = Table(
+        title=f"2. Padding waste: non-pad tokens / all tokens ({pad['examples']:,} training examples, "
+        f"{pad['rows']:,} packed rows)",
+        title_justify="left",
+    )
+    for col in (
+        "batch size",
+        "Dolly padded: mean per batch",
+        "overall",
+        "packed: mean per batch",
+        "overall",
+        "packed / padded (useful tokens per padded token)",
+    ):
         p.add_column(col, justify="right")
     for b, r in pad["by_batch"].items():
         (pm, po), (km, ko) = r["padded"], r["packed"]
@@ -184,8 +202,11 @@ def report(ours: dict, dolly: dict, pad: dict, args, console: Console) -> None:
         "",
         "| Non-pad fraction (batch size) | Dolly padded: mean / overall | packed: mean / overall | packed / padded |",
         "|---|---:|---:|---:|",
-        *(f"| B = {b} | {r['padded'][0]:.1%} / {r['padded'][1]:.1%} | {r['packed'][0]:.1%} / {r['packed'][1]:.1%} "
-          f"| {r['packed'][1] / r['padded'][1]:.2f}x |" for b, r in pad["by_batch"].items()),
+        *(
+            f"| B = {b} | {r['padded'][0]:.1%} / {r['padded'][1]:.1%} | {r['packed'][0]:.1%} / {r['packed'][1]:.1%} "
+            f"| {r['packed'][1] / r['padded'][1]:.2f}x |"
+            for b, r in pad["by_batch"].items()
+        ),
     ]
     console.print("\n[bold]Markdown for bench/RESULTS.md[/]\n")
     print("\n".join(lines))  # plain print: rich would re-wrap and mark up the Markdown
@@ -195,8 +216,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default=str(REPO.parent / "shared/data/databricks-dolly-15k.jsonl"))
     parser.add_argument("--tokenizer", default=str(REPO.parent / "shared/tokenizer/pythia"))
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the median is reported "
-                        "(a 2-core machine is noisy; ours' first run also pays for cold Ray workers)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of each; the median is reported "
+        "(a 2-core machine is noisy; ours' first run also pays for cold Ray workers)",
+    )
     args = parser.parse_args()
     console = Console()
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -30,10 +30,14 @@ def targets(base, tuned) -> list[tuple[str, bool]]:
     b, t = base.mode("greedy"), tuned.mode("greedy")
     checks = [
         (f"tuned ends >= 90% of its answers ({t.overall.stop_rate:.0%})", t.overall.stop_rate >= 0.9),
-        (f"tuned ends no fewer than the base ({t.overall.stop_rate:.0%} vs {b.overall.stop_rate:.0%})",
-         t.overall.stop_rate >= b.overall.stop_rate),
-        (f"tuned repeats no more than the base ({t.overall.repetition:.3f} vs {b.overall.repetition:.3f})",
-         t.overall.repetition <= b.overall.repetition),
+        (
+            f"tuned ends no fewer than the base ({t.overall.stop_rate:.0%} vs {b.overall.stop_rate:.0%})",
+            t.overall.stop_rate >= b.overall.stop_rate,
+        ),
+        (
+            f"tuned repeats no more than the base ({t.overall.repetition:.3f} vs {b.overall.repetition:.3f})",
+            t.overall.repetition <= b.overall.repetition,
+        ),
     ]
     for category, scores in t.by_category.items():
         base_rouge = b.by_category[category].rouge_l
@@ -48,8 +52,12 @@ def main() -> None:
     parser.add_argument("--base", help="base model (default: the workdir's report's base)")
     parser.add_argument("--examples", type=int, default=64, help="held-out instructions answered (round-robin over categories)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--frequency-penalties", type=float, nargs="+", default=[0.0, 0.3], help="decodings to score both models with")
-    parser.add_argument("--temperatures", type=float, nargs="*", default=[], help="also sample the tuned model at these temperatures")
+    parser.add_argument(
+        "--frequency-penalties", type=float, nargs="+", default=[0.0, 0.3], help="decodings to score both models with"
+    )
+    parser.add_argument(
+        "--temperatures", type=float, nargs="*", default=[], help="also sample the tuned model at these temperatures"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "quality.json")
     args = parser.parse_args()
 
@@ -83,26 +91,48 @@ def main() -> None:
         for text, ok in checks:
             console.print(f"[{'green' if ok else 'red'}]{'PASS' if ok else 'FAIL'}[/] {text}")
         b, t = base.mode("greedy").overall, tuned.mode("greedy").overall
-        console.print(f"greedy, tuned / base: stop rate {t.stop_rate / max(b.stop_rate, 1e-9):.2f}x, "
-                      f"repetition {t.repetition / max(b.repetition, 1e-9):.2f}x, ROUGE-L {t.rouge_l / max(b.rouge_l, 1e-9):.2f}x")
-        runs.append({"frequency_penalty": penalty, "base": base.model_dump(mode="json"), "tuned": tuned.model_dump(mode="json"),
-                     "targets": [{"check": text, "passed": ok} for text, ok in checks]})
+        console.print(
+            f"greedy, tuned / base: stop rate {t.stop_rate / max(b.stop_rate, 1e-9):.2f}x, "
+            f"repetition {t.repetition / max(b.repetition, 1e-9):.2f}x, ROUGE-L {t.rouge_l / max(b.rouge_l, 1e-9):.2f}x"
+        )
+        runs.append(
+            {
+                "frequency_penalty": penalty,
+                "base": base.model_dump(mode="json"),
+                "tuned": tuned.model_dump(mode="json"),
+                "targets": [{"check": text, "passed": ok} for text, ok in checks],
+            }
+        )
 
     sweeps = []
     if args.temperatures:
         prompts = heldout_prompts(tuned_lm, data_dir, args.examples)
         for temperature in args.temperatures:
-            params = SamplingParams(max_tokens=args.max_new_tokens, temperature=temperature,
-                                    frequency_penalty=args.frequency_penalties[-1])
-            sweeps.append(summarize(answer(tuned_lm, prompts, params, 42, 16), "sampled", args.max_new_tokens,
-                                    args.frequency_penalties[-1]).model_copy(update={"model": f"tuned, T={temperature:g}"}))
+            params = SamplingParams(
+                max_tokens=args.max_new_tokens, temperature=temperature, frequency_penalty=args.frequency_penalties[-1]
+            )
+            sweeps.append(
+                summarize(
+                    answer(tuned_lm, prompts, params, 42, 16), "sampled", args.max_new_tokens, args.frequency_penalties[-1]
+                ).model_copy(update={"model": f"tuned, T={temperature:g}"})
+            )
         console.print(behaviour_table(sweeps, [f"T={t:g}" for t in args.temperatures]))
 
-    args.out.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
-        "base_model": base_ref, "tuned_model": tuned_ref, "runs": runs, "sweeps": [s.model_dump(mode="json") for s in sweeps],
-        "seconds": seconds,
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
+                "base_model": base_ref,
+                "tuned_model": tuned_ref,
+                "runs": runs,
+                "sweeps": [s.model_dump(mode="json") for s in sweeps],
+                "seconds": seconds,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     console.print(f"Scores: {args.out}; base scored in {seconds['base']:.0f} s, tuned in {seconds['tuned']:.0f} s")
 
 

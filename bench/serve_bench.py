@@ -70,8 +70,14 @@ def export_random_model(shape: str, tokenizer_path: str, folder: Path) -> Path:
     torch.manual_seed(0)
     load_model(shape, tokenizer).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY), pad_token_id=tokenizer.pad_token_id,
-                     do_sample=True, top_p=0.92, top_k=0, max_new_tokens=256).save_pretrained(folder)
+    GenerationConfig(
+        eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY),
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        top_p=0.92,
+        top_k=0,
+        max_new_tokens=256,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -104,9 +110,14 @@ def summary(samples: list[Sample], wall: float) -> dict:
         return float(np.percentile(values, q)) if values else float("nan")
 
     ttft, latency = [s.ttft for s in samples], [s.latency for s in samples]
-    return {"requests": len(samples), "tokens_per_s": sum(s.tokens for s in samples) / wall,
-            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "latency_p50": pct(latency, 50),
-            "latency_p99": pct(latency, 99)}
+    return {
+        "requests": len(samples),
+        "tokens_per_s": sum(s.tokens for s in samples) / wall,
+        "ttft_p50": pct(ttft, 50),
+        "ttft_p99": pct(ttft, 99),
+        "latency_p50": pct(latency, 50),
+        "latency_p99": pct(latency, 99),
+    }
 
 
 def progress(who: str, level: int, result: dict) -> dict:
@@ -116,13 +127,21 @@ def progress(who: str, level: int, result: dict) -> dict:
 
 def ours(http: httpx.AsyncClient, prefix: str, prompts, max_tokens: int):
     """One streamed request to the Serve application at `prefix`."""
+
     async def one(i: int) -> Sample:
         instruction, context = prompts[i % len(prompts)]
-        body = {"model": "bench", "prompt": instruction, "context": context, "max_tokens": max_tokens,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": "bench",
+            "prompt": instruction,
+            "context": context,
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         started, first, tokens = time.perf_counter(), None, 0
-        async with http.stream("POST", f"http://127.0.0.1:{PORT}{prefix}/v1/completions", json=body,
-                               headers={"Authorization": f"Bearer {KEY}"}) as response:
+        async with http.stream(
+            "POST", f"http://127.0.0.1:{PORT}{prefix}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+        ) as response:
             response.raise_for_status()
             async for line in response.aiter_lines():
                 if not line.startswith("data: {"):
@@ -151,16 +170,24 @@ class DollyWay:
     def generate(self, instruction: str, context: str) -> int:
         ids = self.tokenizer(render_generation_prompt(instruction, context), return_tensors="pt")
         with torch.no_grad():
-            out = self.model.generate(**ids, do_sample=True, top_p=0.92, top_k=0, max_new_tokens=self.max_tokens,
-                                      eos_token_id=self.end_id, pad_token_id=self.tokenizer.pad_token_id)
-        generated = out[0, ids["input_ids"].shape[1]:]
+            out = self.model.generate(
+                **ids,
+                do_sample=True,
+                top_p=0.92,
+                top_k=0,
+                max_new_tokens=self.max_tokens,
+                eos_token_id=self.end_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        generated = out[0, ids["input_ids"].shape[1] :]
         self.tokenizer.decode(generated, skip_special_tokens=True)  # the response text, as the pipeline returns it
         return int((generated != self.end_id).sum())
 
     async def one(self, i: int) -> Sample:
         started = time.perf_counter()
-        tokens = await asyncio.get_running_loop().run_in_executor(self.worker, self.generate,
-                                                                  *self.prompts[i % len(self.prompts)])
+        tokens = await asyncio.get_running_loop().run_in_executor(
+            self.worker, self.generate, *self.prompts[i % len(self.prompts)]
+        )
         latency = time.perf_counter() - started
         return Sample(latency, latency, tokens)
 
@@ -198,8 +225,7 @@ async def timed_in_process(handler, calls: int) -> list[float]:
 
 
 def serve_overhead(calls: int) -> dict:
-    serve.run(serve.deployment(Trivial, ray_actor_options={"num_cpus": 0.5}).bind(), name="trivial",
-              route_prefix="/trivial")
+    serve.run(serve.deployment(Trivial, ray_actor_options={"num_cpus": 0.5}).bind(), name="trivial", route_prefix="/trivial")
     try:
         with httpx.Client() as http:
             http.get(f"http://127.0.0.1:{PORT}/trivial")
@@ -215,21 +241,29 @@ def serve_overhead(calls: int) -> dict:
 
 
 def table(name: str, ours: dict, dolly: dict) -> str:
-    rows = ["| concurrency | ours tok/s | Dolly tok/s | ours / Dolly | TTFT p50 / p99 ours (s) | TTFT p50 / p99 Dolly (s) "
-            "| latency p50 / p99 ours (s) | latency p50 / p99 Dolly (s) |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| concurrency | ours tok/s | Dolly tok/s | ours / Dolly | TTFT p50 / p99 ours (s) | TTFT p50 / p99 Dolly (s) "
+        "| latency p50 / p99 ours (s) | latency p50 / p99 Dolly (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for level in LEVELS:
         o, d = ours[level], dolly[level]
-        rows.append(f"| {level} | {o['tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} | **{o['tokens_per_s'] / d['tokens_per_s']:.2f}x** "
-                    f"| {o['ttft_p50']:.3f} / {o['ttft_p99']:.3f} | {d['ttft_p50']:.3f} / {d['ttft_p99']:.3f} "
-                    f"| {o['latency_p50']:.3f} / {o['latency_p99']:.3f} | {d['latency_p50']:.3f} / {d['latency_p99']:.3f} |")
+        rows.append(
+            f"| {level} | {o['tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} | **{o['tokens_per_s'] / d['tokens_per_s']:.2f}x** "
+            f"| {o['ttft_p50']:.3f} / {o['ttft_p99']:.3f} | {d['ttft_p50']:.3f} / {d['ttft_p99']:.3f} "
+            f"| {o['latency_p50']:.3f} / {o['latency_p99']:.3f} | {d['latency_p50']:.3f} / {d['latency_p99']:.3f} |"
+        )
     return f"{name}\n\n" + "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", default=str(REPO.parent / "shared/tokenizer/pythia"))
-    parser.add_argument("--corpus", default=str(REPO.parent / "shared/data/databricks-dolly-15k.jsonl"),
-                        help="instructions to send (the first 64 records); synthetic ones if absent")
+    parser.add_argument(
+        "--corpus",
+        default=str(REPO.parent / "shared/data/databricks-dolly-15k.jsonl"),
+        help="instructions to send (the first 64 records); synthetic ones if absent",
+    )
     parser.add_argument("--shape", default="pythia-14m-random", help="random Pythia shape to serve")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per answer (Dolly's default: 256)")
     parser.add_argument("--max-seconds", type=float, default=120, help="no request starts later than this into a level")
@@ -247,7 +281,9 @@ def main() -> None:
             serve.start(http_options={"host": "127.0.0.1", "port": PORT})
             for engine in engines:  # one application per engine, side by side
                 config = ServeConfig(
-                    model=str(folder), served_model_name="bench", auth={"api_keys_file": str(Path(tmp) / "keys")},
+                    model=str(folder),
+                    served_model_name="bench",
+                    auth={"api_keys_file": str(Path(tmp) / "keys")},
                     engine={"batching": engine, "max_batch_size": 32},
                     deployment={"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": -1},
                 )
@@ -261,14 +297,20 @@ def main() -> None:
             ray.shutdown()
 
     load = os.getloadavg()
-    print(f"\nMachine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
-          f"torch threads {torch.get_num_threads()}, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
-    print(f"Model: {args.shape} (random weights), fp32, max_tokens {args.max_tokens}; requests per level: max(8, 2 x concurrency)\n")
+    print(
+        f"\nMachine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
+        f"torch threads {torch.get_num_threads()}, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+    )
+    print(
+        f"Model: {args.shape} (random weights), fp32, max_tokens {args.max_tokens}; requests per level: max(8, 2 x concurrency)\n"
+    )
     for engine in engines:
         print(table(f"Ours, engine.batching={engine}, vs Dolly's way:", results[engine], results["Dolly's way"]) + "\n")
-    print(f"Serve overhead (p50 of {args.overhead_calls} sequential calls): trivial deployment over HTTP "
-          f"{overhead['http_p50_ms']:.2f} ms, the same function in process {1000 * overhead['in_process_p50_ms']:.1f} µs, "
-          f"difference {overhead['http_p50_ms'] - overhead['in_process_p50_ms']:.2f} ms")
+    print(
+        f"Serve overhead (p50 of {args.overhead_calls} sequential calls): trivial deployment over HTTP "
+        f"{overhead['http_p50_ms']:.2f} ms, the same function in process {1000 * overhead['in_process_p50_ms']:.1f} µs, "
+        f"difference {overhead['http_p50_ms'] - overhead['in_process_p50_ms']:.2f} ms"
+    )
 
 
 if __name__ == "__main__":

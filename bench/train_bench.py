@@ -70,19 +70,42 @@ def main() -> None:
         sample = sample_corpus(args.corpus, work / "sample.jsonl", args.records, args.seed)
         data = {}
         for packed in (False, True):
-            data[packed] = prepare(PrepareConfig(source=str(sample), output_dir=work / f"data-{'packed' if packed else 'padded'}",
-                                                 tokenizer=args.tokenizer, max_length=args.max_length, test_size=20,
-                                                 pack=packed, seed=args.seed)).output_dir
+            data[packed] = prepare(
+                PrepareConfig(
+                    source=str(sample),
+                    output_dir=work / f"data-{'packed' if packed else 'padded'}",
+                    tokenizer=args.tokenizer,
+                    max_length=args.max_length,
+                    test_size=20,
+                    pack=packed,
+                    seed=args.seed,
+                )
+            ).output_dir
         warmup = args.steps // 2
         runs = [(model, stage, False) for model in args.models for stage in (0, 2, 3)]
         runs += [(model, 2, True) for model in args.models]
         for model, stage, packed in runs:
             name = f"{model}-zero{stage}-{'packed' if packed else 'padded'}"
             config = TrainConfig(
-                base_model=model, tokenizer=args.tokenizer, data_dir=data[packed], num_workers=2, zero_stage=stage,
-                precision="fp32", micro_batch_size=args.micro_batch_size, max_steps=args.steps, warmup_steps=0, lr=1e-4,
-                log_every=warmup, eval_every=10**6, checkpoint_every=10**6, storage_path=str(work / "storage"),
-                output_dir=work / "out", run_name=name, register_as=None, preflight=False, seed=args.seed,
+                base_model=model,
+                tokenizer=args.tokenizer,
+                data_dir=data[packed],
+                num_workers=2,
+                zero_stage=stage,
+                precision="fp32",
+                micro_batch_size=args.micro_batch_size,
+                max_steps=args.steps,
+                warmup_steps=0,
+                lr=1e-4,
+                log_every=warmup,
+                eval_every=10**6,
+                checkpoint_every=10**6,
+                storage_path=str(work / "storage"),
+                output_dir=work / "out",
+                run_name=name,
+                register_as=None,
+                preflight=False,
+                seed=args.seed,
             )
             results[name] = measure(config, warmup)
             print(name, results[name], flush=True)
@@ -106,12 +129,15 @@ def markdown(results: dict, args) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for model in args.models:
-        lines.append(f"| {model} | {tps(model, 0):,.0f} | {tps(model, 2):,.0f} | {tps(model, 3):,.0f} | "
-                     f"{tps(model, 3) / tps(model, 0):.2f}x |")
+        lines.append(
+            f"| {model} | {tps(model, 0):,.0f} | {tps(model, 2):,.0f} | {tps(model, 3):,.0f} | "
+            f"{tps(model, 3) / tps(model, 0):.2f}x |"
+        )
     lines += ["", "| ZeRO-2, non-pad tokens/s | padded | packed | packed / padded |", "|---|---:|---:|---:|"]
     for model in args.models:
-        lines.append(f"| {model} | {tps(model, 2):,.0f} | {tps(model, 2, True):,.0f} | "
-                     f"**{tps(model, 2, True) / tps(model, 2):.2f}x** |")
+        lines.append(
+            f"| {model} | {tps(model, 2):,.0f} | {tps(model, 2, True):,.0f} | **{tps(model, 2, True) / tps(model, 2):.2f}x** |"
+        )
     return "\n".join(lines)
 
 

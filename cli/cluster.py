@@ -5,14 +5,17 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="Run a local multi-process Ray cluster (a head plus worker nodes) for tests and demos.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Run a local multi-process Ray cluster (a head plus worker nodes) for tests and demos.", no_args_is_help=True
+)
 
 
 @app.command()
 def up(
     workers: int = typer.Option(1, min=0, help="worker nodes beside the head"),
-    cpus_per_node: int = typer.Option(4, min=1, help="logical CPUs each node advertises (more than cores is fine: see cluster/connect.py)"),
+    cpus_per_node: int = typer.Option(
+        4, min=1, help="logical CPUs each node advertises (more than cores is fine: see cluster/connect.py)"
+    ),
     port: int = typer.Option(6390, help="the head's GCS port"),
     dashboard_port: int = typer.Option(8265, help="the dashboard and Jobs API port"),
 ) -> None:
@@ -25,8 +28,10 @@ def up(
     console.print(f"  Python:  ray.init(address='{cluster.address}')")
     console.print(f"  Jobs:    dolly submit train --address {cluster.dashboard_url} --config ...")
     if cluster.token_auth:
-        console.print(f"  Token auth is on ({local.AUTH_TOKEN} exists). Clients on this machine read the token from "
-                      "there in token mode: export RAY_AUTH_MODE=token (dolly's own commands set it for you).")
+        console.print(
+            f"  Token auth is on ({local.AUTH_TOKEN} exists). Clients on this machine read the token from "
+            "there in token mode: export RAY_AUTH_MODE=token (dolly's own commands set it for you)."
+        )
     console.print("  Stop it: dolly cluster down")
 
 
@@ -49,7 +54,12 @@ def status() -> None:
     if state.get("stale_address_removed"):
         console.print(f"[yellow]Removed a stale Ray address file[/] naming a dead head at {state['stale_address_removed']}")
     if not state["up"]:
-        console.print("No local cluster is up." + (" (its processes are gone: `dolly cluster down` cleans up)" if "address" in state else ""))
+        console.print(
+            "No local cluster is up."
+            + (" (its processes are gone: `dolly cluster down` cleans up)" if "address" in state else "")
+        )
         raise typer.Exit(3)
-    console.print(f"[green]Up[/]: {state['nodes_running']}/{state['nodes']} node(s) at {state['address']}, "
-                  f"dashboard {state['dashboard']}, token auth {'on' if state['token_auth'] else 'off'}")
+    console.print(
+        f"[green]Up[/]: {state['nodes_running']}/{state['nodes']} node(s) at {state['address']}, "
+        f"dashboard {state['dashboard']}, token auth {'on' if state['token_auth'] else 'off'}"
+    )

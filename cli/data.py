@@ -34,8 +34,9 @@ def prepare(
     from cluster.connect import ray_session
     from pipelines.prepare import prepare as run_prepare
 
-    flags = dict(source=source, output_dir=out, tokenizer=tokenizer, max_length=max_length, test_size=test_size,
-                 on_bad=on_bad, pack=pack)
+    flags = dict(
+        source=source, output_dir=out, tokenizer=tokenizer, max_length=max_length, test_size=test_size, on_bad=on_bad, pack=pack
+    )
     settings = load_config(PrepareConfig, config, flags, overrides or [])
     with ray_session(address):
         run_prepare(settings)
@@ -54,5 +55,7 @@ def stats(
     console = Console()
     manifest = verify_manifest(data_dir, load_tokenizer(tokenizer) if tokenizer else None)
     print_report(manifest, data_dir, console)
-    console.print(f"[green]Verified[/] {len(manifest['shards'])} shard(s) in {data_dir} against their manifest"
-                  + (f" and tokenizer {tokenizer}" if tokenizer else ""))
+    console.print(
+        f"[green]Verified[/] {len(manifest['shards'])} shard(s) in {data_dir} against their manifest"
+        + (f" and tokenizer {tokenizer}" if tokenizer else "")
+    )

@@ -15,7 +15,9 @@ EPILOG = settings_help(EvalConfig)
 
 
 def eval_command(
-    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_new_tokens=64 temperature=0"),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_new_tokens=64 temperature=0"
+    ),
     model: Optional[str] = option(EvalConfig, "model"),
     base: Optional[str] = option(EvalConfig, "base"),
     data_dir: Optional[Path] = option(EvalConfig, "data_dir", "--data-dir"),
@@ -34,7 +36,15 @@ def eval_command(
     """
     from pipelines.evaluate import evaluate  # torch and transformers: imported here, so `dolly --help` stays instant
 
-    flags = dict(model=model, base=base, data_dir=data_dir, output_dir=out, tokenizer=tokenizer, max_examples=max_examples,
-                 samples_per_category=samples_per_category, harness=harness,
-                 tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None)
+    flags = dict(
+        model=model,
+        base=base,
+        data_dir=data_dir,
+        output_dir=out,
+        tokenizer=tokenizer,
+        max_examples=max_examples,
+        samples_per_category=samples_per_category,
+        harness=harness,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
+    )
     evaluate(load_config(EvalConfig, config, flags, overrides or []))

@@ -13,8 +13,9 @@ from cli.configs import load_config
 from cluster import k8s
 from pipelines.configs import TrainConfig
 
-app = typer.Typer(help="KubeRay manifests (RayCluster, RayJob, RayService) generated from the typed configs.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="KubeRay manifests (RayCluster, RayJob, RayService) generated from the typed configs.", no_args_is_help=True
+)
 
 # RayJob names become pod and Service names: a DNS-1035 label, short enough for KubeRay's suffixes.
 _JOB_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,45}[a-z0-9])?$")
@@ -23,16 +24,21 @@ _JOB_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,45}[a-z0-9])?$")
 def _profiles(presets: list[str] | None) -> list[str]:
     unknown = [p for p in presets or [] if p not in k8s.PROFILES]
     if unknown:
-        raise typer.BadParameter(f"unknown preset(s) {', '.join(unknown)}; known: {', '.join(k8s.PROFILES)}",
-                                 param_hint="--preset")
+        raise typer.BadParameter(
+            f"unknown preset(s) {', '.join(unknown)}; known: {', '.join(k8s.PROFILES)}", param_hint="--preset"
+        )
     return presets or list(k8s.PROFILES)
 
 
 @app.command()
 def render(
-    presets: Optional[list[str]] = typer.Option(None, "--preset", help=f"overlay to write, repeatable: {', '.join(k8s.PROFILES)} (default: all)"),
+    presets: Optional[list[str]] = typer.Option(
+        None, "--preset", help=f"overlay to write, repeatable: {', '.join(k8s.PROFILES)} (default: all)"
+    ),
     out: Path = typer.Option(Path("k8s"), "--out", help="root folder: writes OUT/base and OUT/overlays/PRESET"),
-    model: str = typer.Option(k8s.DEFAULT_MODEL, help="what the RayService serves: NAME@latest, or a pinned NAME@N to promote a version"),
+    model: str = typer.Option(
+        k8s.DEFAULT_MODEL, help="what the RayService serves: NAME@latest, or a pinned NAME@N to promote a version"
+    ),
     check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if the files on disk differ"),
 ) -> None:
     """Write the kustomize base and overlays. The committed k8s/ is exactly this command's output.
@@ -44,8 +50,11 @@ def render(
     if check:
         stale = k8s.drift(out, files)
         if stale:
-            console.print(f"[red]{len(stale)} file(s) under {out} differ from the generator[/]: "
-                          + ", ".join(map(str, stale)) + f"\nrun `dolly k8s render --out {out}` to update them")
+            console.print(
+                f"[red]{len(stale)} file(s) under {out} differ from the generator[/]: "
+                + ", ".join(map(str, stale))
+                + f"\nrun `dolly k8s render --out {out}` to update them"
+            )
             raise typer.Exit(1)
         console.print(f"{out} is up to date ({len(files)} files)")
         return
@@ -57,7 +66,9 @@ def render(
 
 @app.command()
 def job(
-    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="`dolly train` settings on top of the overlay's train.yaml"),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="`dolly train` settings on top of the overlay's train.yaml"
+    ),
     preset: str = typer.Option(..., "--preset", help=f"the overlay deployed: {', '.join(k8s.PROFILES)}"),
     run_name: str = typer.Option(..., help="the new run's name: its checkpoints, and the RayJob's name (dolly-train-RUN_NAME)"),
 ) -> None:
@@ -69,8 +80,10 @@ def job(
     profile = k8s.PROFILES[_profiles([preset])[0]]
     name = f"{k8s.JOB}-{run_name}"
     if not _JOB_NAME.match(name):
-        raise typer.BadParameter(f"the RayJob would be named {name!r}: use lowercase letters, digits and '-', "
-                                 "47 characters in all", param_hint="--run-name")
+        raise typer.BadParameter(
+            f"the RayJob would be named {name!r}: use lowercase letters, digits and '-', 47 characters in all",
+            param_hint="--run-name",
+        )
     arguments = [f"run_name={run_name}", *(overrides or [])]
     load_config(TrainConfig, None, k8s.train_settings(profile), arguments)  # as the cluster will read them
     print(k8s.to_yaml(k8s.rayjob(profile, name, arguments)), end="")

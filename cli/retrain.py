@@ -15,10 +15,14 @@ EPILOG = settings_help(RetrainConfig)
 
 
 def retrain(
-    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. gate.min_improvement=0.05 train.max_steps=50"),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="any setting below, e.g. gate.min_improvement=0.05 train.max_steps=50"
+    ),
     config: Optional[Path] = config_option("YAML file of settings (`dolly up` writes runs/up/retrain.yaml)"),
     new_records: Optional[list[Path]] = option(RetrainConfig, "new_records", "--new-records"),
-    address: Optional[str] = address_option("Ray cluster to train on and whose serving app to swap (default: an embedded local one)"),
+    address: Optional[str] = address_option(
+        "Ray cluster to train on and whose serving app to swap (default: an embedded local one)"
+    ),
 ) -> None:
     """Retrain, then promote only if better: the candidate and the serving version are scored on
     the same held-out split; the candidate becomes NAME@latest, and replaces the running app's

@@ -16,7 +16,9 @@ EPILOG = settings_help(ServeConfig)
 
 
 def serve(
-    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. deployment.max_replicas=4"),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="any setting below, e.g. deployment.max_replicas=4"
+    ),
     model: Optional[str] = option(ServeConfig, "model"),
     config: Optional[Path] = config_option(),
     registry: Optional[Path] = option(ServeConfig, "registry"),

@@ -19,7 +19,9 @@ app = typer.Typer(help="Run dolly commands on a Ray cluster as Ray jobs (token a
 
 
 ADDRESS = typer.Option(..., envvar="RAY_ADDRESS", help="the cluster's dashboard, e.g. http://HEAD:8265")
-WORKING_DIR = typer.Option(Path("."), exists=True, file_okay=False, help="code to run: uploaded to the cluster as the job's working dir")
+WORKING_DIR = typer.Option(
+    Path("."), exists=True, file_okay=False, help="code to run: uploaded to the cluster as the job's working dir"
+)
 WAIT = typer.Option(True, "--wait/--no-wait", help="stream the job's logs and exit with its status")
 
 
@@ -42,7 +44,9 @@ def train(
 
 @app.command()
 def retrain(
-    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any `dolly retrain` setting, e.g. gate.min_improvement=0.05"),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="any `dolly retrain` setting, e.g. gate.min_improvement=0.05"
+    ),
     address: str = ADDRESS,
     config: Optional[Path] = config_option("YAML file of `dolly retrain` settings"),
     working_dir: Path = WORKING_DIR,
@@ -56,8 +60,9 @@ def retrain(
     _submit("retrain", RetrainConfig, config, overrides, address, working_dir, wait)
 
 
-def _submit(command: str, cls, config: Path | None, overrides: list[str] | None, address: str, working_dir: Path,
-            wait: bool) -> None:
+def _submit(
+    command: str, cls, config: Path | None, overrides: list[str] | None, address: str, working_dir: Path, wait: bool
+) -> None:
     load_config(cls, config, {}, overrides or [])  # a bad setting fails here, not minutes later on the cluster
     from cluster.jobs import submit
 

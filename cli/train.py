@@ -14,7 +14,9 @@ EPILOG = settings_help(TrainConfig)
 
 
 def train(
-    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_steps=100 zero_stage=3"),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_steps=100 zero_stage=3"
+    ),
     config: Optional[Path] = config_option(),
     address: Optional[str] = address_option(),
 ) -> None:
@@ -29,4 +31,3 @@ def train(
 
     with ray_session(address):
         run_train(settings)
-

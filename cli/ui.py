@@ -27,8 +27,12 @@ def ui(
     """
     from ui.page import launch_page
 
-    settings = load_config(UIConfig, config, dict(api_url=api_url, api_key_file=api_key_file, auth_file=auth_file,
-                                                 host=host, port=port), overrides or [])
+    settings = load_config(
+        UIConfig,
+        config,
+        dict(api_url=api_url, api_key_file=api_key_file, auth_file=auth_file, host=host, port=port),
+        overrides or [],
+    )
     print(f"Chat page: http://{settings.host}:{settings.port}  (API: {settings.api_url}; Ctrl-C stops it)")
     launch_page(settings)
 

@@ -14,12 +14,18 @@ EPILOG = settings_help(UpConfig)
 
 
 def up(
-    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_steps=40 train.zero_stage=3"),
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_steps=40 train.zero_stage=3"
+    ),
     data: Optional[str] = option(UpConfig, "data"),
     base_model: Optional[str] = option(UpConfig, "base_model"),
     preset: Optional[str] = option(UpConfig, "preset"),
     port: Optional[int] = option(UpConfig, "port"),
-    smoke: bool = typer.Option(False, "--smoke", help="a quick check that everything works: 2 training steps, 8 examples scored, greedy answers of 32 tokens"),
+    smoke: bool = typer.Option(
+        False,
+        "--smoke",
+        help="a quick check that everything works: 2 training steps, 8 examples scored, greedy answers of 32 tokens",
+    ),
     no_browser: bool = typer.Option(False, "--no-browser", help="do not open the chat page in a browser"),
     config: Optional[Path] = config_option(),
     address: Optional[str] = address_option(),
@@ -32,10 +38,18 @@ def up(
 
     Dolly's real recipe: dolly up --base-model EleutherAI/pythia-2.8b --preset a100 --address ray://HEAD:10001
     """
-    flags = dict(data=data, base_model=base_model, preset=preset, port=port,
-                 open_browser=False if no_browser else None,
-                 **(dict(max_steps=2, eval_examples=8, behaviour={"modes": ["greedy"], "examples": 8, "max_new_tokens": 32})
-                    if smoke else {}))
+    flags = dict(
+        data=data,
+        base_model=base_model,
+        preset=preset,
+        port=port,
+        open_browser=False if no_browser else None,
+        **(
+            dict(max_steps=2, eval_examples=8, behaviour={"modes": ["greedy"], "examples": 8, "max_new_tokens": 32})
+            if smoke
+            else {}
+        ),
+    )
     settings = load_config(UpConfig, config, flags, overrides or [])
     from loop.up import up as run_up
 

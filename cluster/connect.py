@@ -55,7 +55,8 @@ class RayAddress:
         raise UserError(
             f"{self.address} is a Ray dashboard URL: it takes Ray jobs, not drivers. Either run this as a job "
             f"(`dolly submit train --address {self.address} ...`), or connect with Ray Client "
-            f"(--address ray://{host}:10001 on KubeRay), or unset RAY_ADDRESS to use an embedded local Ray.")
+            f"(--address ray://{host}:10001 on KubeRay), or unset RAY_ADDRESS to use an embedded local Ray."
+        )
 
 
 def resolve_address(address: str | None = None) -> RayAddress:

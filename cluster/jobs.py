@@ -43,8 +43,9 @@ def submit(address: str, entrypoint: str, working_dir: Path, *, follow: bool = T
         client = JobSubmissionClient(address, headers=auth_headers())
     except (ConnectionError, RuntimeError) as e:
         raise UserError(f"cannot reach the Ray dashboard at {address} ({e}): pass --address http://HEAD:8265") from None
-    job_id = _submit_when_ready(client, entrypoint=entrypoint,
-                                runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES})
+    job_id = _submit_when_ready(
+        client, entrypoint=entrypoint, runtime_env={"working_dir": str(working_dir), "excludes": EXCLUDES}
+    )
     print(f"submitted {job_id} to {address}: {entrypoint}", flush=True)
     if not follow:
         return 0

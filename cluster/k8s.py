@@ -29,9 +29,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.configs import TrainConfig
 from pipelines.presets import PresetName
 from pipelines.sources import DOLLY_HUB_ID
-from pipelines.configs import TrainConfig
 from services.config import ServeConfig
 from ui.config import PAGE_APP, PAGE_ROUTE
 
@@ -99,39 +99,57 @@ class Profile(BaseModel):
         return self.train_pod.gpus > 0
 
 
-PROFILES: dict[str, Profile] = {p.name: p for p in [
-    Profile(
-        name="cpu-dev", hardware="cpu",
-        head=PodShape(cpu=2, memory_gib=8),
-        train_pod=PodShape(cpu=4, memory_gib=16), cluster_max_train_pods=2,
-        serve_pod=PodShape(cpu=4, memory_gib=8),
-        storage_gib=50, job_deadline_s=4 * 3600, model_load_s=30,
-        # A small model and short rows: a pipeline check on CPUs, not a useful model.
-        train=dict(base_model="EleutherAI/pythia-70m", num_workers=2, cpus_per_worker=2, epochs=1, prepare=dict(max_length=512)),
-        serve=dict(deployment=dict(min_replicas=1, max_replicas=2, num_cpus=2), engine=dict(torch_threads=2)),
-    ),
-    Profile(
-        name="gpu-a100", hardware="a100",
-        head=PodShape(cpu=8, memory_gib=32),
-        train_pod=PodShape(cpu=88, memory_gib=560, gpus=8), cluster_max_train_pods=2,
-        serve_pod=PodShape(cpu=10, memory_gib=64, gpus=1),
-        storage_gib=500, job_deadline_s=12 * 3600, model_load_s=120,
-        train=dict(base_model="EleutherAI/pythia-2.8b", num_workers=8, cpus_per_worker=8),
-        serve=dict(deployment=dict(min_replicas=1, max_replicas=4, num_cpus=4, num_gpus=1)),
-    ),
-    Profile(
-        name="gpu-h100", hardware="h100",
-        head=PodShape(cpu=8, memory_gib=32),
-        train_pod=PodShape(cpu=192, memory_gib=1600, gpus=8), cluster_max_train_pods=2,
-        serve_pod=PodShape(cpu=20, memory_gib=192, gpus=1),
-        storage_gib=1000, job_deadline_s=12 * 3600, model_load_s=240,
-        train=dict(base_model="EleutherAI/pythia-6.9b", num_workers=8, cpus_per_worker=16),
-        serve=dict(deployment=dict(min_replicas=1, max_replicas=4, num_cpus=8, num_gpus=1)),
-    ),
-]}
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in [
+        Profile(
+            name="cpu-dev",
+            hardware="cpu",
+            head=PodShape(cpu=2, memory_gib=8),
+            train_pod=PodShape(cpu=4, memory_gib=16),
+            cluster_max_train_pods=2,
+            serve_pod=PodShape(cpu=4, memory_gib=8),
+            storage_gib=50,
+            job_deadline_s=4 * 3600,
+            model_load_s=30,
+            # A small model and short rows: a pipeline check on CPUs, not a useful model.
+            train=dict(
+                base_model="EleutherAI/pythia-70m", num_workers=2, cpus_per_worker=2, epochs=1, prepare=dict(max_length=512)
+            ),
+            serve=dict(deployment=dict(min_replicas=1, max_replicas=2, num_cpus=2), engine=dict(torch_threads=2)),
+        ),
+        Profile(
+            name="gpu-a100",
+            hardware="a100",
+            head=PodShape(cpu=8, memory_gib=32),
+            train_pod=PodShape(cpu=88, memory_gib=560, gpus=8),
+            cluster_max_train_pods=2,
+            serve_pod=PodShape(cpu=10, memory_gib=64, gpus=1),
+            storage_gib=500,
+            job_deadline_s=12 * 3600,
+            model_load_s=120,
+            train=dict(base_model="EleutherAI/pythia-2.8b", num_workers=8, cpus_per_worker=8),
+            serve=dict(deployment=dict(min_replicas=1, max_replicas=4, num_cpus=4, num_gpus=1)),
+        ),
+        Profile(
+            name="gpu-h100",
+            hardware="h100",
+            head=PodShape(cpu=8, memory_gib=32),
+            train_pod=PodShape(cpu=192, memory_gib=1600, gpus=8),
+            cluster_max_train_pods=2,
+            serve_pod=PodShape(cpu=20, memory_gib=192, gpus=1),
+            storage_gib=1000,
+            job_deadline_s=12 * 3600,
+            model_load_s=240,
+            train=dict(base_model="EleutherAI/pythia-6.9b", num_workers=8, cpus_per_worker=16),
+            serve=dict(deployment=dict(min_replicas=1, max_replicas=4, num_cpus=8, num_gpus=1)),
+        ),
+    ]
+}
 
 
 # --- settings -----------------------------------------------------------------------------------
+
 
 def train_settings(profile: Profile) -> dict:
     """What the ConfigMap's train.yaml holds: the preset (its recipe fills the rest) plus paths on
@@ -166,13 +184,23 @@ def serve_config_v2(profile: Profile, model: str = DEFAULT_MODEL) -> dict:
     builder `dolly serve` uses, with its typed settings as `args` (only those that differ from the
     defaults, so the defaults stay in one place: services/config.py)."""
     serve = serve_config(profile, model)
-    return {"applications": [
-        {"name": serve.app_name, "import_path": "services.app:build_app", "route_prefix": serve.route_prefix,
-         "args": serve.model_dump(mode="json", exclude_defaults=True)},
-        # The page calls the API through its Service; its key comes from $DOLLY_API_KEYS where it runs.
-        {"name": PAGE_APP, "import_path": "ui.deployment:build_page_app", "route_prefix": PAGE_ROUTE,
-         "args": {"api_url": f"http://{API_SERVICE}:{SERVE_PORT}/v1"}},
-    ]}
+    return {
+        "applications": [
+            {
+                "name": serve.app_name,
+                "import_path": "services.app:build_app",
+                "route_prefix": serve.route_prefix,
+                "args": serve.model_dump(mode="json", exclude_defaults=True),
+            },
+            # The page calls the API through its Service; its key comes from $DOLLY_API_KEYS where it runs.
+            {
+                "name": PAGE_APP,
+                "import_path": "ui.deployment:build_page_app",
+                "route_prefix": PAGE_ROUTE,
+                "args": {"api_url": f"http://{API_SERVICE}:{SERVE_PORT}/v1"},
+            },
+        ]
+    }
 
 
 def unhealthy_thresholds_s(profile: Profile) -> tuple[int, int]:
@@ -184,12 +212,14 @@ def unhealthy_thresholds_s(profile: Profile) -> tuple[int, int]:
 
 # --- pods and clusters --------------------------------------------------------------------------
 
+
 def _labels(component: str) -> dict:
     return {"app.kubernetes.io/name": "dolly-ray", "app.kubernetes.io/component": component}
 
 
-def _container(name: str, shape: PodShape, *, ports: Sequence[dict] = (), env: Sequence[dict] = (),
-               mounts: Sequence[dict] = ()) -> dict:
+def _container(
+    name: str, shape: PodShape, *, ports: Sequence[dict] = (), env: Sequence[dict] = (), mounts: Sequence[dict] = ()
+) -> dict:
     return {
         "name": name,
         "image": IMAGE,
@@ -208,8 +238,7 @@ def _container(name: str, shape: PodShape, *, ports: Sequence[dict] = (), env: S
 
 
 def _pod(container: dict, *, role: str, volumes: Sequence[dict] = ()) -> dict:
-    spec = {"containers": [container],
-            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": VOLUME}}, *volumes]}
+    spec = {"containers": [container], "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": VOLUME}}, *volumes]}
     if "nvidia.com/gpu" in container["resources"]["limits"]:
         # GPU node pools are usually tainted so that only GPU pods land there.
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -217,14 +246,29 @@ def _pod(container: dict, *, role: str, volumes: Sequence[dict] = ()) -> dict:
 
 
 def _head_ports(serve: bool) -> list[dict]:
-    ports = [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-             {"name": "client", "containerPort": 10001}, {"name": "metrics", "containerPort": 8080}]
+    ports = [
+        {"name": "gcs-server", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+        {"name": "metrics", "containerPort": 8080},
+    ]
     return ports + ([{"name": "serve", "containerPort": SERVE_PORT}] if serve else [])
 
 
-def _cluster_spec(profile: Profile, component: str, worker: PodShape, *, replicas: int, min_replicas: int,
-                  max_replicas: int, autoscale: bool, head_env: Sequence[dict] = (), head_mounts: Sequence[dict] = (),
-                  head_volumes: Sequence[dict] = (), worker_env: Sequence[dict] = ()) -> dict:
+def _cluster_spec(
+    profile: Profile,
+    component: str,
+    worker: PodShape,
+    *,
+    replicas: int,
+    min_replicas: int,
+    max_replicas: int,
+    autoscale: bool,
+    head_env: Sequence[dict] = (),
+    head_mounts: Sequence[dict] = (),
+    head_volumes: Sequence[dict] = (),
+    worker_env: Sequence[dict] = (),
+) -> dict:
     serve = component == "serve"
     head = _container("ray-head", profile.head, ports=_head_ports(serve), env=head_env, mounts=head_mounts)
     return {
@@ -241,14 +285,16 @@ def _cluster_spec(profile: Profile, component: str, worker: PodShape, *, replica
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
             "template": _pod(head, role=f"{component}-head", volumes=head_volumes),
         },
-        "workerGroupSpecs": [{
-            "groupName": "gpu" if worker.gpus else "cpu",
-            "replicas": replicas,
-            "minReplicas": min_replicas,
-            "maxReplicas": max_replicas,
-            "rayStartParams": {},
-            "template": _pod(_container("ray-worker", worker, env=worker_env), role=f"{component}-worker"),
-        }],
+        "workerGroupSpecs": [
+            {
+                "groupName": "gpu" if worker.gpus else "cpu",
+                "replicas": replicas,
+                "minReplicas": min_replicas,
+                "maxReplicas": max_replicas,
+                "rayStartParams": {},
+                "template": _pod(_container("ray-worker", worker, env=worker_env), role=f"{component}-worker"),
+            }
+        ],
     }
 
 
@@ -263,9 +309,20 @@ def _metadata(name: str, component: str) -> dict:
 
 
 def raycluster(profile: Profile) -> dict:
-    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _metadata(CLUSTER, "cluster"),
-            "spec": _cluster_spec(profile, "cluster", profile.train_pod, replicas=0, min_replicas=0,
-                                  max_replicas=profile.cluster_max_train_pods, autoscale=True)}
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": _metadata(CLUSTER, "cluster"),
+        "spec": _cluster_spec(
+            profile,
+            "cluster",
+            profile.train_pod,
+            replicas=0,
+            min_replicas=0,
+            max_replicas=profile.cluster_max_train_pods,
+            autoscale=True,
+        ),
+    }
 
 
 def rayjob(profile: Profile, name: str = JOB, overrides: Sequence[str] = ()) -> dict:
@@ -275,7 +332,9 @@ def rayjob(profile: Profile, name: str = JOB, overrides: Sequence[str] = ()) -> 
     config_mount = {"name": "train-config", "mountPath": CONFIG_DIR, "readOnly": True}
     config_volume = {"name": "train-config", "configMap": {"name": TRAIN_CONFIGMAP}}
     return {
-        "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _metadata(name, "train"),
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": _metadata(name, "train"),
         "spec": {
             "entrypoint": shlex.join(["dolly", "train", "--config", f"{CONFIG_DIR}/{TRAIN_CONFIG_FILE}", *overrides]),
             # A submitter Kubernetes Job runs `ray job submit` and follows the logs:
@@ -288,8 +347,16 @@ def rayjob(profile: Profile, name: str = JOB, overrides: Sequence[str] = ()) -> 
             "ttlSecondsAfterFinished": 600,  # the finished cluster stays 10 minutes for inspection
             # A fixed size: a run needs all its workers at once, so there is nothing to autoscale.
             "rayClusterSpec": _cluster_spec(
-                profile, "train", profile.train_pod, replicas=pods, min_replicas=pods, max_replicas=pods,
-                autoscale=False, head_mounts=[config_mount], head_volumes=[config_volume]),
+                profile,
+                "train",
+                profile.train_pod,
+                replicas=pods,
+                min_replicas=pods,
+                max_replicas=pods,
+                autoscale=False,
+                head_mounts=[config_mount],
+                head_volumes=[config_volume],
+            ),
         },
     }
 
@@ -298,11 +365,12 @@ def rayservice(profile: Profile, model: str = DEFAULT_MODEL) -> dict:
     serve = serve_config(profile, model)
     deployment_s, service_s = unhealthy_thresholds_s(profile)
     # The API keys reach every pod that may run the ingress or the page, never the Serve config.
-    keys = [{"name": serve.auth.api_keys_env,
-             "valueFrom": {"secretKeyRef": {"name": API_KEYS_SECRET, "key": API_KEYS_KEY}}}]
+    keys = [{"name": serve.auth.api_keys_env, "valueFrom": {"secretKeyRef": {"name": API_KEYS_SECRET, "key": API_KEYS_KEY}}}]
     replicas = serve.deployment
     return {
-        "apiVersion": "ray.io/v1", "kind": "RayService", "metadata": _metadata(SERVICE, "serve"),
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": _metadata(SERVICE, "serve"),
         "spec": {
             # A changed serveConfigV2 (e.g. a new model version) updates the applications in place;
             # a changed cluster spec (e.g. a new image) starts a new cluster and moves traffic once
@@ -311,42 +379,67 @@ def rayservice(profile: Profile, model: str = DEFAULT_MODEL) -> dict:
             "deploymentUnhealthySecondThreshold": deployment_s,
             "serviceUnhealthySecondThreshold": service_s,
             # KubeRay keeps this Service pointed at the cluster that serves, across upgrades.
-            "serveService": {"metadata": {"name": API_SERVICE, "labels": _labels("serve")},
-                             "spec": {"ports": [{"name": "serve", "port": SERVE_PORT, "targetPort": SERVE_PORT}]}},
+            "serveService": {
+                "metadata": {"name": API_SERVICE, "labels": _labels("serve")},
+                "spec": {"ports": [{"name": "serve", "port": SERVE_PORT, "targetPort": SERVE_PORT}]},
+            },
             "serveConfigV2": yaml.safe_dump(serve_config_v2(profile, model), sort_keys=False),
             # Serving pods autoscale with the model replicas: one replica per pod.
             "rayClusterConfig": _cluster_spec(
-                profile, "serve", profile.serve_pod, replicas=replicas.min_replicas,
-                min_replicas=replicas.min_replicas, max_replicas=replicas.max_replicas, autoscale=True,
-                head_env=keys, worker_env=keys),
+                profile,
+                "serve",
+                profile.serve_pod,
+                replicas=replicas.min_replicas,
+                min_replicas=replicas.min_replicas,
+                max_replicas=replicas.max_replicas,
+                autoscale=True,
+                head_env=keys,
+                worker_env=keys,
+            ),
         },
     }
 
 
 def train_configmap(profile: Profile) -> dict:
-    text = ("# `dolly train --config` settings; every setting and its default: dolly train --help\n"
-            + yaml.safe_dump(train_settings(profile), sort_keys=False))
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(TRAIN_CONFIGMAP, "train"),
-            "data": {TRAIN_CONFIG_FILE: text}}
+    text = "# `dolly train --config` settings; every setting and its default: dolly train --help\n" + yaml.safe_dump(
+        train_settings(profile), sort_keys=False
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(TRAIN_CONFIGMAP, "train"),
+        "data": {TRAIN_CONFIG_FILE: text},
+    }
 
 
 def volume_claim() -> dict:
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _metadata(VOLUME, "storage"),
-            # Every pod mounts it at once, on many nodes: ReadWriteMany (NFS, Filestore, EFS, CephFS...).
-            # The overlays set the size; set storageClassName in an overlay of your own.
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}}}}
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(VOLUME, "storage"),
+        # Every pod mounts it at once, on many nodes: ReadWriteMany (NFS, Filestore, EFS, CephFS...).
+        # The overlays set the size; set storageClassName in an overlay of your own.
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "50Gi"}}},
+    }
 
 
 def ui_service() -> dict:
     """The chat page (/ui/) on the RayService's serving head. KubeRay manages the API's Service
     (serveService) and only that one, so the page's is ours: it selects the head pods KubeRay has
     marked as serving. During a cluster upgrade it may briefly reach the new cluster's head too."""
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(UI_SERVICE, "serve"),
-            "spec": {"selector": {POD_ROLE: "serve-head", "ray.io/serve": "true"},
-                     "ports": [{"name": "http", "port": 80, "targetPort": SERVE_PORT}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(UI_SERVICE, "serve"),
+        "spec": {
+            "selector": {POD_ROLE: "serve-head", "ray.io/serve": "true"},
+            "ports": [{"name": "http", "port": 80, "targetPort": SERVE_PORT}],
+        },
+    }
 
 
 # --- files --------------------------------------------------------------------------------------
+
 
 class _Dumper(yaml.SafeDumper):
     def ignore_aliases(self, data) -> bool:
@@ -354,8 +447,9 @@ class _Dumper(yaml.SafeDumper):
 
 
 # Multi-line strings (serveConfigV2, train.yaml) as readable `|` blocks.
-_Dumper.add_representer(str, lambda dumper, s: dumper.represent_scalar(
-    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+_Dumper.add_representer(
+    str, lambda dumper, s: dumper.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None)
+)
 
 
 def to_yaml(*documents: dict) -> str:
@@ -375,14 +469,17 @@ def render_base() -> dict[str, str]:
 
 
 def render_overlay(profile: Profile, model: str = DEFAULT_MODEL) -> dict[str, str]:
-    resources = {"train-config.yaml": train_configmap(profile), "raycluster.yaml": raycluster(profile),
-                 "rayjob.yaml": rayjob(profile), "rayservice.yaml": rayservice(profile, model)}
+    resources = {
+        "train-config.yaml": train_configmap(profile),
+        "raycluster.yaml": raycluster(profile),
+        "rayjob.yaml": rayjob(profile),
+        "rayservice.yaml": rayservice(profile, model),
+    }
     size = [{"op": "replace", "path": "/spec/resources/requests/storage", "value": f"{profile.storage_gib}Gi"}]
     kustomization = _kustomization(
         resources=["../../base", *resources],
         patches=[{"target": {"kind": "PersistentVolumeClaim", "name": VOLUME}, "patch": yaml.safe_dump(size)}],
-        images=[{"name": IMAGE, "newName": IMAGE_REPOSITORY,
-                 "newTag": f"{IMAGE_VERSION}-{'gpu' if profile.gpu else 'cpu'}"}],
+        images=[{"name": IMAGE, "newName": IMAGE_REPOSITORY, "newTag": f"{IMAGE_VERSION}-{'gpu' if profile.gpu else 'cpu'}"}],
     )
     return {"kustomization.yaml": to_yaml(kustomization), **{f: to_yaml(d) for f, d in resources.items()}}
 

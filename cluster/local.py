@@ -6,6 +6,7 @@ cluster started (not every Ray on the machine, as `ray stop` would), and checks 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,8 +99,9 @@ def read_state() -> LocalCluster | None:
     return LocalCluster(**json.loads(STATE_FILE.read_text())) if STATE_FILE.exists() else None
 
 
-def up(workers: int = 1, cpus_per_node: int = 4, port: int = 6390, dashboard_port: int = 8265,
-       timeout_s: float = 120) -> LocalCluster:
+def up(
+    workers: int = 1, cpus_per_node: int = 4, port: int = 6390, dashboard_port: int = 8265, timeout_s: float = 120
+) -> LocalCluster:
     """Start a head and `workers` worker nodes on this machine; return once the dashboard answers."""
     existing = read_state()
     if existing and any(_session_alive(s) for s in existing.sessions):
@@ -110,20 +112,38 @@ def up(workers: int = 1, cpus_per_node: int = 4, port: int = 6390, dashboard_por
     log_dir = Path(temp_dir) / "logs-dolly"
     log_dir.mkdir()
     common = ["--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
-    nodes = [[_ray_bin(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *common, *_node_ports(head=True)]]
+    nodes = [
+        [
+            _ray_bin(),
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            *common,
+            *_node_ports(head=True),
+        ]
+    ]
     nodes += [[_ray_bin(), "start", f"--address=127.0.0.1:{port}", *common, *_node_ports()] for _ in range(workers)]
     cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, [], str(log_dir))
     try:
         for i, command in enumerate(nodes):
             with open(log_dir / f"node-{i}.log", "w") as log:
                 # Worker nodes join the head as clients: with token auth on, they need token mode.
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                           env={**os.environ, **client_auth_env()})
+                process = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **client_auth_env()}
+                )
             cluster.sessions.append(process.pid)
             # `ray start` prints this once its node has joined; the head must be up before workers start.
             log_file = log_dir / f"node-{i}.log"
-            _wait(lambda: "Ray runtime started" in log_file.read_text(), timeout_s, f"node {i} of {cluster.address}", log_dir)
+            _wait(
+                lambda log_file=log_file: "Ray runtime started" in log_file.read_text(),
+                timeout_s,
+                f"node {i} of {cluster.address}",
+                log_dir,
+            )
         _wait(lambda: _dashboard_up(cluster.dashboard_url), timeout_s, f"the dashboard at {cluster.dashboard_url}", log_dir)
         STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
         STATE_FILE.write_text(json.dumps(asdict(cluster), indent=2))
@@ -137,8 +157,14 @@ def _node_ports(head: bool = False) -> list[str]:
     """Free ports for a node's agents and servers. Ray's fixed defaults (52365 for the dashboard
     agent, 10001 for Ray Client...) collide with any other Ray on the machine, such as an embedded
     one: the job agent then never registers, and every job submission is refused."""
-    names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "metrics-export-port", "runtime-env-agent-port"] + (["ray-client-server-port"] if head else [])
+    names = [
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    ] + (["ray-client-server-port"] if head else [])
     return [f"--{name}={free_port()}" for name in names]
 
 
@@ -190,10 +216,8 @@ def _stop_sessions(sessions: list[int], grace_s: float = 20) -> None:
 def _signal_session(session: int, sig: int) -> None:
     for pid in _pids():
         if _session_of(pid) == session:
-            try:
+            with contextlib.suppress(OSError):  # gone already
                 os.kill(pid, sig)
-            except OSError:
-                pass
 
 
 def status() -> dict:
@@ -202,6 +226,13 @@ def status() -> dict:
     if cluster is None:
         return {"up": False, "stale_address_removed": stale}
     alive = [s for s in cluster.sessions if _session_alive(s)]
-    return {"up": bool(alive) and _dashboard_up(cluster.dashboard_url), "address": cluster.address,
-            "dashboard": cluster.dashboard_url, "nodes_running": len(alive), "nodes": len(cluster.sessions),
-            "token_auth": cluster.token_auth, "logs": cluster.log_dir, "stale_address_removed": stale}
+    return {
+        "up": bool(alive) and _dashboard_up(cluster.dashboard_url),
+        "address": cluster.address,
+        "dashboard": cluster.dashboard_url,
+        "nodes_running": len(alive),
+        "nodes": len(cluster.sessions),
+        "token_auth": cluster.token_auth,
+        "logs": cluster.log_dir,
+        "stale_address_removed": stale,
+    }

@@ -48,10 +48,11 @@ class BatchDecoder:
         ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long, device=self._device)
         mask = torch.zeros_like(ids)
         for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt, device=self._device)
-            mask[row, width - len(prompt):] = 1
-        out = self._model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                          use_cache=True, logits_to_keep=1)
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, device=self._device)
+            mask[row, width - len(prompt) :] = 1
+        out = self._model(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1
+        )
         generators = generators_for(params, self._device)
         tokens = sample(out.logits[:, -1], params, generators)
         counts = torch.zeros(len(prompts), out.logits.shape[-1], device=self._device)
@@ -73,8 +74,9 @@ class BatchDecoder:
         """The next token of every row in `rows`."""
         positions = self._mask.sum(-1, keepdim=True)
         self._mask = torch.cat([self._mask, torch.ones_like(positions)], dim=-1)
-        out = self._model(input_ids=self._last, attention_mask=self._mask, position_ids=positions,
-                          past_key_values=self._cache, use_cache=True)
+        out = self._model(
+            input_ids=self._last, attention_mask=self._mask, position_ids=positions, past_key_values=self._cache, use_cache=True
+        )
         self._cache = out.past_key_values
         tokens = sample(penalize(out.logits[:, -1], self._counts, self._params), self._params, self._generators)
         self._last = tokens[:, None]

@@ -6,10 +6,7 @@ a model only answers well when it is prompted exactly as it was trained.
 
 from __future__ import annotations
 
-INTRO_BLURB = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
+INTRO_BLURB = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 INSTRUCTION_KEY = "### Instruction:"
 INPUT_KEY = "Input:"
 RESPONSE_KEY = "### Response:"

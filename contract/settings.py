@@ -50,8 +50,9 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def load_config(cls: type[Config], config_file: Path | None = None, flags: dict | None = None,
-                overrides: list[str] = ()) -> Config:
+def load_config(
+    cls: type[Config], config_file: Path | None = None, flags: dict | None = None, overrides: list[str] = ()
+) -> Config:
     """Build `cls` from a YAML file, then flags (those not None), then `key=value` overrides."""
     values: dict = {}
     if config_file is not None:

@@ -22,7 +22,12 @@ class UpBehaviourConfig(BehaviourConfig):
     """`dolly up`'s behavioural scoring, whose decoding the API then serves with: a small model's
     greedy answers loop without a frequency penalty, and end with one (bench/RESULTS.md)."""
 
-    frequency_penalty: float = Field(0.3, ge=-2, le=2, description="OpenAI's frequency penalty the answers are scored with and the API serves with by default (0: Dolly's decoding)")
+    frequency_penalty: float = Field(
+        0.3,
+        ge=-2,
+        le=2,
+        description="OpenAI's frequency penalty the answers are scored with and the API serves with by default (0: Dolly's decoding)",
+    )
 
 
 class UpConfig(BaseModel):
@@ -34,23 +39,50 @@ class UpConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str | None = Field(None, description="corpus (file, folder, URI or Hub id); default: $DOLLY_DATA, else the Hub's databricks-dolly-15k if reachable, else the built-in sample")
-    base_model: str = Field("smollm2-135m-instruct", description="model to fine-tune (Dolly's real recipe: EleutherAI/pythia-2.8b with preset=a100)")
-    tokenizer: str | None = Field(None, description="tokenizer folder or Hub id (default: the base model's; random shapes need one)")
+    data: str | None = Field(
+        None,
+        description="corpus (file, folder, URI or Hub id); default: $DOLLY_DATA, else the Hub's databricks-dolly-15k if reachable, else the built-in sample",
+    )
+    base_model: str = Field(
+        "smollm2-135m-instruct", description="model to fine-tune (Dolly's real recipe: EleutherAI/pythia-2.8b with preset=a100)"
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer folder or Hub id (default: the base model's; random shapes need one)"
+    )
     preset: PresetName = Field("cpu", description="hardware preset of the training workers")
     workdir: Path = Field(Path("runs/up"), description="prepared data, runs, evaluations and the API key file")
     registry: Path = Field(DEFAULT_ROOT, description="model registry the tuned model is registered in")
     model_name: str = Field("dolly", pattern=r"^[A-Za-z0-9._-]+$", description="registry name, served as the API's model id")
-    max_length: int | None = Field(None, ge=16, description=f"longest example in tokens (default: {_CPU_DEMO['prepare']['max_length']} on cpu, else the model's context)")
+    max_length: int | None = Field(
+        None,
+        ge=16,
+        description=f"longest example in tokens (default: {_CPU_DEMO['prepare']['max_length']} on cpu, else the model's context)",
+    )
     test_size: int = Field(200, ge=1, description="held-out examples (Dolly's notebook: 200)")
-    max_steps: int | None = Field(None, ge=1, description=f"optimizer steps (default: {_CPU_DEMO['max_steps']} on cpu, else Dolly's two epochs)")
-    num_workers: int | None = Field(None, ge=1, description=f"training workers (default: {_CPU_DEMO['num_workers']} on cpu, else 2, one per GPU)")
-    pack: bool | None = Field(None, description=f"pack several examples per training row (default: {_CPU_DEMO['prepare']['pack']} on cpu, else false: Dolly's padded batches)")
-    micro_batch_size: int | None = Field(None, ge=1, description=f"rows per worker per step (default: {_CPU_DEMO['micro_batch_size']} on cpu, else the preset's)")
-    lr: float | None = Field(None, gt=0, description=f"peak learning rate (default: {_CPU_DEMO['lr']:g} on cpu, a short run; else Dolly's 5e-6)")
+    max_steps: int | None = Field(
+        None, ge=1, description=f"optimizer steps (default: {_CPU_DEMO['max_steps']} on cpu, else Dolly's two epochs)"
+    )
+    num_workers: int | None = Field(
+        None, ge=1, description=f"training workers (default: {_CPU_DEMO['num_workers']} on cpu, else 2, one per GPU)"
+    )
+    pack: bool | None = Field(
+        None,
+        description=f"pack several examples per training row (default: {_CPU_DEMO['prepare']['pack']} on cpu, else false: Dolly's padded batches)",
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, description=f"rows per worker per step (default: {_CPU_DEMO['micro_batch_size']} on cpu, else the preset's)"
+    )
+    lr: float | None = Field(
+        None, gt=0, description=f"peak learning rate (default: {_CPU_DEMO['lr']:g} on cpu, a short run; else Dolly's 5e-6)"
+    )
     train: dict = Field(default_factory=dict, description="any further `dolly train` setting, e.g. train.zero_stage=3")
-    eval_examples: int | None = Field(64, ge=1, description="held-out examples whose loss is scored before and after (null: all of them)")
-    behaviour: UpBehaviourConfig = Field(default_factory=UpBehaviourConfig, description="answers to held-out instructions, scored before and after (stop rate, repetition, ROUGE-L, length), decoded as the API then serves")
+    eval_examples: int | None = Field(
+        64, ge=1, description="held-out examples whose loss is scored before and after (null: all of them)"
+    )
+    behaviour: UpBehaviourConfig = Field(
+        default_factory=UpBehaviourConfig,
+        description="answers to held-out instructions, scored before and after (stop rate, repetition, ROUGE-L, length), decoded as the API then serves",
+    )
     host: str = Field("127.0.0.1", description="HTTP address of the API and the page (0.0.0.0 to reach them from other machines)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the API and the page")
     open_browser: bool = Field(True, description="open the chat page in a browser once it is up")
@@ -66,14 +98,27 @@ class UpConfig(BaseModel):
     def train_config(self, data_dir: Path, run_name: str = "up", test_size: int | None = None) -> TrainConfig:
         """What `dolly up` trains with: the preset's demo under what this config sets. The preparation
         settings travel along, so `dolly retrain` prepares again with them."""
-        chosen = dict(num_workers=self.num_workers, max_steps=self.max_steps, micro_batch_size=self.micro_batch_size, lr=self.lr,
-                      prepare=dict(pack=self.pack, max_length=self.max_length, test_size=test_size or self.test_size))
+        chosen = dict(
+            num_workers=self.num_workers,
+            max_steps=self.max_steps,
+            micro_batch_size=self.micro_batch_size,
+            lr=self.lr,
+            prepare=dict(pack=self.pack, max_length=self.max_length, test_size=test_size or self.test_size),
+        )
         settings = merge(PRESETS[self.preset].demo, _set(chosen))
         if not PRESETS[self.preset].settings["use_gpu"] and settings.get("num_workers") == 1:
             # One CPU worker gets every core as its torch threads (Ray gives a worker as many as it claims).
             settings["cpus_per_worker"] = float(os.cpu_count() or 1)
-        settings.update(base_model=self.base_model, tokenizer=self.tokenizer, data_dir=data_dir, preset=self.preset, run_name=run_name,
-                        storage_path=str(self.workdir / "runs"), output_dir=self.workdir / "runs", registry=self.registry)
+        settings.update(
+            base_model=self.base_model,
+            tokenizer=self.tokenizer,
+            data_dir=data_dir,
+            preset=self.preset,
+            run_name=run_name,
+            storage_path=str(self.workdir / "runs"),
+            output_dir=self.workdir / "runs",
+            registry=self.registry,
+        )
         # `dolly up` registers the export itself, once, however often it is run.
         return TrainConfig.model_validate({**merge(settings, self.train), "register_as": None})
 
@@ -95,10 +140,18 @@ class GateConfig(BaseModel):
     category: str | None = Field(None, description="judge on one category (e.g. closed_qa) instead of all held-out examples")
     min_improvement: float = Field(0.0, ge=0, description="how much lower the candidate's metric must be")
     relative: bool = Field(False, description="min_improvement is a fraction of the serving model's value (0.02: 2% lower)")
-    behaviour: bool = Field(True, description="also judge the greedy answers: stop rate, repetition and ROUGE-L may not regress beyond the margins")
-    max_stop_rate_drop: float = Field(0.05, ge=0, le=1, description="how far the candidate's stop rate may fall below the serving model's (0.05: 5 points)")
-    max_repetition_rise: float = Field(0.02, ge=0, le=1, description="how far the candidate's mean repetition (share of repeated 4-grams) may rise")
-    max_rouge_l_drop: float = Field(0.01, ge=0, le=1, description="how far the candidate's mean ROUGE-L against the references may fall")
+    behaviour: bool = Field(
+        True, description="also judge the greedy answers: stop rate, repetition and ROUGE-L may not regress beyond the margins"
+    )
+    max_stop_rate_drop: float = Field(
+        0.05, ge=0, le=1, description="how far the candidate's stop rate may fall below the serving model's (0.05: 5 points)"
+    )
+    max_repetition_rise: float = Field(
+        0.02, ge=0, le=1, description="how far the candidate's mean repetition (share of repeated 4-grams) may rise"
+    )
+    max_rouge_l_drop: float = Field(
+        0.01, ge=0, le=1, description="how far the candidate's mean ROUGE-L against the references may fall"
+    )
 
 
 class RetrainConfig(BaseModel):
@@ -109,12 +162,19 @@ class RetrainConfig(BaseModel):
 
     corpus: str = Field(..., description="the corpus the serving model was trained on: file, folder, URI or Hub id")
     new_records: list[Path] = Field(default_factory=list, description="files of new records (JSONL, JSON or Parquet) to add")
-    train: TrainConfig = Field(..., description="`dolly train` settings (base_model, tokenizer, steps...); data and registration are set by retrain")
+    train: TrainConfig = Field(
+        ..., description="`dolly train` settings (base_model, tokenizer, steps...); data and registration are set by retrain"
+    )
     serving: str = Field("dolly@latest", description="the version to beat: NAME@N or NAME@latest")
     gate: GateConfig = Field(default_factory=GateConfig, description="when the candidate is promoted")
     eval_examples: int | None = Field(None, ge=1, description="held-out examples both models' loss is scored on (null: all)")
-    behaviour: BehaviourConfig = Field(default_factory=BehaviourConfig, description="answers both models give to held-out instructions (the gate judges the greedy ones)")
-    serve_config: Path | None = Field(None, description="YAML of the running app's serve settings (`dolly up` writes one): hot-swap it on promotion")
+    behaviour: BehaviourConfig = Field(
+        default_factory=BehaviourConfig,
+        description="answers both models give to held-out instructions (the gate judges the greedy ones)",
+    )
+    serve_config: Path | None = Field(
+        None, description="YAML of the running app's serve settings (`dolly up` writes one): hot-swap it on promotion"
+    )
     workdir: Path = Field(Path("runs/retrain"), description="combined corpus, prepared data, runs and reports")
 
     @property

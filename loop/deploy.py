@@ -24,8 +24,9 @@ class Deployed:
     page_url: str | None
 
 
-def deploy(settings: ServeConfig, host: str = "127.0.0.1", port: int = 8000, ui: bool = False,
-           log_level: str = "INFO") -> Deployed:
+def deploy(
+    settings: ServeConfig, host: str = "127.0.0.1", port: int = 8000, ui: bool = False, log_level: str = "INFO"
+) -> Deployed:
     """Start Serve's HTTP proxy (if it is not running yet) and deploy; returns once replicas answer.
     `log_level` is what reaches this console (Serve's log files keep everything)."""
     logging_config = {"log_level": log_level}

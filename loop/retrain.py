@@ -10,10 +10,10 @@ records into training, never pull the serving model's training records into the 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
+from pydantic import BaseModel
 from ray import serve
 from rich.console import Console
 
@@ -23,8 +23,10 @@ from contract.errors import UserError
 from contract.settings import load_config
 from loop.configs import RetrainConfig
 from loop.deploy import switch_model
-from loop.gate import gate
+from loop.gate import Decision, gate
+from pipelines.behaviour import BehaviourReport
 from pipelines.evaluate import score_model, show_scores
+from pipelines.loss import LossReport
 from pipelines.manifest import verified
 from pipelines.sources import resolve_source
 from pipelines.train import train_once
@@ -47,7 +49,22 @@ def combine_sources(corpus: str, new_records: list[Path], folder: Path) -> Path:
     return folder
 
 
-def retrain(config: RetrainConfig, console: Console | None = None, address: str | None = None) -> dict:
+class RetrainReport(BaseModel):
+    """What a retraining decided and why; written to WORKDIR/report.json."""
+
+    serving: str  # NAME@N that was serving
+    candidate: str  # NAME@N registered for this run
+    promoted: bool
+    swapped: bool  # the running app now serves the candidate
+    decision: Decision
+    chart: str  # the loss comparison
+    behaviour_chart: str | None
+    run_name: str
+    scores: dict[str, LossReport]  # "serving", "candidate"
+    behaviour: dict[str, list[BehaviourReport]]
+
+
+def retrain(config: RetrainConfig, console: Console | None = None, address: str | None = None) -> RetrainReport:
     console = console or Console()
     name, root, workdir = config.model_name, config.train.registry, config.workdir
     serving_folder, serving_name = registry.resolve(config.serving, root)  # fail before any work
@@ -83,13 +100,19 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
                 swapped = _swap(config.serve_config, candidate_name, console)
         else:
             console.print(f"[bold yellow]Kept[/] {serving_name} (decided by {decision.decided_by}): {decision.reason}")
-    report = {"serving": serving_name, "candidate": candidate_name, "promoted": decision.promote, "swapped": swapped,
-              "decision": decision.model_dump(mode="json"), "chart": charts["loss_plot"],
-              "behaviour_chart": charts.get("behaviour_plot"), "run_name": run_name,
-              "scores": {"serving": serving.loss.model_dump(mode="json"), "candidate": candidate.loss.model_dump(mode="json")},
-              "behaviour": {"serving": [r.model_dump(mode="json") for r in serving.behaviour],
-                            "candidate": [r.model_dump(mode="json") for r in candidate.behaviour]}}
-    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = RetrainReport(
+        serving=serving_name,
+        candidate=candidate_name,
+        promoted=decision.promote,
+        swapped=swapped,
+        decision=decision,
+        chart=charts["loss_plot"],
+        behaviour_chart=charts.get("behaviour_plot"),
+        run_name=run_name,
+        scores={"serving": serving.loss, "candidate": candidate.loss},
+        behaviour={"serving": serving.behaviour, "candidate": candidate.behaviour},
+    )
+    (workdir / "report.json").write_text(report.model_dump_json(indent=2) + "\n")
     console.print(f"Report: {workdir / 'report.json'}")
     return report
 
@@ -98,8 +121,10 @@ def _swap(serve_config: Path, model: str, console: Console) -> bool:
     """Deploy `model` into the running app described by `serve_config`; False (said) if none runs."""
     settings = load_config(ServeConfig, serve_config, {}, [])
     if settings.app_name not in serve.status().applications:
-        console.print(f"No running Serve app {settings.app_name!r} on this cluster: nothing to swap; "
-                      f"`dolly serve --model {settings.model.partition('@')[0]}@latest` serves the promoted version")
+        console.print(
+            f"No running Serve app {settings.app_name!r} on this cluster: nothing to swap; "
+            f"`dolly serve --model {settings.model.partition('@')[0]}@latest` serves the promoted version"
+        )
         return False
     switch_model(settings, model)
     console.print(f"[bold green]Swapped[/] the running app {settings.app_name!r} to {model}, in place")

@@ -45,8 +45,10 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
     workdir = config.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     if config.base_model == SMOLLM2:
-        console.print(f"[dim]Base model: {SMOLLM2}, a small pretrained model that runs on a laptop. Dolly's real recipe "
-                      "fine-tunes EleutherAI Pythia: --base-model EleutherAI/pythia-2.8b --preset a100 with a GPU cluster's --address.[/]")
+        console.print(
+            f"[dim]Base model: {SMOLLM2}, a small pretrained model that runs on a laptop. Dolly's real recipe "
+            "fine-tunes EleutherAI Pythia: --base-model EleutherAI/pythia-2.8b --preset a100 with a GPU cluster's --address.[/]"
+        )
     with ray_session(address):
         _stage(console, 1, "Data")
         source, why = choose_source(config.data)
@@ -57,8 +59,12 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         # The built-in sample has 40 records: hold out 8, so every category still has some to learn from.
         train_config = config.train_config(data_dir, test_size=8 if source == str(BUILTIN_SAMPLE) else None)
         # Verified here, once: the stages below take the verified shards as they are.
-        data = prepare(PrepareConfig(source=source, output_dir=data_dir, tokenizer=tokenizer, model=base_folder,
-                                     **train_config.prepare.model_dump()), console).data
+        data = prepare(
+            PrepareConfig(
+                source=source, output_dir=data_dir, tokenizer=tokenizer, model=base_folder, **train_config.prepare.model_dump()
+            ),
+            console,
+        ).data
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
         _stage(console, 2, f"Score the base model ({config.base_model}): held-out loss and answers")
@@ -72,8 +78,10 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         tuned = _cached_scores(str(export_dir), None, data, data_sha, config, console).named(f"tuned ({run_name})")
         charts = show_scores([base, tuned], workdir, console)
         report = workdir / "report.json"
-        report.write_text(json.dumps({"base": base.model_dump(mode="json"), "tuned": tuned.model_dump(mode="json"),
-                                      "charts": charts}, indent=2) + "\n")
+        report.write_text(
+            json.dumps({"base": base.model_dump(mode="json"), "tuned": tuned.model_dump(mode="json"), "charts": charts}, indent=2)
+            + "\n"
+        )
         console.print(f"Charts: {', '.join(charts.values())}; scores: {report}")
 
         _stage(console, 5, "Export and register")
@@ -92,14 +100,24 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         _stage(console, 6, "Serve the API and the chat page on Ray Serve")
         key_file = _api_key_file(workdir)
         # The API decodes as the answers were scored.
-        serve_config = ServeConfig(model=model_ref, registry=config.registry, auth={"api_keys_file": key_file.absolute()},
-                                   defaults={"frequency_penalty": config.behaviour.frequency_penalty})
+        serve_config = ServeConfig(
+            model=model_ref,
+            registry=config.registry,
+            auth={"api_keys_file": key_file.absolute()},
+            defaults={"frequency_penalty": config.behaviour.frequency_penalty},
+        )
         retrain_file = _write_retrain_config(workdir, source, train_config, serve_config, config)
         try:
             # Quiet: request logs would scroll the URLs and the key off the screen.
             deployed = deploy(serve_config, config.host, config.port, ui=True, log_level="WARNING")
-            urls = {"api": deployed.api_url, "page": deployed.page_url, "model": model_ref, "api_key_file": str(key_file),
-                    "retrain_config": str(retrain_file), "ray_address": ray.get_runtime_context().gcs_address}
+            urls = {
+                "api": deployed.api_url,
+                "page": deployed.page_url,
+                "model": model_ref,
+                "api_key_file": str(key_file),
+                "retrain_config": str(retrain_file),
+                "ray_address": ray.get_runtime_context().gcs_address,
+            }
             console.print(_ready_panel(config, urls, key_file.read_text().strip()))
             if config.open_browser and block:
                 webbrowser.open(deployed.page_url)
@@ -135,10 +153,15 @@ def _write_retrain_config(workdir: Path, source: str, train_config, serve_config
     corpus and training settings, the serving version to beat, and the running app's settings."""
     serve_file = workdir / "serve.yaml"
     serve_file.write_text(json.dumps(serve_config.model_dump(mode="json"), indent=2) + "\n")  # JSON is YAML
-    retrain = {"corpus": source, "serving": f"{config.model_name}@latest", "serve_config": str(serve_file),
-               "eval_examples": config.eval_examples, "behaviour": config.behaviour.model_dump(mode="json"),
-               "workdir": str(workdir / "retrain"),
-               "train": train_config.model_dump(mode="json", exclude={"run_name", "data_dir", "source"})}
+    retrain = {
+        "corpus": source,
+        "serving": f"{config.model_name}@latest",
+        "serve_config": str(serve_file),
+        "eval_examples": config.eval_examples,
+        "behaviour": config.behaviour.model_dump(mode="json"),
+        "workdir": str(workdir / "retrain"),
+        "train": train_config.model_dump(mode="json", exclude={"run_name", "data_dir", "source"}),
+    }
     path = workdir / "retrain.yaml"
     path.write_text(json.dumps(retrain, indent=2) + "\n")
     return path
@@ -162,7 +185,7 @@ def _ready_panel(config: UpConfig, urls: dict, key: str) -> Panel:
         "",
         "Try it:",
         f"  curl {urls['api']}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\",
-        f"    -d '{{\"model\": \"{config.model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Name three primary colours.\"}}]}}'",
+        f'    -d \'{{"model": "{config.model_name}", "messages": [{{"role": "user", "content": "Name three primary colours."}}]}}\'',
         "",
         "Retrain on new records and promote only if better (from another terminal, while this runs):",
         f"  dolly retrain --config {urls['retrain_config']} --new-records NEW.jsonl --address {urls['ray_address']}",

@@ -35,11 +35,21 @@ from pipelines.heldout import LoadedModel, check_data, loaded_model, read_heldou
 from pipelines.manifest import VerifiedData
 
 
-def sample_generations(model: str | LoadedModel, source: Path | Sequence[dict], *, registry: Path = DEFAULT_ROOT,
-                       tokenizer: str | None = None, gguf_file: str | None = None, per_category: int = 1,
-                       max_new_tokens: int = generation.MAX_NEW_TOKENS, temperature: float = generation.TEMPERATURE,
-                       top_p: float = generation.TOP_P, top_k: int = generation.TOP_K,
-                       seed: int = 42, batch_size: int = 8) -> list[Sample]:
+def sample_generations(
+    model: str | LoadedModel,
+    source: Path | Sequence[dict],
+    *,
+    registry: Path = DEFAULT_ROOT,
+    tokenizer: str | None = None,
+    gguf_file: str | None = None,
+    per_category: int = 1,
+    max_new_tokens: int = generation.MAX_NEW_TOKENS,
+    temperature: float = generation.TEMPERATURE,
+    top_p: float = generation.TOP_P,
+    top_k: int = generation.TOP_K,
+    seed: int = 42,
+    batch_size: int = 8,
+) -> list[Sample]:
     """Answers to the first `per_category` prompts of each category, from a prepared data folder
     (its test split) or from records (dicts with instruction, context, response, category).
 
@@ -57,20 +67,32 @@ def sample_generations(model: str | LoadedModel, source: Path | Sequence[dict], 
     return answer(lm, prompts, params, seed, batch_size)
 
 
-def heldout_behaviour(model: str | LoadedModel, data_dir: Path | VerifiedData, config: BehaviourConfig, mode: Mode, *,
-                      registry: Path = DEFAULT_ROOT, tokenizer: str | None = None,
-                      gguf_file: str | None = None) -> tuple[BehaviourReport, list[Sample]]:
+def heldout_behaviour(
+    model: str | LoadedModel,
+    data_dir: Path | VerifiedData,
+    config: BehaviourConfig,
+    mode: Mode,
+    *,
+    registry: Path = DEFAULT_ROOT,
+    tokenizer: str | None = None,
+    gguf_file: str | None = None,
+) -> tuple[BehaviourReport, list[Sample]]:
     """Answers to `config.examples` held-out instructions, greedy or with Dolly's sampling, scored
     by `pipelines.behaviour`."""
     lm = loaded_model(model, registry, tokenizer, gguf_file)
     return behaviour_on(lm, heldout_prompts(lm, data_dir, config.examples), config, mode)
 
 
-def behaviour_on(lm: LoadedModel, prompts: list[dict], config: BehaviourConfig, mode: Mode) -> tuple[BehaviourReport, list[Sample]]:
+def behaviour_on(
+    lm: LoadedModel, prompts: list[dict], config: BehaviourConfig, mode: Mode
+) -> tuple[BehaviourReport, list[Sample]]:
     """`lm`'s answers to `prompts` in one mode, and their scores."""
     # SamplingParams' defaults are Dolly's sampling; greedy only changes the temperature.
-    params = SamplingParams(max_tokens=config.max_new_tokens, frequency_penalty=config.frequency_penalty,
-                            **({"temperature": 0.0} if mode == "greedy" else {}))
+    params = SamplingParams(
+        max_tokens=config.max_new_tokens,
+        frequency_penalty=config.frequency_penalty,
+        **({"temperature": 0.0} if mode == "greedy" else {}),
+    )
     samples = answer(lm, prompts, params, config.seed, config.batch_size, progress=f"{mode} answers of {lm.name}")
     return summarize(samples, mode, config.max_new_tokens, config.frequency_penalty), samples
 
@@ -85,33 +107,50 @@ def heldout_prompts(lm: LoadedModel, data_dir: Path | VerifiedData, examples: in
     return prompts
 
 
-def answer(lm: LoadedModel, prompts: list[dict], params: SamplingParams, seed: int, batch_size: int,
-           progress: str | None = None) -> list[Sample]:
+def answer(
+    lm: LoadedModel, prompts: list[dict], params: SamplingParams, seed: int, batch_size: int, progress: str | None = None
+) -> list[Sample]:
     """`lm`'s answers to prompts (from `_heldout_prompt` / `_record_prompt`), each with its own
     seed (seed + its index) and a budget that fits the model's context; prompts that leave no
     room for an answer are passed over."""
     limit = max_length_for(lm.ref, lm.tokenizer)[0]
     prompts = [p for p in prompts if len(p["ids"]) < limit]
-    per_prompt = [replace(params, seed=seed + i, max_tokens=min(params.max_tokens, limit - len(p["ids"])))
-                  for i, p in enumerate(prompts)]
-    generations = _generate(lm, [p["ids"] for p in prompts], per_prompt, stop_token_ids(Path(lm.ref), lm.tokenizer),
-                            batch_size, progress)
-    return [Sample(model=lm.name, category=p["category"], instruction=p["instruction"], context=p["context"],
-                   reference=p["reference"], finish=finish,
-                   generated=extract_response(lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)))
-            for p, (ids, finish) in zip(prompts, generations)]
+    per_prompt = [
+        replace(params, seed=seed + i, max_tokens=min(params.max_tokens, limit - len(p["ids"]))) for i, p in enumerate(prompts)
+    ]
+    generations = _generate(
+        lm, [p["ids"] for p in prompts], per_prompt, stop_token_ids(Path(lm.ref), lm.tokenizer), batch_size, progress
+    )
+    return [
+        Sample(
+            model=lm.name,
+            category=p["category"],
+            instruction=p["instruction"],
+            context=p["context"],
+            reference=p["reference"],
+            finish=finish,
+            generated=extract_response(lm.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)),
+        )
+        for p, (ids, finish) in zip(prompts, generations)
+    ]
 
 
-def _generate(lm: LoadedModel, prompts: list[list[int]], params: list[SamplingParams], stop_ids: set[int], batch_size: int,
-              progress: str | None = None) -> list[tuple[list[int], str]]:
+def _generate(
+    lm: LoadedModel,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    stop_ids: set[int],
+    batch_size: int,
+    progress: str | None = None,
+) -> list[tuple[list[int], str]]:
     """(generated ids, finish reason) per prompt, decoded with serving's batch decoder and ended by
     serving's rule (`finish_reason`)."""
     decoder = BatchDecoder(lm.model, lm.tokenizer.pad_token_id)
     results = []
     starts = range(0, len(prompts), batch_size)
     for start in track(starts, description=progress or "", disable=progress is None):
-        rows, tokens = decoder.add(prompts[start:start + batch_size], params[start:start + batch_size])
-        budget = dict(zip(rows, (p.max_tokens for p in params[start:start + batch_size])))
+        rows, tokens = decoder.add(prompts[start : start + batch_size], params[start : start + batch_size])
+        budget = dict(zip(rows, (p.max_tokens for p in params[start : start + batch_size])))
         generated: dict[int, list[int]] = {row: [] for row in rows}
         finish: dict[int, str] = {}
         while decoder.rows:
@@ -146,15 +185,25 @@ def _heldout_prompt(row: dict, tokenizer) -> dict:
     body = text.split(f"{INSTRUCTION_KEY}\n", 1)[1].removesuffix(f"\n\n{RESPONSE_KEY_NL}")
     instruction, _, context = body.partition(f"\n\n{INPUT_KEY}\n")
     reference = tokenizer.decode(row["input_ids"][n_prompt:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return {"category": row["category"], "instruction": instruction, "context": context,
-            "reference": extract_response(reference), "ids": row["input_ids"][:n_prompt]}
+    return {
+        "category": row["category"],
+        "instruction": instruction,
+        "context": context,
+        "reference": extract_response(reference),
+        "ids": row["input_ids"][:n_prompt],
+    }
 
 
 def _record_prompt(record: dict, tokenizer) -> dict:
     context = record.get("context", "")
     ids = tokenizer(render_generation_prompt(record["instruction"], context), add_special_tokens=False)["input_ids"]
-    return {"category": record["category"], "instruction": record["instruction"], "context": context,
-            "reference": record["response"], "ids": ids}
+    return {
+        "category": record["category"],
+        "instruction": record["instruction"],
+        "context": context,
+        "reference": record["response"],
+        "ids": ids,
+    }
 
 
 def write_samples(samples: Sequence[Sample], path: Path) -> Path:
@@ -163,7 +212,9 @@ def write_samples(samples: Sequence[Sample], path: Path) -> Path:
     blocks = []
     for s in samples:
         context = f"**Context:** {s.context}\n\n" if s.context else ""
-        blocks.append(f"## {s.category} — {s.model}\n\n**Instruction:** {s.instruction}\n\n{context}"
-                      f"**Reference:** {s.reference}\n\n**Generated** ({s.finish}): {s.generated}\n")
+        blocks.append(
+            f"## {s.category} — {s.model}\n\n**Instruction:** {s.instruction}\n\n{context}"
+            f"**Reference:** {s.reference}\n\n**Generated** ({s.finish}): {s.generated}\n"
+        )
     path.with_suffix(".md").write_text("\n".join(blocks))
     return path

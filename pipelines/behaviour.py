@@ -42,12 +42,24 @@ class BehaviourConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    modes: list[Mode] = Field(["greedy", "sampled"], description="greedy, and/or Dolly's sampling (temperature 1, top_p 0.92, top_k 0; seeded); [] for none")
-    examples: int | None = Field(64, ge=1, description="held-out instructions answered: a round-robin over categories (null: all)")
+    modes: list[Mode] = Field(
+        ["greedy", "sampled"],
+        description="greedy, and/or Dolly's sampling (temperature 1, top_p 0.92, top_k 0; seeded); [] for none",
+    )
+    examples: int | None = Field(
+        64, ge=1, description="held-out instructions answered: a round-robin over categories (null: all)"
+    )
     max_new_tokens: int = Field(128, ge=1, description="token budget of an answer: one that has not ended by then did not stop")
     batch_size: int = Field(16, ge=1, description="answers generated together")
-    seed: int = Field(42, description="seed of the sampled answers (each prompt has its own, so any batch gives the same answers)")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's frequency penalty, in both modes (0: Dolly's decoding); score with what the API serves")
+    seed: int = Field(
+        42, description="seed of the sampled answers (each prompt has its own, so any batch gives the same answers)"
+    )
+    frequency_penalty: float = Field(
+        0.0,
+        ge=-2,
+        le=2,
+        description="OpenAI's frequency penalty, in both modes (0: Dolly's decoding); score with what the API serves",
+    )
 
 
 class Sample(BaseModel):
@@ -83,7 +95,7 @@ class BehaviourReport(BaseModel):
 def repetition(text: str, n: int = NGRAM) -> float:
     """Share of the word n-grams of `text` that already occurred earlier in it."""
     words = text.lower().split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -107,9 +119,14 @@ def summarize(samples: Sequence[Sample], mode: Mode, max_new_tokens: int, freque
     by_category: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
         by_category[sample.category].append(sample)
-    return BehaviourReport(model=samples[0].model, mode=mode, max_new_tokens=max_new_tokens, frequency_penalty=frequency_penalty,
-                           overall=_scores(samples),
-                           by_category={c: _scores(by_category[c]) for c in ordered(by_category)})
+    return BehaviourReport(
+        model=samples[0].model,
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        frequency_penalty=frequency_penalty,
+        overall=_scores(samples),
+        by_category={c: _scores(by_category[c]) for c in ordered(by_category)},
+    )
 
 
 def _scores(samples: Sequence[Sample]) -> BehaviourScores:
@@ -138,8 +155,13 @@ def ordered(categories) -> list[str]:
 # ---------------------------------------------------------------------------- side by side
 
 # (column, attribute, format, which way is better: +1 higher, -1 lower, 0 neither)
-_COLUMNS = (("stop", "stop_rate", "{:.0%}", 1), ("repeat", "repetition", "{:.2f}", -1), ("loops", "loop_rate", "{:.0%}", -1),
-            ("ROUGE-L", "rouge_l", "{:.3f}", 1), ("words", "words", "{:.0f}", 0))
+_COLUMNS = (
+    ("stop", "stop_rate", "{:.0%}", 1),
+    ("repeat", "repetition", "{:.2f}", -1),
+    ("loops", "loop_rate", "{:.0%}", -1),
+    ("ROUGE-L", "rouge_l", "{:.3f}", 1),
+    ("words", "words", "{:.0f}", 0),
+)
 
 
 def behaviour_table(reports: Sequence[BehaviourReport], labels: Sequence[str] | None = None) -> Table:
@@ -149,8 +171,9 @@ def behaviour_table(reports: Sequence[BehaviourReport], labels: Sequence[str] | 
     labels = labels or (("base", "tuned") if len(reports) == 2 else [str(i + 1) for i in range(len(reports))])
     mode, budget, penalty = reports[0].mode, reports[0].max_new_tokens, reports[0].frequency_penalty
     decoding = f"{mode}{f', frequency penalty {penalty:g}' if penalty else ''}, at most {budget} new tokens"
-    table = Table(title=f"Behaviour on held-out instructions ({decoding}): "
-                        + " vs ".join(r.model for r in reports), title_justify="left")
+    table = Table(
+        title=f"Behaviour on held-out instructions ({decoding}): " + " vs ".join(r.model for r in reports), title_justify="left"
+    )
     table.add_column("category")
     table.add_column("n", justify="right")
     for header, *_ in _COLUMNS:
@@ -186,21 +209,30 @@ def plot_behaviour(reports: Sequence[BehaviourReport], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     modes = list(dict.fromkeys(r.mode for r in reports))
-    metrics = (("stop_rate", "stop rate (higher is better)"), ("loop_rate", "looping answers (lower is better)"),
-               ("rouge_l", "ROUGE-L vs reference (higher is better)"))
+    metrics = (
+        ("stop_rate", "stop rate (higher is better)"),
+        ("loop_rate", "looping answers (lower is better)"),
+        ("rouge_l", "ROUGE-L vs reference (higher is better)"),
+    )
     categories = [*ordered({c for r in reports for c in r.by_category}), "overall"]
-    fig, axes = plt.subplots(len(metrics), len(modes), figsize=(max(8.0, 1.1 * len(categories)) * len(modes), 9),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(metrics), len(modes), figsize=(max(8.0, 1.1 * len(categories)) * len(modes), 9), squeeze=False, sharex=True
+    )
     for col, mode in enumerate(modes):
         group = [r for r in reports if r.mode == mode]
         width = 0.8 / len(group)
         for row, (attribute, label) in enumerate(metrics):
             ax = axes[row][col]
             for i, report in enumerate(group):
-                values = [getattr(report.overall if c == "overall" else report.by_category[c], attribute)
-                          if c == "overall" or c in report.by_category else float("nan") for c in categories]
-                ax.bar([x + (i - (len(group) - 1) / 2) * width for x in range(len(categories))], values, width,
-                       label=report.model)
+                values = [
+                    getattr(report.overall if c == "overall" else report.by_category[c], attribute)
+                    if c == "overall" or c in report.by_category
+                    else float("nan")
+                    for c in categories
+                ]
+                ax.bar(
+                    [x + (i - (len(group) - 1) / 2) * width for x in range(len(categories))], values, width, label=report.model
+                )
             ax.set_ylim(0, 1)
             ax.set_ylabel(label, fontsize=8)
             if row == 0:

@@ -91,8 +91,11 @@ def candidates(run_uri: str) -> list[Stored]:
     """The run's checkpoint folders in storage, newest step first."""
     fs, root = storage(run_uri)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    found = [(int(m["step"]), int(m["stamp"]), info.path) for info in infos
-             if info.type == pafs.FileType.Directory and (m := _NAME.match(info.base_name))]
+    found = [
+        (int(m["step"]), int(m["stamp"]), info.path)
+        for info in infos
+        if info.type == pafs.FileType.Directory and (m := _NAME.match(info.base_name))
+    ]
     return [Stored(path, fs, step) for step, _, path in sorted(found, reverse=True)]
 
 
@@ -178,5 +181,3 @@ def _broadcast(value: int) -> int:
 def collective_device() -> torch.device:
     # NCCL only moves CUDA tensors; gloo only CPU ones.
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-

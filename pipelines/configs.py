@@ -3,16 +3,15 @@ works; YAML files and `key=value` on the command line override them."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contract import generation
 from contract.registry import DEFAULT_ROOT
-from pipelines.presets import PRESETS, PresetName
 from pipelines.behaviour import BehaviourConfig
+from pipelines.presets import PRESETS, PresetName
 from pipelines.records import DOLLY_CATEGORIES
 from pipelines.sources import DOLLY_HUB_ID
 
@@ -23,23 +22,37 @@ class PrepareSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_length: int | None = Field(None, ge=16, description="longest example in tokens (default: from the model/tokenizer config, else 1024)")
-    length_policy: Literal["drop", "truncate"] = Field("drop", description="over-length examples: drop them (as Dolly does) or truncate the response")
+    max_length: int | None = Field(
+        None, ge=16, description="longest example in tokens (default: from the model/tokenizer config, else 1024)"
+    )
+    length_policy: Literal["drop", "truncate"] = Field(
+        "drop", description="over-length examples: drop them (as Dolly does) or truncate the response"
+    )
     categories: list[str] | None = Field(list(DOLLY_CATEGORIES), description="allowed categories; null accepts any")
-    on_bad: Literal["skip", "fail"] = Field("skip", description="a malformed record: skip it (listed in rejects.jsonl) or stop the run")
+    on_bad: Literal["skip", "fail"] = Field(
+        "skip", description="a malformed record: skip it (listed in rejects.jsonl) or stop the run"
+    )
     test_size: int = Field(1000, ge=0, description="held-out examples (Dolly used 200 to 1000)")
     seed: int = Field(42, description="seed of the train/test split and the training order")
     pack: bool = Field(False, description="pack several examples per training row (no attention or loss across them)")
     pack_window: int = Field(2048, ge=1, description="examples considered together when packing rows")
     block_rows: int = Field(2000, ge=1, description="records per Ray Data block: the unit of parallel work")
-    cpus_per_task: float = Field(0.5, gt=0, description="logical CPUs each Ray Data task claims; fractional so data and training can share small machines")
-    concurrency: int | None = Field(None, ge=1, description="most tokenization tasks at once (default: this machine's cores: more only thrash, as the tokenizer is multi-threaded)")
+    cpus_per_task: float = Field(
+        0.5, gt=0, description="logical CPUs each Ray Data task claims; fractional so data and training can share small machines"
+    )
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="most tokenization tasks at once (default: this machine's cores: more only thrash, as the tokenizer is multi-threaded)",
+    )
 
 
 class PrepareConfig(PrepareSettings):
     """`dolly data prepare`: corpus -> validated, tokenized, split Parquet shards + manifest."""
 
-    source: str = Field(DOLLY_HUB_ID, description="Hub dataset id, local .jsonl/.json/.parquet file or folder, or s3:// / gs:// URI")
+    source: str = Field(
+        DOLLY_HUB_ID, description="Hub dataset id, local .jsonl/.json/.parquet file or folder, or s3:// / gs:// URI"
+    )
     output_dir: Path = Field(Path("runs/data"), description="where shards, manifest, rejects and plots are written")
     tokenizer: str = Field("EleutherAI/pythia-2.8b", description="base model's tokenizer: Hub id or local folder")
     model: str | None = Field(None, description="model whose config gives max_length (default: the tokenizer's folder)")
@@ -56,25 +69,48 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # What to train on
-    base_model: str = Field("EleutherAI/pythia-2.8b", description="HF causal-LM folder or Hub id, or a random shape 'pythia-14m-random' ... 'pythia-12b-random'")
-    tokenizer: str | None = Field(None, description="tokenizer folder or Hub id (default: base_model's; required for random shapes)")
+    base_model: str = Field(
+        "EleutherAI/pythia-2.8b",
+        description="HF causal-LM folder or Hub id, or a random shape 'pythia-14m-random' ... 'pythia-12b-random'",
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer folder or Hub id (default: base_model's; required for random shapes)"
+    )
     gguf_file: str | None = Field(None, description="GGUF file inside base_model's folder to load (de-quantised), e.g. SmolLM2's")
     data_dir: Path = Field(Path("runs/data"), description="shards and manifest written by `dolly data prepare`")
-    source: str | None = Field(None, description="raw corpus to prepare into data_dir first (file, folder, Hub id or URI); null: train on data_dir as it is")
-    prepare: PrepareSettings = Field(default_factory=PrepareSettings, description="how source is prepared, as `dolly data prepare` does (e.g. prepare.pack=true)")
+    source: str | None = Field(
+        None,
+        description="raw corpus to prepare into data_dir first (file, folder, Hub id or URI); null: train on data_dir as it is",
+    )
+    prepare: PrepareSettings = Field(
+        default_factory=PrepareSettings,
+        description="how source is prepared, as `dolly data prepare` does (e.g. prepare.pack=true)",
+    )
 
     # Hardware and parallelism
-    preset: PresetName | None = Field(None, description="hardware preset: device memory, peak FLOP/s and a recipe for unset settings")
+    preset: PresetName | None = Field(
+        None, description="hardware preset: device memory, peak FLOP/s and a recipe for unset settings"
+    )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU)")
     use_gpu: bool = Field(False, description="one GPU per worker with NCCL; false: CPU workers with gloo")
     cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs each worker claims")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters"
+    )
     offload_optimizer: bool = Field(False, description="keep optimizer state (and the update) in CPU memory (ZeRO 1-3)")
     offload_params: bool = Field(False, description="keep parameters in CPU memory between uses (ZeRO-3 only)")
-    precision: Literal["bf16", "fp16", "fp32"] = Field("fp32", description="training precision; bf16/fp16 keep fp32 master weights")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: far less memory, ~30% more compute")
-    device_memory_gib: float | None = Field(None, gt=0, description="memory of one device for the preflight (default: the preset's, else host memory / workers)")
-    host_memory_gib: float | None = Field(None, gt=0, description="CPU memory of one node for the preflight (default: the preset's, else this machine's)")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "fp32", description="training precision; bf16/fp16 keep fp32 master weights"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: far less memory, ~30% more compute"
+    )
+    device_memory_gib: float | None = Field(
+        None, gt=0, description="memory of one device for the preflight (default: the preset's, else host memory / workers)"
+    )
+    host_memory_gib: float | None = Field(
+        None, gt=0, description="CPU memory of one node for the preflight (default: the preset's, else this machine's)"
+    )
     preflight: bool = Field(True, description="refuse a plan whose estimated memory does not fit before any worker starts")
 
     # Optimisation
@@ -85,7 +121,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     warmup_steps: int = Field(50, ge=0, description="optimizer steps of linear warmup from 0 to lr")
-    decay: Literal["constant", "linear", "cosine"] = Field("cosine", description="schedule after warmup (Dolly's WarmupLR is 'constant')")
+    decay: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="schedule after warmup (Dolly's WarmupLR is 'constant')"
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="lr at the end of a linear or cosine decay, as a fraction of lr")
     epochs: int = Field(2, ge=1, description="passes over the training split (ignored when max_steps is set)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps to train for; overrides epochs")
@@ -93,21 +131,36 @@ class TrainConfig(BaseModel):
 
     # Evaluation, logging, checkpoints
     eval_every: int = Field(50, ge=1, description="held-out loss every N optimizer steps (and at the end)")
-    eval_batches: int | None = Field(None, ge=1, description="most held-out micro-batches per worker per evaluation (default: the whole test split)")
+    eval_batches: int | None = Field(
+        None, ge=1, description="most held-out micro-batches per worker per evaluation (default: the whole test split)"
+    )
     log_every: int = Field(10, ge=1, description="metrics every N optimizer steps")
     checkpoint_every: int = Field(200, ge=1, description="verified checkpoint every N optimizer steps (and at the end)")
     num_to_keep: int = Field(3, ge=1, description="most recent checkpoints kept in storage")
-    max_failures: int = Field(3, ge=0, description="worker-group restarts from the latest verified checkpoint before the run fails")
-    resume_from: str | None = Field(None, description="checkpoint folder to start from (default: this run's latest verified checkpoint, if any)")
-    run_name: str = Field("dolly", pattern=r"^[A-Za-z0-9._-]+$", description="the run's name: a re-run with the same name and storage resumes it")
+    max_failures: int = Field(
+        3, ge=0, description="worker-group restarts from the latest verified checkpoint before the run fails"
+    )
+    resume_from: str | None = Field(
+        None, description="checkpoint folder to start from (default: this run's latest verified checkpoint, if any)"
+    )
+    run_name: str = Field(
+        "dolly", pattern=r"^[A-Za-z0-9._-]+$", description="the run's name: a re-run with the same name and storage resumes it"
+    )
     storage_path: str = Field("runs/train", description="where checkpoints go: a folder (local, NFS, PVC) or s3:// URI")
-    output_dir: Path = Field(Path("runs/train"), description="local folder for the run's logs, loss curve and export (shared across nodes on a cluster)")
+    output_dir: Path = Field(
+        Path("runs/train"),
+        description="local folder for the run's logs, loss curve and export (shared across nodes on a cluster)",
+    )
     mlflow: bool = Field(False, description="also log parameters, metrics, the loss curve and the model card to MLflow")
-    mlflow_tracking_uri: str = Field("file:runs/mlruns", description="MLflow tracking URI: a local file store by default, or an MLflow server's URL")
+    mlflow_tracking_uri: str = Field(
+        "file:runs/mlruns", description="MLflow tracking URI: a local file store by default, or an MLflow server's URL"
+    )
 
     # Export
     export_dtype: Literal["bf16", "fp16"] = Field("bf16", description="dtype of the exported safetensors")
-    register_as: str | None = Field("dolly", description="registry name the export is registered under (NAME@latest); null: do not register")
+    register_as: str | None = Field(
+        "dolly", description="registry name the export is registered under (NAME@latest); null: do not register"
+    )
     registry: Path = Field(DEFAULT_ROOT, description="model registry folder")
 
     @model_validator(mode="before")
@@ -120,13 +173,17 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"offload_params needs zero_stage=3 (got zero_stage={self.zero_stage}): set zero_stage=3 or offload_params=false")
+            raise ValueError(
+                f"offload_params needs zero_stage=3 (got zero_stage={self.zero_stage}): set zero_stage=3 or offload_params=false"
+            )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs ZeRO (zero_stage 1, 2 or 3): set zero_stage=2 or offload_optimizer=false")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision=fp16 needs GPUs (DeepSpeed's CPU backend has no fp16): use precision=bf16 or fp32 on CPU")
         if self.tokenizer is None and self.base_model.startswith("pythia-") and self.base_model.endswith("-random"):
-            raise ValueError(f"base_model={self.base_model!r} is a random shape with no tokenizer of its own: set tokenizer (e.g. ../shared/tokenizer/pythia)")
+            raise ValueError(
+                f"base_model={self.base_model!r} is a random shape with no tokenizer of its own: set tokenizer (e.g. ../shared/tokenizer/pythia)"
+            )
         return self
 
     @property
@@ -145,24 +202,55 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("dolly@latest", description="model to evaluate: NAME@latest / NAME@N from the registry, an exported folder, a Hub id, pythia-<size>-random or smollm2-135m-instruct")
-    base: str | None = Field(None, description="model to compare with, e.g. the base it was tuned from (same kinds of reference); null: no comparison")
-    tokenizer: str | None = Field(None, description="tokenizer folder or Hub id for both models (default: each model's own; random shapes need one)")
-    base_gguf_file: str | None = Field(None, description="GGUF file inside the base's folder to load (de-quantised); then also set tokenizer")
-    data_dir: Path = Field(Path("runs/data"), description="shards and manifest written by `dolly data prepare`: the test split is scored")
+    model: str = Field(
+        "dolly@latest",
+        description="model to evaluate: NAME@latest / NAME@N from the registry, an exported folder, a Hub id, pythia-<size>-random or smollm2-135m-instruct",
+    )
+    base: str | None = Field(
+        None, description="model to compare with, e.g. the base it was tuned from (same kinds of reference); null: no comparison"
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer folder or Hub id for both models (default: each model's own; random shapes need one)"
+    )
+    base_gguf_file: str | None = Field(
+        None, description="GGUF file inside the base's folder to load (de-quantised); then also set tokenizer"
+    )
+    data_dir: Path = Field(
+        Path("runs/data"), description="shards and manifest written by `dolly data prepare`: the test split is scored"
+    )
     output_dir: Path = Field(Path("runs/eval"), description="reports go to <output_dir>/<model name>/")
     registry: Path = Field(DEFAULT_ROOT, description="model registry folder")
     batch_size: int = Field(8, ge=1, description="examples per forward pass (and per generation batch)")
-    max_examples: int | None = Field(None, ge=1, description="score only this many test examples: a deterministic subset, round-robin over categories (default: all)")
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        description="score only this many test examples: a deterministic subset, round-robin over categories (default: all)",
+    )
     samples_per_category: int = Field(1, ge=0, description="test prompts per category to generate answers for (0: none)")
-    max_new_tokens: int = Field(generation.MAX_NEW_TOKENS, ge=1, description="longest generated answer in tokens (Dolly's default)")
+    max_new_tokens: int = Field(
+        generation.MAX_NEW_TOKENS, ge=1, description="longest generated answer in tokens (Dolly's default)"
+    )
     temperature: float = Field(generation.TEMPERATURE, ge=0, description="sampling temperature (0: greedy)")
     top_p: float = Field(generation.TOP_P, gt=0, le=1, description="nucleus sampling (Dolly's default)")
     top_k: int = Field(generation.TOP_K, ge=0, description="top-k sampling (0: off, Dolly's default)")
-    seed: int = Field(42, description="seed of sampling, and of random-shape weights (training's default, so a random base starts where training did)")
-    harness: bool = Field(False, description="also run the LM Evaluation Harness (pip install lm_eval; its datasets come from the Hugging Face Hub)")
+    seed: int = Field(
+        42,
+        description="seed of sampling, and of random-shape weights (training's default, so a random base starts where training did)",
+    )
+    harness: bool = Field(
+        False, description="also run the LM Evaluation Harness (pip install lm_eval; its datasets come from the Hugging Face Hub)"
+    )
     tasks: list[str] = Field(list(DOLLY_V2_TASKS), description="lm-eval tasks (default: the dolly-v2 table's seven, zero-shot)")
-    harness_limit: int | None = Field(None, ge=1, description="most examples per harness task (default: all; a limit is for smoke runs only)")
-    harness_include_path: Path | None = Field(None, description="folder of extra lm-eval task YAML files (e.g. tasks over local data)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: a GPU if there is one; bf16 there, fp32 on CPU)")
-    behaviour: BehaviourConfig = Field(default_factory=BehaviourConfig, description="answers to held-out instructions, scored for stop rate, repetition, ROUGE-L and length")
+    harness_limit: int | None = Field(
+        None, ge=1, description="most examples per harness task (default: all; a limit is for smoke runs only)"
+    )
+    harness_include_path: Path | None = Field(
+        None, description="folder of extra lm-eval task YAML files (e.g. tasks over local data)"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the model runs (auto: a GPU if there is one; bf16 there, fp32 on CPU)"
+    )
+    behaviour: BehaviourConfig = Field(
+        default_factory=BehaviourConfig,
+        description="answers to held-out instructions, scored for stop rate, repetition, ROUGE-L and length",
+    )

@@ -24,8 +24,12 @@ def deepspeed_config(config: TrainConfig) -> dict:
         zero.update(overlap_comm=config.use_gpu, contiguous_gradients=True)
     if config.zero_stage == 3:
         # Dolly's A100 settings; the 16-bit gather is what export relies on.
-        zero.update(sub_group_size=int(1e9), stage3_max_live_parameters=int(1e9), stage3_max_reuse_distance=int(1e9),
-                    stage3_gather_16bit_weights_on_model_save=True)
+        zero.update(
+            sub_group_size=int(1e9),
+            stage3_max_live_parameters=int(1e9),
+            stage3_max_reuse_distance=int(1e9),
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
     return {
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum,

@@ -26,8 +26,8 @@ from pipelines.behaviour import BEHAVIOUR_PLOT, BehaviourConfig, BehaviourReport
 from pipelines.configs import EvalConfig
 from pipelines.harness import HarnessReport, harness_table, lm_eval_harness, load_harness_tasks
 from pipelines.heldout import LoadedModel, check_data, loaded_model
-from pipelines.manifest import VerifiedData
 from pipelines.loss import LossReport, compare, heldout_loss, loss_table, plot_comparison
+from pipelines.manifest import VerifiedData
 
 LOSS_PLOT = "loss_by_category.png"
 SAMPLES = "samples.jsonl"
@@ -41,8 +41,10 @@ class ModelScores(BaseModel):
     behaviour: list[BehaviourReport]  # one per mode
 
     def named(self, name: str) -> ModelScores:
-        return ModelScores(loss=self.loss.model_copy(update={"model": name}),
-                           behaviour=[r.model_copy(update={"model": name}) for r in self.behaviour])
+        return ModelScores(
+            loss=self.loss.model_copy(update={"model": name}),
+            behaviour=[r.model_copy(update={"model": name}) for r in self.behaviour],
+        )
 
     def mode(self, mode: Mode) -> BehaviourReport | None:
         return next((r for r in self.behaviour if r.mode == mode), None)
@@ -56,9 +58,16 @@ class EvalReport(BaseModel):
     files: dict[str, str]
 
 
-def score_model(model: str | LoadedModel, data_dir: Path | VerifiedData, behaviour: BehaviourConfig, *, max_examples: int | None = None,
-                registry: Path = DEFAULT_ROOT, tokenizer: str | None = None,
-                batch_size: int = 8) -> tuple[ModelScores, dict[str, list[Sample]]]:
+def score_model(
+    model: str | LoadedModel,
+    data_dir: Path | VerifiedData,
+    behaviour: BehaviourConfig,
+    *,
+    max_examples: int | None = None,
+    registry: Path = DEFAULT_ROOT,
+    tokenizer: str | None = None,
+    batch_size: int = 8,
+) -> tuple[ModelScores, dict[str, list[Sample]]]:
     """Held-out loss and behaviour (every mode of `behaviour`) of one model, and the answers it
     gave, for reading. The shards are verified once (not at all when `data_dir` comes verified), and
     the held-out prompts read once for all modes."""
@@ -73,8 +82,9 @@ def score_model(model: str | LoadedModel, data_dir: Path | VerifiedData, behavio
     return ModelScores(loss=loss, behaviour=reports), answers
 
 
-def show_scores(scores: Sequence[ModelScores], folder: Path, console: Console,
-                labels: tuple[str, str] = ("base", "tuned")) -> dict[str, str]:
+def show_scores(
+    scores: Sequence[ModelScores], folder: Path, console: Console, labels: tuple[str, str] = ("base", "tuned")
+) -> dict[str, str]:
     """One model's loss and behaviour, or two side by side (the first the reference): tables on
     the console, PNGs in `folder`; {"loss_plot": ..., "behaviour_plot": ...}."""
     console.print(compare(*(s.loss for s in scores)) if len(scores) == 2 else loss_table(scores[0].loss))
@@ -92,8 +102,12 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
     (loss, samples, harness) so only one is in memory; report.json, the plot and samples written."""
     console = console or Console()
     specs = [(config.base, config.base_gguf_file)] if config.base else []
-    models = [LoadedModel(spec, registry=config.registry, tokenizer=config.tokenizer, gguf_file=gguf, device=config.device,
-                          seed=config.seed) for spec, gguf in [*specs, (config.model, None)]]
+    models = [
+        LoadedModel(
+            spec, registry=config.registry, tokenizer=config.tokenizer, gguf_file=gguf, device=config.device, seed=config.seed
+        )
+        for spec, gguf in [*specs, (config.model, None)]
+    ]
     # Before any weights load: a tokenizer mismatch or unreachable harness datasets fail in
     # seconds, not after the first model's evaluation (the datasets stay cached for later).
     data = config.data_dir
@@ -106,18 +120,33 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
 
     scores, samples, harness, answers = [], [], [], defaultdict(list)
     for lm in models:
-        scored, given = score_model(lm, data, config.behaviour, max_examples=config.max_examples,
-                                    batch_size=config.batch_size)
+        scored, given = score_model(lm, data, config.behaviour, max_examples=config.max_examples, batch_size=config.batch_size)
         scores.append(scored)
         for mode, given_in_mode in given.items():
             answers[mode] += given_in_mode
         if config.samples_per_category:
-            samples += sample_generations(lm, data, per_category=config.samples_per_category,
-                                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                          top_p=config.top_p, top_k=config.top_k, seed=config.seed, batch_size=config.batch_size)
+            samples += sample_generations(
+                lm,
+                data,
+                per_category=config.samples_per_category,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                top_k=config.top_k,
+                seed=config.seed,
+                batch_size=config.batch_size,
+            )
         if config.harness:
-            harness.append(lm_eval_harness(lm, config.tasks, batch_size=config.batch_size, limit=config.harness_limit,
-                                           include_path=config.harness_include_path, seed=config.seed))
+            harness.append(
+                lm_eval_harness(
+                    lm,
+                    config.tasks,
+                    batch_size=config.batch_size,
+                    limit=config.harness_limit,
+                    include_path=config.harness_include_path,
+                    seed=config.seed,
+                )
+            )
         lm.release()
 
     shown = show_scores(scores, out, console)
@@ -128,8 +157,13 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
         files["samples"] = str(write_samples(samples, out / SAMPLES))
     if harness:
         console.print(harness_table(harness))
-    report = EvalReport(config=config, losses=[s.loss for s in scores], behaviour=[r for s in scores for r in s.behaviour],
-                        harness=harness, files=files)
+    report = EvalReport(
+        config=config,
+        losses=[s.loss for s in scores],
+        behaviour=[r for s in scores for r in s.behaviour],
+        harness=harness,
+        files=files,
+    )
     (out / REPORT).write_text(report.model_dump_json(indent=2) + "\n")
     for kind, path in files.items():
         console.print(f"[bold]{kind.replace('_', ' ').capitalize()}[/] {path}")

@@ -1,10 +1,10 @@
 """The end of a run: one plain Hugging Face folder that `transformers.pipeline` loads as it is.
 
-    model.safetensors        consolidated 16-bit weights (gathered from every rank under ZeRO-3)
-    config.json, tokenizer   the tokenizer with Dolly's special tokens
-    generation_config.json   eos = the `### End` id, and Dolly's sampling defaults
-    README.md                model card: base model, data fingerprint, hyperparameters, metrics
-    training.json            the same facts, for programs
+model.safetensors        consolidated 16-bit weights (gathered from every rank under ZeRO-3)
+config.json, tokenizer   the tokenizer with Dolly's special tokens
+generation_config.json   eos = the `### End` id, and Dolly's sampling defaults
+README.md                model card: base model, data fingerprint, hyperparameters, metrics
+training.json            the same facts, for programs
 """
 
 from __future__ import annotations
@@ -71,28 +71,29 @@ def generation_config(tokenizer) -> GenerationConfig:
 def model_card(facts: dict) -> str:
     config, metrics, data = facts["config"], facts["metrics"], facts["data"]
     rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in config.items())
-    results = "\n".join(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
-                        for key, value in metrics.items())
+    results = "\n".join(
+        f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |" for key, value in metrics.items()
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
-base_model: {config['base_model']}
+base_model: {config["base_model"]}
 tags: [dolly, instruction-tuning, ray, deepspeed]
 ---
 
-# {facts['run_name']}
+# {facts["run_name"]}
 
-{config['base_model']} fully fine-tuned on an instruction corpus in Dolly 2.0's prompt format, with
-Ray Train and DeepSpeed ZeRO-{config['zero_stage']} ({config['precision']}, {config['num_workers']} workers).
-Weights are {config['export_dtype']} safetensors. Prompt it with Dolly's template
+{config["base_model"]} fully fine-tuned on an instruction corpus in Dolly 2.0's prompt format, with
+Ray Train and DeepSpeed ZeRO-{config["zero_stage"]} ({config["precision"]}, {config["num_workers"]} workers).
+Weights are {config["export_dtype"]} safetensors. Prompt it with Dolly's template
 (`contract.prompt.render_generation_prompt`); generation stops at the `{END_KEY}` token.
 
 ## Data
 
-- data manifest: `{data['manifest_sha256']}` (sha256 of `manifest.json` in `{data['dir']}`)
-- source fingerprint: `{data['source_fingerprint']}`
-- tokenizer fingerprint: `{data['tokenizer_fingerprint']}`
-- training rows: {data['train_rows']}, packed: {data['packed']}
+- data manifest: `{data["manifest_sha256"]}` (sha256 of `manifest.json` in `{data["dir"]}`)
+- source fingerprint: `{data["source_fingerprint"]}`
+- tokenizer fingerprint: `{data["tokenizer_fingerprint"]}`
+- training rows: {data["train_rows"]}, packed: {data["packed"]}
 
 ## Final metrics
 

@@ -47,9 +47,18 @@ class HarnessReport(BaseModel):
     gmean: float | None  # geometric mean over the tasks, as the dolly-v2 table has
 
 
-def lm_eval_harness(model: str | LoadedModel, tasks: Sequence[str] = DOLLY_V2_TASKS, *, registry: Path = DEFAULT_ROOT,
-                    tokenizer: str | None = None, gguf_file: str | None = None, batch_size: int = 8,
-                    limit: int | None = None, include_path: Path | None = None, seed: int = 42) -> HarnessReport:
+def lm_eval_harness(
+    model: str | LoadedModel,
+    tasks: Sequence[str] = DOLLY_V2_TASKS,
+    *,
+    registry: Path = DEFAULT_ROOT,
+    tokenizer: str | None = None,
+    gguf_file: str | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    include_path: Path | None = None,
+    seed: int = 42,
+) -> HarnessReport:
     """Zero-shot lm-eval `tasks` scored with our model (loaded through the contract, so registry
     names, random shapes and packaged models work), by lm-eval's own HF scorer. The tasks'
     datasets are fetched first: where they cannot be reached, this fails before loading the model."""
@@ -60,9 +69,17 @@ def lm_eval_harness(model: str | LoadedModel, tasks: Sequence[str] = DOLLY_V2_TA
     from lm_eval.models.huggingface import HFLM
 
     scorer = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=scorer, tasks=list(loaded_tasks.values()), num_fewshot=0, limit=limit,
-                                  log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed)
+    out = lm_eval.simple_evaluate(
+        model=scorer,
+        tasks=list(loaded_tasks.values()),
+        num_fewshot=0,
+        limit=limit,
+        log_samples=False,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     scores = {name: _headline(out["results"][name], out["n-samples"][name]["effective"]) for name in loaded_tasks}
     return HarnessReport(model=lm.name, scores=scores, gmean=_gmean([s.value for s in scores.values()]))
 
@@ -74,8 +91,9 @@ def load_harness_tasks(tasks: Sequence[str], include_path: Path | None = None) -
         from datasets.exceptions import DatasetsError
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError(f"the LM Evaluation Harness is not installed: pip install '{LM_EVAL_REQUIREMENT}' "
-                        "(the project's `eval` extra)") from None
+        raise UserError(
+            f"the LM Evaluation Harness is not installed: pip install '{LM_EVAL_REQUIREMENT}' (the project's `eval` extra)"
+        ) from None
     # Indexing lm-eval's thousands of built-in task files takes ~10 s: skipped when the include
     # path has every task asked for.
     manager = TaskManager(include_path=str(include_path), include_defaults=False) if include_path else None
@@ -99,8 +117,9 @@ def _headline(result: dict, examples: int) -> TaskScore:
     metrics = [key.split(",")[0] for key in result if "," in key and "_stderr" not in key]
     metric = next((m for m in ("acc_norm", "acc") if m in metrics), metrics[0])
     stderr = result.get(f"{metric}_stderr,none")
-    return TaskScore(metric=metric, value=result[f"{metric},none"], stderr=stderr if isinstance(stderr, float) else None,
-                     examples=examples)
+    return TaskScore(
+        metric=metric, value=result[f"{metric},none"], stderr=stderr if isinstance(stderr, float) else None, examples=examples
+    )
 
 
 def _gmean(values: Sequence[float]) -> float | None:
@@ -119,9 +138,15 @@ def harness_table(reports: Sequence[HarnessReport]) -> Table:
         for name, (*values, card_gmean) in PUBLISHED_DOLLY_V2.items():
             published = dict(zip(DOLLY_V2_TASKS, values))
             gmean = card_gmean if set(tasks) == set(DOLLY_V2_TASKS) else None
-            table.add_row(f"[dim]{name} (model card)[/]", *(f"[dim]{published[t]:.4f}[/]" if t in published else "-" for t in tasks),
-                          f"[dim]{gmean:.4f}[/]" if gmean is not None else "-")
+            table.add_row(
+                f"[dim]{name} (model card)[/]",
+                *(f"[dim]{published[t]:.4f}[/]" if t in published else "-" for t in tasks),
+                f"[dim]{gmean:.4f}[/]" if gmean is not None else "-",
+            )
     for report in reports:
-        table.add_row(f"[bold]{report.model}[/]", *(f"[bold]{report.scores[t].value:.4f}[/]" if t in report.scores else "-" for t in tasks),
-                      f"[bold]{report.gmean:.4f}[/]" if report.gmean is not None else "-")
+        table.add_row(
+            f"[bold]{report.model}[/]",
+            *(f"[bold]{report.scores[t].value:.4f}[/]" if t in report.scores else "-" for t in tasks),
+            f"[bold]{report.gmean:.4f}[/]" if report.gmean is not None else "-",
+        )
     return table

@@ -30,15 +30,27 @@ class LoadedModel:
     """A model to evaluate: its tokenizer at once (enough to check data against, and cheap), its
     weights on first use (minutes for a large model), in eval mode on the chosen device."""
 
-    def __init__(self, spec: str, *, registry: Path = DEFAULT_ROOT, tokenizer: str | None = None,
-                 gguf_file: str | None = None, device: str = "auto", seed: int = 42):
+    def __init__(
+        self,
+        spec: str,
+        *,
+        registry: Path = DEFAULT_ROOT,
+        tokenizer: str | None = None,
+        gguf_file: str | None = None,
+        device: str = "auto",
+        seed: int = 42,
+    ):
         self.ref, self.name = resolve_model(spec, registry)
         if tokenizer is None and random_pythia_size(self.ref):
-            raise UserError(f"{self.ref} is a random shape with no tokenizer of its own: pass a tokenizer (e.g. ../shared/tokenizer/pythia)")
+            raise UserError(
+                f"{self.ref} is a random shape with no tokenizer of its own: pass a tokenizer (e.g. ../shared/tokenizer/pythia)"
+            )
         try:
             self.tokenizer = load_tokenizer(tokenizer or self.ref)
         except OSError as e:
-            raise UserError(f"could not load the tokenizer of {self.name} from {tokenizer or self.ref!r} ({e}): pass a tokenizer folder") from None
+            raise UserError(
+                f"could not load the tokenizer of {self.name} from {tokenizer or self.ref!r} ({e}): pass a tokenizer folder"
+            ) from None
         self._gguf_file, self._device, self._seed = gguf_file, device, seed
         self._model = None
 
@@ -59,7 +71,11 @@ class LoadedModel:
 
 def loaded_model(model: str | LoadedModel, registry: Path, tokenizer: str | None, gguf_file: str | None) -> LoadedModel:
     """`model` itself if it is loaded already, else the model it names."""
-    return model if isinstance(model, LoadedModel) else LoadedModel(model, registry=registry, tokenizer=tokenizer, gguf_file=gguf_file)
+    return (
+        model
+        if isinstance(model, LoadedModel)
+        else LoadedModel(model, registry=registry, tokenizer=tokenizer, gguf_file=gguf_file)
+    )
 
 
 def check_data(data: Path | VerifiedData, lm: LoadedModel) -> VerifiedData:

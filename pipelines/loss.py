@@ -44,9 +44,17 @@ class LossReport(BaseModel):
     by_category: dict[str, CategoryLoss]
 
 
-def heldout_loss(model: str | LoadedModel, data_dir: Path | VerifiedData, *, registry: Path = DEFAULT_ROOT, tokenizer: str | None = None,
-                 batch_size: int = 8, max_examples: int | None = None, gguf_file: str | None = None,
-                 progress: bool = True) -> LossReport:
+def heldout_loss(
+    model: str | LoadedModel,
+    data_dir: Path | VerifiedData,
+    *,
+    registry: Path = DEFAULT_ROOT,
+    tokenizer: str | None = None,
+    batch_size: int = 8,
+    max_examples: int | None = None,
+    gguf_file: str | None = None,
+    progress: bool = True,
+) -> LossReport:
     """Mean cross-entropy per response token on `data_dir/test`, overall and per category."""
     lm = loaded_model(model, registry, tokenizer, gguf_file)
     data = check_data(data_dir, lm)
@@ -55,8 +63,9 @@ def heldout_loss(model: str | LoadedModel, data_dir: Path | VerifiedData, *, reg
         raise UserError(f"{data.dir}/test holds no examples: prepare the data with test_size > 0")
     sums = _score(lm, rows, batch_size, progress)
     overall = [sum(column) for column in zip(*sums.values())]
-    return LossReport(model=lm.name, overall=_category_loss(*overall),
-                      by_category={c: _category_loss(*sums[c]) for c in ordered(sums)})
+    return LossReport(
+        model=lm.name, overall=_category_loss(*overall), by_category={c: _category_loss(*sums[c]) for c in ordered(sums)}
+    )
 
 
 def _score(lm: LoadedModel, rows: list[dict], batch_size: int, progress: bool) -> dict[str, list]:
@@ -64,18 +73,23 @@ def _score(lm: LoadedModel, rows: list[dict], batch_size: int, progress: bool) -
     model = lm.model
     # Similar lengths batched together waste less compute on padding; sums do not depend on order.
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    batches = [[rows[i] for i in order[start:start + batch_size]] for start in range(0, len(order), batch_size)]
+    batches = [[rows[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
     sums: dict[str, list] = defaultdict(lambda: [0.0, 0, 0])
     with torch.inference_mode():
         for batch in track(batches, description=f"held-out loss of {lm.name}", disable=not progress):
             # Right padding with label -100, as training batches: under the causal mask no real token sees a pad.
-            tensors = collate({"input_ids": [r["input_ids"] for r in batch], "labels": [r["labels"] for r in batch]},
-                              lm.tokenizer.pad_token_id)
-            logits = model(input_ids=tensors["input_ids"].to(model.device), position_ids=tensors["position_ids"].to(model.device),
-                           use_cache=False).logits[:, :-1]
+            tensors = collate(
+                {"input_ids": [r["input_ids"] for r in batch], "labels": [r["labels"] for r in batch]}, lm.tokenizer.pad_token_id
+            )
+            logits = model(
+                input_ids=tensors["input_ids"].to(model.device),
+                position_ids=tensors["position_ids"].to(model.device),
+                use_cache=False,
+            ).logits[:, :-1]
             labels = tensors["labels"][:, 1:].to(model.device)  # each token is predicted from the one before it
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                  ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+            nll = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+            ).view(labels.shape)
             for row, row_nll, tokens in zip(batch, nll.double().sum(-1).tolist(), (labels != IGNORE_INDEX).sum(-1).tolist()):
                 total = sums[row["category"]]
                 total[0] += row_nll
@@ -112,9 +126,16 @@ def compare(base: LossReport, tuned: LossReport) -> Table:
         if b is None or t is None:  # scored on different subsets
             table.add_row(name, "", *(f"{c.loss:.4f}" if c else "-" for c in (b, t)), "", "", "", "")
             continue
-        table.add_row("[bold]overall[/]" if name == "overall" else name, f"{t.examples:,}",
-                      f"{b.loss:.4f}", f"{t.loss:.4f}", _delta(t.loss - b.loss, 4),
-                      _number(b.perplexity, 2), _number(t.perplexity, 2), _delta(t.perplexity - b.perplexity, 2))
+        table.add_row(
+            "[bold]overall[/]" if name == "overall" else name,
+            f"{t.examples:,}",
+            f"{b.loss:.4f}",
+            f"{t.loss:.4f}",
+            _delta(t.loss - b.loss, 4),
+            _number(b.perplexity, 2),
+            _number(t.perplexity, 2),
+            _delta(t.perplexity - b.perplexity, 2),
+        )
     return table
 
 
@@ -133,9 +154,13 @@ def plot_comparison(reports: Sequence[LossReport], path: Path) -> Path:
     width = 0.8 / len(reports)
     fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(categories)), 4.5))
     for i, report in enumerate(reports):
-        values = [report.overall.loss if c == "overall" else report.by_category[c].loss if c in report.by_category else math.nan
-                  for c in categories]
-        bars = ax.bar([x + (i - (len(reports) - 1) / 2) * width for x in range(len(categories))], values, width, label=report.model)
+        values = [
+            report.overall.loss if c == "overall" else report.by_category[c].loss if c in report.by_category else math.nan
+            for c in categories
+        ]
+        bars = ax.bar(
+            [x + (i - (len(reports) - 1) / 2) * width for x in range(len(categories))], values, width, label=report.model
+        )
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     examples = {c: max((r.by_category[c].examples for r in reports if c in r.by_category), default=0) for c in categories[:-1]}
     examples["overall"] = max(r.overall.examples for r in reports)

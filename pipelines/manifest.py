@@ -63,8 +63,10 @@ def shard_hashes(data_dir: Path) -> dict[str, str]:
 
 
 def write_manifest(data_dir: Path, manifest: dict) -> Path:
-    shards = {name: {"sha256": digest, "rows": pq.ParquetFile(data_dir / name).metadata.num_rows}
-              for name, digest in shard_hashes(data_dir).items()}
+    shards = {
+        name: {"sha256": digest, "rows": pq.ParquetFile(data_dir / name).metadata.num_rows}
+        for name, digest in shard_hashes(data_dir).items()
+    }
     path = data_dir / MANIFEST_NAME
     path.write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest, "shards": shards}, indent=2) + "\n")
     return path
@@ -76,7 +78,9 @@ def read_manifest(data_dir: Path) -> dict:
         raise ManifestError(f"{path} not found: prepare the data first with `dolly data prepare --out {data_dir}`")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(f"{path} has format {manifest.get('format_version')}, expected {FORMAT_VERSION}: re-run `dolly data prepare`")
+        raise ManifestError(
+            f"{path} has format {manifest.get('format_version')}, expected {FORMAT_VERSION}: re-run `dolly data prepare`"
+        )
     return manifest
 
 

@@ -46,7 +46,7 @@ class MetricsSink:
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(log_dir / METRICS_FILE, "a")
+        self.jsonl = open(log_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the run, closed by close())
         self.tensorboard = SummaryWriter(str(log_dir / "tensorboard"))
         self.bar = tqdm(total=total_steps, desc="train")
         self.bar.update(start_step)

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import psutil
 
-from pipelines.presets import PRESETS
 from contract.errors import UserError
 from pipelines.configs import TrainConfig
+from pipelines.presets import PRESETS
 
 GIB = 2**30
 # CUDA context, NCCL and ZeRO buckets, allocator fragmentation; on CPU workers, the interpreter,
@@ -61,8 +61,7 @@ class ModelShape:
         config = pythia_config(size) if size else AutoConfig.from_pretrained(resolve_base(base_model), gguf_file=gguf_file)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        return cls(sum(p.numel() for p in model.parameters()), config.num_hidden_layers, config.hidden_size,
-                   config.vocab_size)
+        return cls(sum(p.numel() for p in model.parameters()), config.num_hidden_layers, config.hidden_size, config.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -88,6 +87,7 @@ class Estimate:
     def describe(self) -> str:
         def parts(d: dict) -> str:
             return " + ".join(f"{name} {gib:.1f}" for name, gib in d.items() if gib >= 0.05) or "0"
+
         lines = []
         if self.device_budget_gib is not None:
             lines.append(f"per device: {self.device_gib:.1f} GiB of {self.device_budget_gib:.0f} ({parts(self.device)})")
@@ -104,7 +104,12 @@ def estimate(config: TrainConfig, shape: ModelShape, seq_len: int) -> Estimate:
     grads = p * w / (n if stage >= 2 else 1)
     optimizer = optimizer_bytes / (n if stage >= 1 else 1)
     layer = p / max(1, shape.layers) * w  # one layer, about: what ZeRO-3 gathers to run it
-    device = {"parameters": params, "gradients": grads, "optimizer": optimizer, "activations": _activations(config, shape, seq_len, w)}
+    device = {
+        "parameters": params,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": _activations(config, shape, seq_len, w),
+    }
     host_each = {"optimizer": 0.0, "parameters": 0.0}
     if stage == 3:
         device["gathered layers"] = 2 * layer  # the running layer and the prefetched next one
@@ -125,8 +130,10 @@ def estimate(config: TrainConfig, shape: ModelShape, seq_len: int) -> Estimate:
     if on_gpu:
         device_budget = config.device_memory_gib or (preset.device_memory_gib if preset else None)
         if device_budget is None:
-            raise UserError("use_gpu=true needs the GPU's memory for the preflight: set preset (a100, a10, v100, h100) "
-                            "or device_memory_gib, or preflight=false")
+            raise UserError(
+                "use_gpu=true needs the GPU's memory for the preflight: set preset (a100, a10, v100, h100) "
+                "or device_memory_gib, or preflight=false"
+            )
     else:
         # CPU workers keep everything in host memory: their device share is host memory too.
         host.update({f"workers' {k}": v * workers_per_node for k, v in device.items()})
@@ -151,8 +158,10 @@ _REMEDIES: list[tuple[str, dict]] = [
     ("turn on gradient checkpointing", {"gradient_checkpointing": True}),
     ("shard everything with ZeRO-3", {"zero_stage": 3, "gradient_checkpointing": True}),
     ("offload the optimizer to CPU", {"zero_stage": 3, "gradient_checkpointing": True, "offload_optimizer": True}),
-    ("offload optimizer and parameters to CPU",
-     {"zero_stage": 3, "gradient_checkpointing": True, "offload_optimizer": True, "offload_params": True}),
+    (
+        "offload optimizer and parameters to CPU",
+        {"zero_stage": 3, "gradient_checkpointing": True, "offload_optimizer": True, "offload_params": True},
+    ),
 ]
 
 

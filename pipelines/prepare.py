@@ -19,8 +19,8 @@ import pandas as pd
 import ray
 from rich.console import Console
 
-from contract.models import load_tokenizer, max_length_for, special_token_ids
 from contract.errors import UserError
+from contract.models import load_tokenizer, max_length_for, special_token_ids
 from pipelines import manifest as mf
 from pipelines.configs import PrepareConfig
 from pipelines.packing import pack_batch
@@ -58,9 +58,13 @@ def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareRes
 
     with console.status("Resolving the source and hashing it"):
         source = resolve_source(config.source)
-    console.print(f"[bold]Source[/] {config.source} ({source.kind}, {len(source.files)} file(s), sha256 {source.fingerprint[:12]})")
+    console.print(
+        f"[bold]Source[/] {config.source} ({source.kind}, {len(source.files)} file(s), sha256 {source.fingerprint[:12]})"
+    )
     tokenizer = load_tokenizer(config.tokenizer)
-    max_length, max_length_from = (config.max_length, "--max-length") if config.max_length else max_length_for(config.model or config.tokenizer, tokenizer)
+    max_length, max_length_from = (
+        (config.max_length, "--max-length") if config.max_length else max_length_for(config.model or config.tokenizer, tokenizer)
+    )
     fingerprints = {
         "source": source.fingerprint,
         "tokenizer": mf.tokenizer_fingerprint(tokenizer),
@@ -85,8 +89,13 @@ def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareRes
         .repartition(target_num_rows_per_block=config.block_rows)
         .map_batches(
             process_batch,
-            fn_kwargs=dict(tokenizer_name=config.tokenizer, categories=config.categories, max_length=max_length,
-                           length_policy=config.length_policy, seed=config.seed),
+            fn_kwargs=dict(
+                tokenizer_name=config.tokenizer,
+                categories=config.categories,
+                max_length=max_length,
+                length_policy=config.length_policy,
+                seed=config.seed,
+            ),
             batch_format="numpy",
             num_cpus=config.cpus_per_task,
             concurrency=config.concurrency or os.cpu_count(),
@@ -116,26 +125,36 @@ def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareRes
     # split and the rest, in that order, the shuffled training set: exact in size, and the
     # same whatever the file order or partitioning.
     summary["split"] = ""
-    summary.loc[kept.sort_values("split_key").index, "split"] = ["test"] * config.test_size + ["train"] * (len(kept) - config.test_size)
+    summary.loc[kept.sort_values("split_key").index, "split"] = ["test"] * config.test_size + ["train"] * (
+        len(kept) - config.test_size
+    )
     ordered = _sort_by_split_key(records.filter(expr="reason == ''").materialize()).select_columns(SHARD_COLUMNS).materialize()
     test, train = ordered.split_at_indices([config.test_size])
     if config.pack:
-        train = train.map_batches(pack_batch, fn_kwargs={"max_length": max_length}, batch_size=config.pack_window,
-                                  batch_format="numpy", num_cpus=config.cpus_per_task)
+        train = train.map_batches(
+            pack_batch,
+            fn_kwargs={"max_length": max_length},
+            batch_size=config.pack_window,
+            batch_format="numpy",
+            num_cpus=config.cpus_per_task,
+        )
     with console.status("Writing shards"):
         for name, split in (("train", train), ("test", test)):
             split.write_parquet(str((out / name).absolute()))
             (out / name).mkdir(exist_ok=True)  # an empty split writes no file; training still expects the folder
 
     plot_token_lengths(summary[summary["reason"] == ""], max_length, out / PLOT_NAME)
-    manifest = mf.write_manifest(out, {
-        **_describe(config, source, tokenizer, fingerprints, max_length_from),
-        "counts": counts,
-        "splits": _split_stats(summary),
-        "packing": _packing_stats(out / "train", max_length) if config.pack else None,
-        "files": {"rejects": REJECTS_NAME, "plot": PLOT_NAME},
-        "seconds": round(time.perf_counter() - started, 2),
-    })
+    manifest = mf.write_manifest(
+        out,
+        {
+            **_describe(config, source, tokenizer, fingerprints, max_length_from),
+            "counts": counts,
+            "splits": _split_stats(summary),
+            "packing": _packing_stats(out / "train", max_length) if config.pack else None,
+            "files": {"rejects": REJECTS_NAME, "plot": PLOT_NAME},
+            "seconds": round(time.perf_counter() - started, 2),
+        },
+    )
     result = mf.read_manifest(out)
     print_report(result, out, console)
     console.print(f"[bold]Manifest[/] {manifest}")
@@ -166,8 +185,19 @@ def _count(summary: pd.DataFrame) -> dict:
 def _write_rejects(path: Path, rejects: pd.DataFrame) -> None:
     with open(path, "w") as f:
         for row in rejects.to_dict("records"):
-            f.write(json.dumps({"source": row["source"], "line": int(row["line"]), "reason": row["reason"],
-                                "detail": row["detail"], "record": row["raw"]}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "source": row["source"],
+                        "line": int(row["line"]),
+                        "reason": row["reason"],
+                        "detail": row["detail"],
+                        "record": row["raw"],
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
 
 def _split_stats(summary: pd.DataFrame) -> dict:
@@ -200,11 +230,19 @@ def _packing_stats(train_dir: Path, max_length: int) -> dict:
 
 def _describe(config, source, tokenizer, fingerprints, max_length_from) -> dict:
     return {
-        "source": {"spec": config.source, "kind": source.kind, "fingerprint": source.fingerprint,
-                   "files": [{"path": source.display_name(f), "sha256": source.file_hashes[f]} for f in source.files]},
-        "tokenizer": {"name_or_path": config.tokenizer, "fingerprint": fingerprints["tokenizer"],
-                      "vocab_size": len(tokenizer), "pad_token": tokenizer.pad_token,
-                      "special_tokens": special_token_ids(tokenizer)},
+        "source": {
+            "spec": config.source,
+            "kind": source.kind,
+            "fingerprint": source.fingerprint,
+            "files": [{"path": source.display_name(f), "sha256": source.file_hashes[f]} for f in source.files],
+        },
+        "tokenizer": {
+            "name_or_path": config.tokenizer,
+            "fingerprint": fingerprints["tokenizer"],
+            "vocab_size": len(tokenizer),
+            "pad_token": tokenizer.pad_token,
+            "special_tokens": special_token_ids(tokenizer),
+        },
         "contract": {"fingerprint": fingerprints["contract"]},
         "config": fingerprints["config"],
         "max_length": {"value": fingerprints["max_length"], "from": max_length_from},
@@ -218,7 +256,9 @@ def _reusable(out: Path, fingerprints: dict, tokenizer) -> dict | None:
         manifest = mf.verify_manifest(out, tokenizer)
     except (mf.ManifestError, OSError, KeyError, json.JSONDecodeError):
         return None
-    same = (manifest["source"]["fingerprint"] == fingerprints["source"]
-            and manifest["config"] == fingerprints["config"]
-            and manifest["max_length"]["value"] == fingerprints["max_length"])
+    same = (
+        manifest["source"]["fingerprint"] == fingerprints["source"]
+        and manifest["config"] == fingerprints["config"]
+        and manifest["max_length"]["value"] == fingerprints["max_length"]
+    )
     return manifest if same else None

@@ -31,7 +31,7 @@ DOLLY_CATEGORIES = (
 SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class Reject(str, Enum):
+class Reject(str, Enum):  # noqa: UP042 (a behaviour-free refactor: StrEnum changes what str() of a member returns)
     """Why a record was rejected. TOO_LONG is the length policy at work, not a defect."""
 
     NOT_JSON = "not_json"
@@ -71,11 +71,7 @@ def split_records(path: str, data: bytes) -> list[dict]:
     text = data.decode("utf-8", errors="replace")
     if path.endswith(".json") and text.lstrip().startswith("["):
         return _split_json_array(path, text)
-    return [
-        {"source": path, "line": i + 1, "raw": line}
-        for i, line in enumerate(text.splitlines())
-        if line.strip()
-    ]
+    return [{"source": path, "line": i + 1, "raw": line} for i, line in enumerate(text.splitlines()) if line.strip()]
 
 
 def _split_json_array(path: str, text: str) -> list[dict]:
@@ -128,8 +124,7 @@ def validate_record(raw: str, categories: frozenset[str] | None) -> dict[str, st
     if categories is not None and record["category"] not in categories:
         raise RecordError(
             Reject.UNKNOWN_CATEGORY,
-            f"category '{record['category']}' is not one of {', '.join(sorted(categories))} "
-            "(set categories=null to accept any)",
+            f"category '{record['category']}' is not one of {', '.join(sorted(categories))} (set categories=null to accept any)",
         )
     for field in ("instruction", "context", "response"):
         for marker in RESERVED_MARKERS:

@@ -27,7 +27,9 @@ def print_report(manifest: dict, data_dir: Path, console: Console) -> None:
     if counts["truncated"]:
         console.print(f"[bold]Truncated[/] {counts['truncated']:,} over-length examples")
     max_length = manifest["max_length"]
-    console.print(f"[bold]Max length[/] {max_length['value']} tokens (from {max_length['from']}), over-length: {manifest['config']['length_policy']}")
+    console.print(
+        f"[bold]Max length[/] {max_length['value']} tokens (from {max_length['from']}), over-length: {manifest['config']['length_policy']}"
+    )
 
     splits = manifest["splits"]
     table = Table(title="Examples per category and split", title_justify="left")
@@ -44,14 +46,25 @@ def print_report(manifest: dict, data_dir: Path, console: Console) -> None:
     for column in ("split", "total", "response (loss)", "mean", "p50", "p95", "max"):
         tokens.add_column(column, justify="right" if column != "split" else "left")
     for name, s in splits.items():
-        tokens.add_row(name, f"{s['tokens']:,}", f"{s['response_tokens']:,}", f"{s['mean_tokens']}",
-                       str(s["p50_tokens"]), str(s["p95_tokens"]), str(s["max_tokens"]))
+        tokens.add_row(
+            name,
+            f"{s['tokens']:,}",
+            f"{s['response_tokens']:,}",
+            f"{s['mean_tokens']}",
+            str(s["p50_tokens"]),
+            str(s["p95_tokens"]),
+            str(s["max_tokens"]),
+        )
     console.print(tokens)
     if manifest.get("packing"):
         p = manifest["packing"]
-        console.print(f"[bold]Packing[/] {p['examples']:,} training examples in {p['rows']:,} rows, {p['fill']:.1%} of row capacity filled")
-    console.print(f"[bold]Tokenizer[/] {manifest['tokenizer']['name_or_path']} (sha256 {manifest['tokenizer']['fingerprint'][:12]}), "
-                  f"special tokens {manifest['tokenizer']['special_tokens']}")
+        console.print(
+            f"[bold]Packing[/] {p['examples']:,} training examples in {p['rows']:,} rows, {p['fill']:.1%} of row capacity filled"
+        )
+    console.print(
+        f"[bold]Tokenizer[/] {manifest['tokenizer']['name_or_path']} (sha256 {manifest['tokenizer']['fingerprint'][:12]}), "
+        f"special tokens {manifest['tokenizer']['special_tokens']}"
+    )
     console.print(f"[bold]Histogram[/] {Path(data_dir) / manifest['files']['plot']}")
 
 
@@ -71,7 +84,7 @@ def plot_token_lengths(kept: pd.DataFrame, max_length: int, path: Path) -> Path:
         ax.set_title(f"{category} (n={len(lengths):,}, median {int(lengths.median()) if len(lengths) else 0})", fontsize=9)
         ax.set_yscale("log")
         ax.set_ylabel("examples (log)", fontsize=8)
-    for ax in list(axes.flat)[len(categories):]:
+    for ax in list(axes.flat)[len(categories) :]:
         ax.axis("off")
     for ax in axes[-1]:
         ax.set_xlabel("tokens per example")

@@ -10,7 +10,6 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -80,8 +79,9 @@ def _list_corpus_files(filesystem: pafs.FileSystem, path: str, spec: str) -> lis
         return [path]
     found = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
     files = sorted(
-        f.path for f in found
-        if f.type == pafs.FileType.File and f.path.endswith(SOURCE_SUFFIXES) and "/." not in f.path[len(path):]
+        f.path
+        for f in found
+        if f.type == pafs.FileType.File and f.path.endswith(SOURCE_SUFFIXES) and "/." not in f.path[len(path) :]
     )
     if not files:
         raise SourceError(f"folder {spec!r} holds no {', '.join(SOURCE_SUFFIXES)} files")
@@ -109,8 +109,10 @@ def choose_source(explicit: str | None, hub_timeout_s: float = 3.0) -> tuple[str
         return (explicit, "given with --data") if explicit else (os.environ["DOLLY_DATA"], "from $DOLLY_DATA")
     if _hub_reachable(hub_timeout_s):
         return DOLLY_HUB_ID, "from the Hugging Face Hub"
-    return str(BUILTIN_SAMPLE), (f"the built-in sample of {sum(1 for _ in BUILTIN_SAMPLE.open())} records: the Hub is "
-                                 "unreachable and neither --data nor $DOLLY_DATA is set")
+    return str(BUILTIN_SAMPLE), (
+        f"the built-in sample of {sum(1 for _ in BUILTIN_SAMPLE.open())} records: the Hub is "
+        "unreachable and neither --data nor $DOLLY_DATA is set"
+    )
 
 
 def _hub_reachable(timeout_s: float) -> bool:

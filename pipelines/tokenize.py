@@ -84,9 +84,20 @@ def process_batch(
     allowed = frozenset(categories) if categories is not None else None
     rows, valid = [], []
     for source, line, raw in zip(batch["source"], batch["line"], batch["raw"]):
-        row = {"source": source, "line": int(line), "raw": raw, "reason": "", "detail": "", "category": "",
-               "input_ids": [], "labels": [], "n_tokens": 0, "n_prompt_tokens": 0, "truncated": False,
-               "split_key": ""}
+        row = {
+            "source": source,
+            "line": int(line),
+            "raw": raw,
+            "reason": "",
+            "detail": "",
+            "category": "",
+            "input_ids": [],
+            "labels": [],
+            "n_tokens": 0,
+            "n_prompt_tokens": 0,
+            "truncated": False,
+            "split_key": "",
+        }
         rows.append(row)
         try:
             valid.append((row, validate_record(raw, allowed)))
@@ -94,15 +105,18 @@ def process_batch(
             row.update(reason=e.reason.value, detail=e.detail)
     for (row, record), (input_ids, labels) in zip(valid, tokenize_examples(tokenizer, [r for _, r in valid])):
         n_prompt = labels.count(IGNORE_INDEX)
-        row.update(category=record["category"], n_tokens=len(input_ids), n_prompt_tokens=n_prompt,
-                   split_key=split_key(seed, record))
+        row.update(
+            category=record["category"], n_tokens=len(input_ids), n_prompt_tokens=n_prompt, split_key=split_key(seed, record)
+        )
         if len(input_ids) > max_length:
             if length_policy == "drop":
                 row.update(reason=Reject.TOO_LONG.value, detail=f"{len(input_ids)} tokens; max_length is {max_length}")
                 continue
             if n_prompt >= max_length:
-                row.update(reason=Reject.TOO_LONG.value,
-                           detail=f"the prompt alone is {n_prompt} tokens; max_length is {max_length}, so no response would remain")
+                row.update(
+                    reason=Reject.TOO_LONG.value,
+                    detail=f"the prompt alone is {n_prompt} tokens; max_length is {max_length}, so no response would remain",
+                )
                 continue
             input_ids, labels, row["truncated"] = input_ids[:max_length], labels[:max_length], True
         row.update(input_ids=input_ids, labels=labels)

@@ -21,15 +21,15 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 
-from pipelines.presets import PRESETS
 from contract.errors import UserError
 from contract.models import load_tokenizer
+from contract.registry import TRAINING_FACTS
 from pipelines import preflight
 from pipelines.configs import PrepareConfig, TrainConfig
 from pipelines.manifest import MANIFEST_NAME, VerifiedData, verified
-from pipelines.prepare import prepare
-from contract.registry import TRAINING_FACTS
 from pipelines.plan import DataFacts, TrainPlan
+from pipelines.prepare import prepare
+from pipelines.presets import PRESETS
 from pipelines.train_worker import train_loop
 
 IN_MEMORY_BYTES = 512 * 1024**2
@@ -51,8 +51,16 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
     config = _absolute(config)
     tokenizer = load_tokenizer(config.tokenizer_path)
     if config.source:
-        data = prepare(PrepareConfig(source=config.source, output_dir=config.data_dir, tokenizer=config.tokenizer_path,
-                                     model=config.base_model, **config.prepare.model_dump()), console).data
+        data = prepare(
+            PrepareConfig(
+                source=config.source,
+                output_dir=config.data_dir,
+                tokenizer=config.tokenizer_path,
+                model=config.base_model,
+                **config.prepare.model_dump(),
+            ),
+            console,
+        ).data
     manifest = verified(data or config.data_dir, tokenizer).manifest
     rows, seq_len = _train_rows(manifest)
     if not manifest["splits"]["test"]["examples"]:
@@ -64,9 +72,11 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
         plan = preflight.check(config, shape, seq_len)
         console.print(f"[bold]Preflight[/] fits: {plan.describe()}")
     run_uri = _run_uri(config)
-    console.print(f"[bold]Training[/] {config.base_model} ({shape.n_params / 1e6:.1f} M parameters) on {rows:,} rows, "
-                  f"{total_steps} steps, {config.num_workers} worker(s), ZeRO-{config.zero_stage}, {config.precision}; "
-                  f"checkpoints in {run_uri}")
+    console.print(
+        f"[bold]Training[/] {config.base_model} ({shape.n_params / 1e6:.1f} M parameters) on {rows:,} rows, "
+        f"{total_steps} steps, {config.num_workers} worker(s), ZeRO-{config.zero_stage}, {config.precision}; "
+        f"checkpoints in {run_uri}"
+    )
 
     preset = PRESETS[config.preset] if config.preset else None
     plan = TrainPlan(
@@ -86,8 +96,10 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
         ),
     )
     # Only the training split is ever packed.
-    columns = {"train": ["input_ids", "labels"] + (["position_ids"] if manifest["packed"] else []),
-               "test": ["input_ids", "labels"]}
+    columns = {
+        "train": ["input_ids", "labels"] + (["position_ids"] if manifest["packed"] else []),
+        "test": ["input_ids", "labels"],
+    }
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False  # training has its own bar
     try:
@@ -99,8 +111,9 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "plan": plan.model_dump(mode="json")},
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
+        ),
         run_config=RunConfig(
             name=config.run_name,
             storage_path=storage_path,
@@ -113,16 +126,19 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
     result = trainer.fit()
     metrics = result.return_value or {}
     checkpoint = result.checkpoint.path if result.checkpoint else None
-    console.print(f"[bold green]Done[/] step {metrics.get('step')}: " + ", ".join(
-        f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+    console.print(
+        f"[bold green]Done[/] step {metrics.get('step')}: "
+        + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    )
     for key in ("export_dir", "registered", "loss_curve"):
         if key in metrics:
             console.print(f"[bold]{key.replace('_', ' ').capitalize()}[/] {metrics[key]}")
     return TrainResult(metrics, checkpoint, Path(config.output_dir) / config.run_name)
 
 
-def train_once(config: TrainConfig, prefix: str, data_fingerprint: str, console: Console,
-               data: VerifiedData | None = None) -> tuple[TrainConfig, Path]:
+def train_once(
+    config: TrainConfig, prefix: str, data_fingerprint: str, console: Console, data: VerifiedData | None = None
+) -> tuple[TrainConfig, Path]:
     """Train under a run name made from the data and the settings, unless that run has exported
     already; returns (the config as run, its export folder). The same inputs then reuse their
     run, and other inputs never resume someone else's checkpoints."""
@@ -161,32 +177,39 @@ def _total_steps(config: TrainConfig, rows: int) -> int:
     micro_per_epoch = rows // config.num_workers // config.micro_batch_size
     if config.max_steps:
         if micro_per_epoch == 0:
-            raise UserError(f"the training split has {rows} rows, fewer than one micro-batch on every worker "
-                            f"(num_workers x micro_batch_size = {config.num_workers * config.micro_batch_size}): "
-                            "lower num_workers or micro_batch_size, or prepare more data")
+            raise UserError(
+                f"the training split has {rows} rows, fewer than one micro-batch on every worker "
+                f"(num_workers x micro_batch_size = {config.num_workers * config.micro_batch_size}): "
+                "lower num_workers or micro_batch_size, or prepare more data"
+            )
         return config.max_steps
     steps = config.epochs * micro_per_epoch // config.grad_accum
     if steps == 0:
-        raise UserError(f"the training split has {rows} rows, fewer than one optimizer step needs (num_workers x "
-                        f"micro_batch_size x grad_accum = {rows_per_step}): lower them, or prepare more data")
+        raise UserError(
+            f"the training split has {rows} rows, fewer than one optimizer step needs (num_workers x "
+            f"micro_batch_size x grad_accum = {rows_per_step}): lower them, or prepare more data"
+        )
     return steps
 
 
 def _absolute(config: TrainConfig) -> TrainConfig:
     """Local paths made absolute here: workers may run in another working directory (a Ray job's
     is a temporary copy of the working dir)."""
+
     def local(path: str | None) -> str | None:
         return path if path is None or "://" in path else str(Path(path).absolute())
 
     uri = config.mlflow_tracking_uri
-    return config.model_copy(update={
-        "data_dir": config.data_dir.absolute(),
-        "output_dir": config.output_dir.absolute(),
-        "registry": config.registry.absolute(),
-        "storage_path": local(config.storage_path),
-        "resume_from": local(config.resume_from),
-        "mlflow_tracking_uri": "file:" + local(uri.removeprefix("file:")) if uri.startswith("file:") else uri,
-    })
+    return config.model_copy(
+        update={
+            "data_dir": config.data_dir.absolute(),
+            "output_dir": config.output_dir.absolute(),
+            "registry": config.registry.absolute(),
+            "storage_path": local(config.storage_path),
+            "resume_from": local(config.resume_from),
+            "mlflow_tracking_uri": "file:" + local(uri.removeprefix("file:")) if uri.startswith("file:") else uri,
+        }
+    )
 
 
 def _run_uri(config: TrainConfig) -> str:

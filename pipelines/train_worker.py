@@ -25,9 +25,10 @@ from pipelines import checkpoints
 from pipelines.batches import Collate
 from pipelines.configs import TrainConfig
 from pipelines.deepspeed_config import deepspeed_config, lr_factor
-from pipelines.export import DTYPES as EXPORT_DTYPES, export
-from pipelines.plan import Resume, TrainPlan, TrainState
+from pipelines.export import DTYPES as EXPORT_DTYPES
+from pipelines.export import export
 from pipelines.metrics import LOSS_CURVE, MetricsSink, flops_per_token, memory_gib, plot_loss_curve, read_history
+from pipelines.plan import Resume, TrainPlan, TrainState
 
 DTYPES = {**EXPORT_DTYPES, "fp32": torch.float32}
 
@@ -51,8 +52,17 @@ def train_loop(loop_config: dict) -> dict:
             print(f"resumed from verified checkpoint {start.path} at step {state.step}", flush=True)
 
     log_dir = Path(config.output_dir) / config.run_name
-    sink = MetricsSink(log_dir, total_steps, state.step, {"run_name": config.run_name, **plan.hyperparameters},
-                       config.mlflow_tracking_uri if config.mlflow else None) if rank == 0 else None
+    sink = (
+        MetricsSink(
+            log_dir,
+            total_steps,
+            state.step,
+            {"run_name": config.run_name, **plan.hyperparameters},
+            config.mlflow_tracking_uri if config.mlflow else None,
+        )
+        if rank == 0
+        else None
+    )
     eval_batches = _held_out(config, tokenizer)
     batches = _micro_batches(config, tokenizer, state.micro_batches, plan.micro_batches_per_epoch)
     window = _new_window()
@@ -94,8 +104,11 @@ def train_loop(loop_config: dict) -> dict:
         if step % config.checkpoint_every == 0 or last:
             folder = checkpoints.save(engine, step, state.model_dump(mode="json"))
             if folder is not None:
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                                 checkpoint_dir_name=checkpoints.checkpoint_dir_name(step))
+                ray.train.report(
+                    report,
+                    checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                    checkpoint_dir_name=checkpoints.checkpoint_dir_name(step),
+                )
                 shutil.rmtree(folder, ignore_errors=True)
                 if rank == 0:
                     checkpoints.sweep_untracked(plan.run_uri)
@@ -141,7 +154,8 @@ def _engine(config: TrainConfig, tokenizer, total_steps: int):
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
-            optimizer, functools.partial(lr_factor, config=config, total_steps=total_steps)),
+            optimizer, functools.partial(lr_factor, config=config, total_steps=total_steps)
+        ),
     )
     return engine, model
 
@@ -153,7 +167,9 @@ def _resume_point(config: TrainConfig, run_uri: str) -> checkpoints.Stored | Non
         fs, path = checkpoints.storage(config.resume_from)
         explicit = checkpoints.Stored(path, fs, step=-1)
         if checkpoints.latest_verified([explicit]) is None:
-            raise RuntimeError(f"resume_from={config.resume_from!r} is not a complete, verified checkpoint (see the warning above)")
+            raise RuntimeError(
+                f"resume_from={config.resume_from!r} is not a complete, verified checkpoint (see the warning above)"
+            )
         return explicit
     return checkpoints.latest_verified(checkpoints.candidates(run_uri))
 
@@ -178,8 +194,9 @@ def _held_out(config: TrainConfig, tokenizer) -> list[dict]:
     the held-out curve moves only when the model does."""
     collate = Collate(tokenizer.pad_token_id)
     batches = []
-    for batch in ray.train.get_dataset_shard("test").iter_torch_batches(batch_size=config.micro_batch_size,
-                                                                         collate_fn=collate, drop_last=False):
+    for batch in ray.train.get_dataset_shard("test").iter_torch_batches(
+        batch_size=config.micro_batch_size, collate_fn=collate, drop_last=False
+    ):
         batches.append(batch)
     # Ranks may differ by one batch (equal rows, but a final partial batch): all score the same count.
     count = torch.tensor([len(batches)], device=checkpoints.collective_device())
@@ -208,8 +225,11 @@ def _new_window() -> dict:
 def _window_metrics(window: dict, engine, plan: TrainPlan, n_params: int, model_config, micro_batches: int) -> dict:
     """Metrics of the steps since the last report, reduced over ranks."""
     elapsed = time.perf_counter() - window["started"]
-    sums = torch.tensor([window["loss"], window["micro"], window["tokens"], window["rows_len"], window["rows"], window["data_s"]],
-                        dtype=torch.float64, device=engine.device)
+    sums = torch.tensor(
+        [window["loss"], window["micro"], window["tokens"], window["rows_len"], window["rows"], window["data_s"]],
+        dtype=torch.float64,
+        device=engine.device,
+    )
     dist.all_reduce(sums)
     loss, micro, tokens, rows_len, rows, data_s = sums.tolist()
     tokens_per_s = tokens / elapsed

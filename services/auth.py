@@ -18,8 +18,7 @@ logger = logging.getLogger("ray.serve")
 INSECURE_BANNER = (
     "\n" + "!" * 78 + "\n"
     "!!  --insecure-no-auth: this API answers ANYONE who can reach it, without an API key.\n"
-    "!!  Use it for local demos only; never expose this server beyond the local machine.\n"
-    + "!" * 78
+    "!!  Use it for local demos only; never expose this server beyond the local machine.\n" + "!" * 78
 )
 
 
@@ -37,8 +36,10 @@ class ApiKeys:
         self.required = not config.insecure_no_auth
         self._keys = [k.encode() for k in load_api_keys(config)] if self.required else []
         if self.required and not self._keys:
-            raise UserError(f"no API keys: set {config.api_keys_env}=key1,key2 or auth.api_keys_file=<file>, "
-                            "or pass --insecure-no-auth for a local demo")
+            raise UserError(
+                f"no API keys: set {config.api_keys_env}=key1,key2 or auth.api_keys_file=<file>, "
+                "or pass --insecure-no-auth for a local demo"
+            )
         if not self.required:
             logger.warning(INSECURE_BANNER)
 

@@ -26,8 +26,12 @@ class SamplingDefaults(_Settings):
     top_p: float = Field(generation.TOP_P, gt=0, le=1, description="nucleus sampling mass")
     top_k: int = Field(generation.TOP_K, ge=0, description="0 disables top-k, as in Dolly")
     max_tokens: int = Field(generation.MAX_NEW_TOKENS, ge=1, description="new tokens at most (Dolly's max_new_tokens)")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this per time it was generated (0: off, as Dolly)")
-    presence_penalty: float = Field(0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this once it was generated (0: off, as Dolly)")
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this per time it was generated (0: off, as Dolly)"
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this once it was generated (0: off, as Dolly)"
+    )
 
 
 class EngineConfig(_Settings):
@@ -36,11 +40,18 @@ class EngineConfig(_Settings):
     batching: Literal["dynamic", "continuous"] = Field(
         "dynamic",
         description="dynamic: @serve.batch groups arriving requests, which join the running decode between steps "
-        "(the faster on CPU, see bench/RESULTS.md); continuous: transformers' continuous-batching manager (paged KV cache)")
+        "(the faster on CPU, see bench/RESULTS.md); continuous: transformers' continuous-batching manager (paged KV cache)",
+    )
     max_batch_size: int = Field(32, ge=1, description="requests decoded together at most")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="dynamic: how long @serve.batch waits for more arrivals to prefill together")
-    stream_interval_s: float = Field(0.05, ge=0, description="streamed text leaves a replica at most this often (each send is a Ray round trip)")
-    max_context: int | None = Field(None, ge=16, description="prompt + answer tokens at most (default: the model config's max_position_embeddings)")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="dynamic: how long @serve.batch waits for more arrivals to prefill together"
+    )
+    stream_interval_s: float = Field(
+        0.05, ge=0, description="streamed text leaves a replica at most this often (each send is a Ray round trip)"
+    )
+    max_context: int | None = Field(
+        None, ge=16, description="prompt + answer tokens at most (default: the model config's max_position_embeddings)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per replica (default: torch's)")
@@ -57,11 +68,15 @@ class ModelDeploymentConfig(_Settings):
     metrics_interval_s: float = Field(2, gt=0, description="how often replicas report load to the autoscaler")
     look_back_period_s: float = Field(10, gt=0, description="window the autoscaler averages load over")
     max_ongoing_requests: int = Field(64, ge=1, description="requests one replica works on at once (>= engine.max_batch_size)")
-    max_queued_requests: int = Field(128, ge=-1, description="requests waiting for a replica before new ones get 503 (-1: unbounded)")
+    max_queued_requests: int = Field(
+        128, ge=-1, description="requests waiting for a replica before new ones get 503 (-1: unbounded)"
+    )
     retry_after_s: int = Field(2, ge=0, description="the Retry-After header of a 503 on overflow")
     health_check_period_s: float = Field(10, gt=0, description="how often Serve checks a replica")
     health_check_timeout_s: float = Field(30, gt=0, description="a replica that does not answer its check this fast is replaced")
-    graceful_shutdown_wait_loop_s: float = Field(2, gt=0, description="a stopping replica checks this often whether its requests are done")
+    graceful_shutdown_wait_loop_s: float = Field(
+        2, gt=0, description="a stopping replica checks this often whether its requests are done"
+    )
     graceful_shutdown_timeout_s: float = Field(60, ge=0, description="a stopping replica gets this long to finish its requests")
     num_cpus: float = Field(1, ge=0, description="logical CPUs each replica claims (fractional is fine)")
     num_gpus: float = Field(0, ge=0, description="GPUs each replica claims")
@@ -86,13 +101,17 @@ class ServeConfig(_Settings):
 
     model: str = Field(..., description="exported model: a folder, or NAME@latest / NAME@N from the registry")
     registry: Path = Field(DEFAULT_ROOT, description="model registry root that NAME@version resolves in")
-    served_model_name: str | None = Field(None, description="the id clients send as `model` (default: the registry name or folder name)")
+    served_model_name: str | None = Field(
+        None, description="the id clients send as `model` (default: the registry name or folder name)"
+    )
     app_name: str = Field("dolly", description="Serve application name")
     route_prefix: str = Field("/", description="HTTP path the API is mounted at")
     log_content: bool = Field(False, description="log prompts and answers (off: only sizes and timings are logged)")
     defaults: SamplingDefaults = Field(default_factory=SamplingDefaults, description="sampling parameters a request leaves out")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="batching, context, dtype and device of a replica")
-    deployment: ModelDeploymentConfig = Field(default_factory=ModelDeploymentConfig, description="replicas, autoscaling, queues, health, shutdown")
+    deployment: ModelDeploymentConfig = Field(
+        default_factory=ModelDeploymentConfig, description="replicas, autoscaling, queues, health, shutdown"
+    )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="the HTTP ingress deployment")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys")
 
@@ -104,11 +123,14 @@ class ServeConfig(_Settings):
         if d.max_ongoing_requests < self.engine.max_batch_size:
             raise ValueError(
                 f"deployment.max_ongoing_requests ({d.max_ongoing_requests}) is below engine.max_batch_size "
-                f"({self.engine.max_batch_size}): a replica would never see a full batch; raise the first or lower the second")
+                f"({self.engine.max_batch_size}): a replica would never see a full batch; raise the first or lower the second"
+            )
         for penalty in ("frequency_penalty", "presence_penalty"):
             if getattr(self.defaults, penalty) and self.engine.batching == "continuous":
-                raise ValueError(f"defaults.{penalty} needs engine.batching=dynamic (transformers' continuous batching has "
-                                 f"no per-request penalties): set engine.batching=dynamic or defaults.{penalty}=0")
+                raise ValueError(
+                    f"defaults.{penalty} needs engine.batching=dynamic (transformers' continuous batching has "
+                    f"no per-request penalties): set engine.batching=dynamic or defaults.{penalty}=0"
+                )
         return self
 
     def model_deployment_options(self) -> dict:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from services.config import EngineConfig
 from contract.decode import BatchDecoder, finish_reason
 from contract.sampling import SamplingParams
+from services.config import EngineConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -108,7 +108,8 @@ class DynamicBatchingEngine:
                         job.started = True
                     self.waiting -= len(group)
                     rows, tokens = await asyncio.to_thread(
-                        self._decoder.add, [j.prompt_ids for j in group], [j.params for j in group])
+                        self._decoder.add, [j.prompt_ids for j in group], [j.params for j in group]
+                    )
                     jobs.update(zip(rows, group))
                     self._deliver(jobs, rows, tokens)
                 for row in [r for r, j in jobs.items() if j.done]:
@@ -162,18 +163,22 @@ class ContinuousBatchingEngine:
         self._vocab = model.config.vocab_size
         # Per-request temperature, top-k and top-p exist only for warpers the base config turns
         # on; these base values switch all three on and every request overrides them.
-        base = GenerationConfig(do_sample=True, temperature=0.5, top_k=self._vocab, top_p=0.5,
-                                eos_token_id=self._stop_ids, pad_token_id=pad_id)
+        base = GenerationConfig(
+            do_sample=True, temperature=0.5, top_k=self._vocab, top_p=0.5, eos_token_id=self._stop_ids, pad_token_id=pad_id
+        )
         # transformers sizes the KV cache from free device memory; on a CPU that is most of the
         # host's RAM (14 GB and 45 s before the first token, measured with a 14M model), so
         # there it gets room for max_batch_size full contexts instead.
-        sizing = {} if model.device.type == "cuda" else dict(
-            num_blocks=math.ceil(config.max_batch_size * context_limit / _PAGE), page_size=_PAGE, max_batch_tokens=512)
+        sizing = (
+            {}
+            if model.device.type == "cuda"
+            else dict(num_blocks=math.ceil(config.max_batch_size * context_limit / _PAGE), page_size=_PAGE, max_batch_tokens=512)
+        )
         self._manager = model.init_continuous_batching(
             generation_config=base,
             continuous_batching_config=ContinuousBatchingConfig(
-                per_request_processors=True, max_requests_per_batch=config.max_batch_size, allow_block_sharing=False,
-                **sizing),
+                per_request_processors=True, max_requests_per_batch=config.max_batch_size, allow_block_sharing=False, **sizing
+            ),
         )
         self._manager.start()
         self.running = 0
@@ -190,9 +195,15 @@ class ContinuousBatchingEngine:
         self._manager.register_result_handler(request_id, outputs.put_nowait)
         greedy = p.temperature == 0
         self._manager.add_request(
-            job.prompt_ids, request_id=request_id, max_new_tokens=p.max_tokens, streaming=True,
-            eos_token_id=self._stop_ids, temperature=1.0 if greedy else float(p.temperature),
-            top_k=1 if greedy else (p.top_k or self._vocab), top_p=float(p.top_p))
+            job.prompt_ids,
+            request_id=request_id,
+            max_new_tokens=p.max_tokens,
+            streaming=True,
+            eos_token_id=self._stop_ids,
+            temperature=1.0 if greedy else float(p.temperature),
+            top_k=1 if greedy else (p.top_k or self._vocab),
+            top_p=float(p.top_p),
+        )
         self.running += 1
         seen = 0
         finished = False

@@ -16,6 +16,11 @@ from services.app import build_app
 from services.config import ServeConfig
 
 _config_file = os.environ.get("DOLLY_SERVE_CONFIG")
-app = build_app(load_config(
-    ServeConfig, Path(_config_file) if _config_file else None,
-    {"model": os.environ.get("DOLLY_MODEL"), "registry": os.environ.get("DOLLY_REGISTRY")}, []))
+app = build_app(
+    load_config(
+        ServeConfig,
+        Path(_config_file) if _config_file else None,
+        {"model": os.environ.get("DOLLY_MODEL"), "registry": os.environ.get("DOLLY_REGISTRY")},
+        [],
+    )
+)

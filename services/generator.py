@@ -17,9 +17,9 @@ import torch
 
 from contract.errors import UserError
 from contract.models import load_model, load_tokenizer, max_length_for, stop_token_ids
+from contract.sampling import SamplingParams
 from services.config import EngineConfig
 from services.engines import Job, make_engine
-from contract.sampling import SamplingParams
 from services.text import TextStream
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,8 +29,10 @@ def check_export(folder: Path) -> None:
     if not (folder / "config.json").exists():
         raise UserError(f"{folder} is not an exported model folder (no config.json)")
     if not any(folder.glob("*.safetensors")):
-        raise UserError(f"{folder} has no .safetensors weights: serving loads safetensors only; "
-                        "export with save_pretrained(safe_serialization=True)")
+        raise UserError(
+            f"{folder} has no .safetensors weights: serving loads safetensors only; "
+            "export with save_pretrained(safe_serialization=True)"
+        )
 
 
 def device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -66,14 +68,17 @@ class TextGenerator:
         model = load_model(str(folder), self.tokenizer, dtype=dtype, use_safetensors=True, trust_remote_code=False)
         self.model = model.to(device).eval()
         self.context_limit = context_limit(folder, self.tokenizer, config)
-        self.engine = make_engine(self.model, stop_token_ids(folder, self.tokenizer), self.tokenizer.pad_token_id, config,
-                                  self.context_limit)
+        self.engine = make_engine(
+            self.model, stop_token_ids(folder, self.tokenizer), self.tokenizer.pad_token_id, config, self.context_limit
+        )
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, usage: Usage) -> AsyncIterator[str]:
         """The response as text deltas; `usage` is filled in as it goes (finish_reason last)."""
         if len(prompt_ids) + params.max_tokens > self.context_limit:
-            raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed the "
-                            f"context of {self.context_limit} tokens")
+            raise UserError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed the "
+                f"context of {self.context_limit} tokens"
+            )
         text = TextStream(self.tokenizer, params.stop)
         started = time.perf_counter()
         job = Job(prompt_ids, params)

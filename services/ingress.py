@@ -40,8 +40,14 @@ ENDPOINTS = ("/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
@@ -69,56 +75,78 @@ class OpenAIIngress:
 
     def authorize(self, request: Request) -> None:
         if not self._keys.allows(request.headers.get("authorization")):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", kind="authentication_error",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.served_name, "object": "model", "created": 0,
-                                            "owned_by": "dolly-ray", "version": self.version}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.served_name, "object": "model", "created": 0, "owned_by": "dolly-ray", "version": self.version}],
+        }
 
     async def answer(self, body: CompletionRequest | ChatRequest):
         chat = isinstance(body, ChatRequest)
         if body.model not in self._names:
-            raise ApiError(404, f"model {body.model!r} is not served here; it is {self.served_name!r}", "model",
-                           kind="not_found_error")
+            raise ApiError(
+                404, f"model {body.model!r} is not served here; it is {self.served_name!r}", "model", kind="not_found_error"
+            )
         if body.seed is not None and self._config.engine.batching == "continuous":
-            raise ApiError(400, "seed needs engine.batching=dynamic: continuous batching has one random stream "
-                                "for all requests", "seed")
+            raise ApiError(
+                400, "seed needs engine.batching=dynamic: continuous batching has one random stream for all requests", "seed"
+            )
         for penalty in ("frequency_penalty", "presence_penalty"):
             if getattr(body, penalty) and self._config.engine.batching == "continuous":
-                raise ApiError(400, f"{penalty} needs engine.batching=dynamic: transformers' continuous batching "
-                                    "has no per-request penalties", penalty)
+                raise ApiError(
+                    400,
+                    f"{penalty} needs engine.batching=dynamic: transformers' continuous batching has no per-request penalties",
+                    penalty,
+                )
         limit = self._prompts.context_limit
         if (body.requested_max_tokens or 0) >= limit:
             raise ApiError(422, f"max_tokens must be below the model's context of {limit} tokens", "max_tokens")
         max_tokens = body.requested_max_tokens or self._config.defaults.max_tokens
         try:
-            prompt = (self._prompts.chat(body.messages, max_tokens) if chat
-                      else self._prompts.completion(body.prompt, body.context, max_tokens))
+            prompt = (
+                self._prompts.chat(body.messages, max_tokens)
+                if chat
+                else self._prompts.completion(body.prompt, body.context, max_tokens)
+            )
         except PromptTooLong as e:
             raise ApiError(400, str(e), "messages" if chat else "prompt") from None
         # A whole answer needs no intermediate events: only the first, which shows the request was admitted.
         interval_s = self._config.engine.stream_interval_s if body.stream else math.inf
         events = self._model.options(stream=True).generate.remote(
-            prompt.ids, body.sampling(self._config.defaults, prompt.max_tokens), interval_s)
+            prompt.ids, body.sampling(self._config.defaults, prompt.max_tokens), interval_s
+        )
         try:
             first = await events.__anext__()
         except BackPressureError:
             retry = str(self._config.deployment.retry_after_s)
-            raise ApiError(503, f"all model replicas are busy: retry in {retry} s", kind="overloaded_error",
-                           headers={"Retry-After": retry}) from None
+            raise ApiError(
+                503, f"all model replicas are busy: retry in {retry} s", kind="overloaded_error", headers={"Retry-After": retry}
+            ) from None
         reply = _Reply(body, prompt, chat, self.version, limit, self._config.log_content)
         if body.stream:
-            return StreamingResponse(reply.sse(first, events), media_type="text/event-stream",
-                                     headers=reply.headers)
+            return StreamingResponse(reply.sse(first, events), media_type="text/event-stream", headers=reply.headers)
         return JSONResponse(await reply.whole(first, events), headers=reply.headers)
 
 
 class _Reply:
     """One answer, in OpenAI's completion or chat shape."""
 
-    def __init__(self, body: CompletionRequest | ChatRequest, prompt: Prompt, chat: bool, version: str,
-                 context_limit: int, log_content: bool):
+    def __init__(
+        self,
+        body: CompletionRequest | ChatRequest,
+        prompt: Prompt,
+        chat: bool,
+        version: str,
+        context_limit: int,
+        log_content: bool,
+    ):
         self._body, self._prompt, self._chat = body, prompt, chat
         self.version, self._context_limit, self._log_content = version, context_limit, log_content
         self._id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -129,17 +157,25 @@ class _Reply:
 
     @property
     def _meta(self) -> dict:
-        return {"model_version": self.version, "trimmed_turns": self._prompt.trimmed_turns,
-                "context_limit": self._context_limit}
+        return {"model_version": self.version, "trimmed_turns": self._prompt.trimmed_turns, "context_limit": self._context_limit}
 
     def _usage(self, completion_tokens: int) -> dict:
         prompt_tokens = len(self._prompt.ids)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     def _envelope(self, choices: list, **extra) -> dict:
-        return {"id": self._id, "object": self._object, "created": self._created, "model": self.version,
-                "choices": choices, **extra}
+        return {
+            "id": self._id,
+            "object": self._object,
+            "created": self._created,
+            "model": self.version,
+            "choices": choices,
+            **extra,
+        }
 
     def _choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
         if not self._chat:
@@ -161,8 +197,9 @@ class _Reply:
                 event = await events.__anext__()
         text = "".join(parts)
         self._log(text, event)
-        return self._envelope([self._choice(text, event["finish_reason"])], usage=self._usage(event["completion_tokens"]),
-                              dolly=self._meta)
+        return self._envelope(
+            [self._choice(text, event["finish_reason"])], usage=self._usage(event["completion_tokens"]), dolly=self._meta
+        )
 
     async def sse(self, first: dict, events) -> AsyncIterator[str]:
         parts, event = [], first
@@ -184,11 +221,22 @@ class _Reply:
 
     def _log(self, text: str, end: dict) -> None:
         seconds = time.perf_counter() - self._started
-        content = (f" prompt={self._body.model_dump_json(include={'prompt', 'context', 'messages'})} answer={text!r}"
-                   if self._log_content else "")
-        logger.info("%s %s prompt_tokens=%d completion_tokens=%d trimmed_turns=%d finish=%s %.3fs%s",
-                    self._id, self.version, len(self._prompt.ids), end["completion_tokens"],
-                    self._prompt.trimmed_turns, end["finish_reason"], seconds, content)
+        content = (
+            f" prompt={self._body.model_dump_json(include={'prompt', 'context', 'messages'})} answer={text!r}"
+            if self._log_content
+            else ""
+        )
+        logger.info(
+            "%s %s prompt_tokens=%d completion_tokens=%d trimmed_turns=%d finish=%s %.3fs%s",
+            self._id,
+            self.version,
+            len(self._prompt.ids),
+            end["completion_tokens"],
+            self._prompt.trimmed_turns,
+            end["finish_reason"],
+            seconds,
+            content,
+        )
 
 
 @contextlib.asynccontextmanager

@@ -13,11 +13,16 @@ _BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 class IngressMetrics:
     def __init__(self):
         self.requests = metrics.Counter(
-            "dolly_requests", description="HTTP requests answered, by endpoint and status code (errors: code >= 400)",
-            tag_keys=("endpoint", "code"))
+            "dolly_requests",
+            description="HTTP requests answered, by endpoint and status code (errors: code >= 400)",
+            tag_keys=("endpoint", "code"),
+        )
         self.latency = metrics.Histogram(
-            "dolly_request_latency_s", description="time from request to last byte", boundaries=_LATENCY_BUCKETS,
-            tag_keys=("endpoint",))
+            "dolly_request_latency_s",
+            description="time from request to last byte",
+            boundaries=_LATENCY_BUCKETS,
+            tag_keys=("endpoint",),
+        )
 
     def answered(self, endpoint: str, code: int, seconds: float) -> None:
         self.requests.inc(tags={"endpoint": endpoint, "code": str(code)})
@@ -27,11 +32,14 @@ class IngressMetrics:
 class ModelMetrics:
     def __init__(self):
         self.ttft = metrics.Histogram(
-            "dolly_time_to_first_token_s", description="time from a replica receiving a request to its first token",
-            boundaries=_LATENCY_BUCKETS)
+            "dolly_time_to_first_token_s",
+            description="time from a replica receiving a request to its first token",
+            boundaries=_LATENCY_BUCKETS,
+        )
         self.output_tokens = metrics.Counter("dolly_output_tokens", description="tokens generated (rate: output tokens/s)")
         self.batch_size = metrics.Histogram(
-            "dolly_batch_size", description="requests decoded together, as each request saw it", boundaries=_BATCH_BUCKETS)
+            "dolly_batch_size", description="requests decoded together, as each request saw it", boundaries=_BATCH_BUCKETS
+        )
         self.queue_length = metrics.Gauge("dolly_queue_length", description="requests in a replica waiting for a batch")
         self.running = metrics.Gauge("dolly_running_requests", description="requests a replica is decoding")
         self.cancelled = metrics.Counter("dolly_cancelled_requests", description="generations stopped because the client left")

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from ray import serve
 
+from contract.sampling import SamplingParams
 from services.config import ServeConfig
 from services.generator import TextGenerator, Usage
 from services.metrics import ModelMetrics
-from contract.sampling import SamplingParams
+
 
 @serve.deployment(name="DollyModel")
 class DollyModel:

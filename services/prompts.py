@@ -60,6 +60,8 @@ class PromptBuilder:
 
     def _fit(self, ids: list[int], max_tokens: int) -> Prompt:
         if len(ids) >= self.context_limit:
-            raise PromptTooLong(f"the prompt is {len(ids)} tokens, but the model's context is {self.context_limit} "
-                                f"tokens (prompt and answer together): shorten the prompt")
+            raise PromptTooLong(
+                f"the prompt is {len(ids)} tokens, but the model's context is {self.context_limit} "
+                f"tokens (prompt and answer together): shorten the prompt"
+            )
         return Prompt(ids, min(max_tokens, self.context_limit - len(ids)))

@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from contract import RESERVED_MARKERS
-from services.config import SamplingDefaults
 from contract.sampling import SamplingParams
+from services.config import SamplingDefaults
 
 
 def _no_reserved_marker(text: str) -> str:
@@ -35,8 +35,12 @@ class _Request(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="extension: 0 disables top-k")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="lower a token's logit by this for each time it was generated already")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="lower a token's logit by this once it has been generated")
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="lower a token's logit by this for each time it was generated already"
+    )
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, description="lower a token's logit by this once it has been generated"
+    )
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: Literal[1] = 1
@@ -98,8 +102,7 @@ class ChatMessage(BaseModel):
         for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"part {i} is {kind!r}: this model reads text parts only "
-                                 '({"type": "text", "text": ...})')
+                raise ValueError(f'part {i} is {kind!r}: this model reads text parts only ({{"type": "text", "text": ...}})')
             texts.append(part["text"])
         return "".join(texts)
 

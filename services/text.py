@@ -31,8 +31,11 @@ class TextStream:
             return ""
         self._ids.extend(token_ids)
         # A character split across tokens decodes as U+FFFD until its last byte arrives.
-        self._text = self._tokenizer.decode(self._ids, skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False).rstrip("\ufffd").lstrip()
+        self._text = (
+            self._tokenizer.decode(self._ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            .rstrip("\ufffd")
+            .lstrip()
+        )
         cuts = [i for i in (self._text.find(s) for s in self._stops) if i >= 0]
         if cuts:
             self.stopped = True
@@ -54,6 +57,6 @@ class TextStream:
         return held
 
     def _emit(self, end: int) -> str:
-        delta = self._text[self._sent:end]
+        delta = self._text[self._sent : end]
         self._sent = max(self._sent, end)
         return delta

@@ -72,8 +72,14 @@ def export_tiny_model(folder: Path, tokenizer_path: str, seed: int = 0) -> Path:
         model.get_output_embeddings().weight.mul_(50)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY), pad_token_id=tokenizer.pad_token_id,
-                     do_sample=True, top_p=0.92, top_k=0, max_new_tokens=256).save_pretrained(folder)
+    GenerationConfig(
+        eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY),
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        top_p=0.92,
+        top_k=0,
+        max_new_tokens=256,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -96,6 +102,13 @@ def train_data(tmp_path_factory, corpus_path, tokenizer_path, ray_cluster) -> Pa
     records = (json.loads(line) for line in corpus_path.open())
     short = [r for r in records if len(r["instruction"]) + len(r["context"]) + len(r["response"]) < 200]
     (folder / "slice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:6]))
-    prepare(PrepareConfig(source=str(folder / "slice.jsonl"), output_dir=folder / "shards", tokenizer=tokenizer_path,
-                          max_length=128, test_size=2))
+    prepare(
+        PrepareConfig(
+            source=str(folder / "slice.jsonl"),
+            output_dir=folder / "shards",
+            tokenizer=tokenizer_path,
+            max_length=128,
+            test_size=2,
+        )
+    )
     return folder / "shards"

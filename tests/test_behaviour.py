@@ -22,8 +22,15 @@ REFERENCE = "Paris is the capital of France, and it lies on the Seine."
 
 
 def sample(generated: str, finish: str = "stop", category: str = "open_qa", reference: str = REFERENCE) -> Sample:
-    return Sample(model="m", category=category, instruction="What is the capital of France?", context="",
-                  reference=reference, generated=generated, finish=finish)
+    return Sample(
+        model="m",
+        category=category,
+        instruction="What is the capital of France?",
+        context="",
+        reference=reference,
+        generated=generated,
+        finish=finish,
+    )
 
 
 @pytest.mark.timeout(30)
@@ -39,8 +46,11 @@ def test_a_looping_answer_scores_high_repetition_and_a_fresh_one_none():
 
 @pytest.mark.timeout(30)
 def test_an_answer_that_never_stops_lowers_the_stop_rate():
-    report = summarize([sample("Paris " * 128, "length"), sample("Paris.", "stop"), sample("Paris.", "stop"),
-                        sample("Paris.", "stop")], "greedy", 128)
+    report = summarize(
+        [sample("Paris " * 128, "length"), sample("Paris.", "stop"), sample("Paris.", "stop"), sample("Paris.", "stop")],
+        "greedy",
+        128,
+    )
     assert report.overall.stop_rate == 0.75 and report.overall.examples == 4
 
 
@@ -89,11 +99,14 @@ def test_the_gate_refuses_a_lower_loss_whose_answers_stop_less_and_says_which_ru
     assert decision.candidate < decision.serving, "the loss rule alone would have promoted it"
 
 
-@pytest.mark.parametrize(("candidate", "promote", "decided_by"), [
-    (behaviour_report(0.86, 0.07, 0.29), True, "every rule"),  # within every margin
-    (behaviour_report(0.9, 0.10, 0.3), False, "repetition"),
-    (behaviour_report(0.9, 0.05, 0.2), False, "ROUGE-L"),
-])
+@pytest.mark.parametrize(
+    ("candidate", "promote", "decided_by"),
+    [
+        (behaviour_report(0.86, 0.07, 0.29), True, "every rule"),  # within every margin
+        (behaviour_report(0.9, 0.10, 0.3), False, "repetition"),
+        (behaviour_report(0.9, 0.05, 0.2), False, "ROUGE-L"),
+    ],
+)
 def test_the_gate_allows_behaviour_to_move_only_within_its_margins(candidate, promote, decided_by):
     decision = gate(GateConfig(), loss_report(2.0), loss_report(1.5), behaviour_report(0.9), candidate)
     assert (decision.promote, decision.decided_by) == (promote, decided_by)
@@ -139,9 +152,15 @@ def short_answer_corpus(path: Path, n: int = 64) -> Path:
     """Instructions whose answers are one short word: a model that learns the format ends at once."""
     words = ["apple", "river", "stone", "cloud", "green", "seven", "tiger", "piano"]
     rng = random.Random(0)
-    records = [{"instruction": f"Say the word {word} and nothing else.", "context": "", "response": word.capitalize() + ".",
-                "category": DOLLY_CATEGORIES[i % len(DOLLY_CATEGORIES)]}
-               for i, word in enumerate(rng.choice(words) for _ in range(n))]
+    records = [
+        {
+            "instruction": f"Say the word {word} and nothing else.",
+            "context": "",
+            "response": word.capitalize() + ".",
+            "category": DOLLY_CATEGORIES[i % len(DOLLY_CATEGORIES)],
+        }
+        for i, word in enumerate(rng.choice(words) for _ in range(n))
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -154,12 +173,34 @@ def test_a_short_training_run_makes_a_tiny_model_end_its_answers(tmp_path, token
     from pipelines.train import train
 
     data = tmp_path / "data"
-    prepare(PrepareConfig(source=str(short_answer_corpus(tmp_path / "short.jsonl")), output_dir=data, tokenizer=tokenizer_path,
-                          max_length=64, test_size=8))
-    config = TrainConfig(base_model="pythia-14m-random", tokenizer=tokenizer_path, data_dir=data, num_workers=1,
-                         cpus_per_worker=0.5, micro_batch_size=8, lr=3e-3, warmup_steps=3, decay="constant", max_steps=30,
-                         checkpoint_every=30, eval_every=30, storage_path=str(tmp_path / "storage"),
-                         output_dir=tmp_path / "out", registry=tmp_path / "registry", register_as=None, run_name="stops")
+    prepare(
+        PrepareConfig(
+            source=str(short_answer_corpus(tmp_path / "short.jsonl")),
+            output_dir=data,
+            tokenizer=tokenizer_path,
+            max_length=64,
+            test_size=8,
+        )
+    )
+    config = TrainConfig(
+        base_model="pythia-14m-random",
+        tokenizer=tokenizer_path,
+        data_dir=data,
+        num_workers=1,
+        cpus_per_worker=0.5,
+        micro_batch_size=8,
+        lr=3e-3,
+        warmup_steps=3,
+        decay="constant",
+        max_steps=30,
+        checkpoint_every=30,
+        eval_every=30,
+        storage_path=str(tmp_path / "storage"),
+        output_dir=tmp_path / "out",
+        registry=tmp_path / "registry",
+        register_as=None,
+        run_name="stops",
+    )
     export = train(config).metrics["export_dir"]
 
     budget = BehaviourConfig(modes=["greedy"], examples=8, max_new_tokens=16)

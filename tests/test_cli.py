@@ -61,8 +61,12 @@ def test_a_missing_source_is_a_one_line_error_not_a_traceback(tmp_path, tokenize
 
 def test_prepare_from_yaml_then_stats_reports_and_verifies(tmp_path, tokenizer_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("\n".join(json.dumps({"instruction": f"Q{i}?", "context": "", "response": f"A{i}.", "category": "open_qa"})
-                                for i in range(6)) + "\n{broken\n")
+    corpus.write_text(
+        "\n".join(
+            json.dumps({"instruction": f"Q{i}?", "context": "", "response": f"A{i}.", "category": "open_qa"}) for i in range(6)
+        )
+        + "\n{broken\n"
+    )
     config = tmp_path / "prep.yaml"
     config.write_text(f"source: {corpus}\ntokenizer: {tokenizer_path}\ntest_size: 5\n")
     out = tmp_path / "out"

@@ -25,9 +25,17 @@ def test_up_starts_a_head_and_workers_that_ray_can_use_and_down_leaves_no_proces
     cluster = local.up(workers=1, cpus_per_node=2, port=free_port(), dashboard_port=free_port())
     try:
         probe = subprocess.run(
-            [sys.executable, "-c", f"import ray; ray.init(address='{cluster.address}', logging_level='ERROR');"
-             "print(sum(n['Alive'] for n in ray.nodes()), int(ray.cluster_resources()['CPU']))"],
-            capture_output=True, text=True, timeout=120, env={**os.environ, **client_auth_env()})
+            [
+                sys.executable,
+                "-c",
+                f"import ray; ray.init(address='{cluster.address}', logging_level='ERROR');"
+                "print(sum(n['Alive'] for n in ray.nodes()), int(ray.cluster_resources()['CPU']))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **client_auth_env()},
+        )
         assert probe.stdout.split() == ["2", "4"], probe.stderr[-2000:]
         state = local.status()
         assert state["up"] and state["nodes_running"] == 2

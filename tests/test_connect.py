@@ -33,15 +33,18 @@ def ray_calls(env):
     return calls
 
 
-@pytest.mark.parametrize(("address", "kind"), [
-    (None, "local"),
-    ("local", "local"),
-    ("auto", "auto"),
-    ("10.0.0.5:6379", "gcs"),
-    ("ray://dolly-head-svc:10001", "client"),
-    ("http://127.0.0.1:8265", "dashboard"),
-    ("https://ray.example.com", "dashboard"),
-])
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        (None, "local"),
+        ("local", "local"),
+        ("auto", "auto"),
+        ("10.0.0.5:6379", "gcs"),
+        ("ray://dolly-head-svc:10001", "client"),
+        ("http://127.0.0.1:8265", "dashboard"),
+        ("https://ray.example.com", "dashboard"),
+    ],
+)
 def test_an_address_resolves_to_its_kind(env, address, kind):
     assert resolve_address(address) == RayAddress(kind, address or "local")
 
@@ -70,14 +73,15 @@ def test_ray_client_gets_token_mode_when_a_token_is_at_hand(ray_calls, env):
     env.setenv("RAY_AUTH_TOKEN", "secret")  # e.g. read from the KubeRay cluster's Secret
     with ray_session("ray://dolly-head-svc:10001"):
         assert connect.os.environ["RAY_AUTH_MODE"] == "token"
-    assert ray_calls[0] == ("init", {"address": "ray://dolly-head-svc:10001", "logging_level": connect.logging.WARNING,
-                                     "log_to_driver": True})
+    assert ray_calls[0] == (
+        "init",
+        {"address": "ray://dolly-head-svc:10001", "logging_level": connect.logging.WARNING, "log_to_driver": True},
+    )
 
 
 def test_a_dashboard_url_is_refused_before_ray_starts_with_what_to_use_instead(ray_calls):
-    with pytest.raises(UserError) as refused:
-        with ray_session("http://dolly-head-svc:8265"):
-            pass
+    with pytest.raises(UserError) as refused, ray_session("http://dolly-head-svc:8265"):
+        pass
     message = str(refused.value)
     assert "dolly submit train --address http://dolly-head-svc:8265" in message
     assert "ray://dolly-head-svc:10001" in message
@@ -86,9 +90,8 @@ def test_a_dashboard_url_is_refused_before_ray_starts_with_what_to_use_instead(r
 
 def test_a_dashboard_url_in_ray_address_is_refused_too(ray_calls, env):
     env.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # what Ray's docs export for `ray job submit`
-    with pytest.raises(UserError, match="unset RAY_ADDRESS"):
-        with ray_session():
-            pass
+    with pytest.raises(UserError, match="unset RAY_ADDRESS"), ray_session():
+        pass
 
 
 def test_an_initialized_ray_is_used_as_it_is_and_left_running(env):

@@ -61,7 +61,8 @@ def test_the_built_in_sample_covers_every_dolly_category_and_prepares_without_re
 
     records = [json.loads(line) for line in BUILTIN_SAMPLE.open()]
     assert {r["category"] for r in records} == set(DOLLY_CATEGORIES)
-    result = prepare(PrepareConfig(source=str(BUILTIN_SAMPLE), output_dir=tmp_path, tokenizer=tokenizer_path,
-                                   max_length=256, test_size=8))
+    result = prepare(
+        PrepareConfig(source=str(BUILTIN_SAMPLE), output_dir=tmp_path, tokenizer=tokenizer_path, max_length=256, test_size=8)
+    )
     counts = result.manifest["counts"]
     assert counts["read"] == counts["kept"] == len(records) and not counts["rejected"]  # rejects by reason: none

@@ -54,8 +54,15 @@ def heldout(tmp_path_factory, slice_records, tokenizer_path, ray_cluster) -> Pat
 
     folder = tmp_path_factory.mktemp("eval-data")
     (folder / "slice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in slice_records))
-    prepare(PrepareConfig(source=str(folder / "slice.jsonl"), output_dir=folder / "shards", tokenizer=tokenizer_path,
-                          max_length=128, test_size=TEST_SIZE))
+    prepare(
+        PrepareConfig(
+            source=str(folder / "slice.jsonl"),
+            output_dir=folder / "shards",
+            tokenizer=tokenizer_path,
+            max_length=128,
+            test_size=TEST_SIZE,
+        )
+    )
     return folder / "shards"
 
 
@@ -120,8 +127,9 @@ def test_shards_of_another_tokenizer_are_refused_naming_both(tmp_path, tokenizer
 
 
 @pytest.mark.timeout(300)
-def test_scoring_hashes_the_shards_once_and_not_again_when_handed_them_verified(monkeypatch, tmp_path, tokenizer_path,
-                                                                               tiny_model, heldout):
+def test_scoring_hashes_the_shards_once_and_not_again_when_handed_them_verified(
+    monkeypatch, tmp_path, tokenizer_path, tiny_model, heldout
+):
     from pipelines import manifest
     from pipelines.behaviour import BehaviourConfig
     from pipelines.evaluate import score_model
@@ -190,9 +198,24 @@ def test_dolly_eval_end_to_end_against_a_base(tmp_path, tokenizer_path, tiny_mod
     base = export_tiny_model(tmp_path / "base", tokenizer_path, seed=1)
     app = Typer()
     app.command()(eval_command)
-    result = CliRunner().invoke(app, ["--model", "dolly@latest", "--base", str(base), "--data-dir", str(heldout),
-                                      "--out", str(tmp_path / "eval"), "--samples-per-category", "1",
-                                      f"registry={root}", "max_new_tokens=8", "temperature=0"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "--model",
+            "dolly@latest",
+            "--base",
+            str(base),
+            "--data-dir",
+            str(heldout),
+            "--out",
+            str(tmp_path / "eval"),
+            "--samples-per-category",
+            "1",
+            f"registry={root}",
+            "max_new_tokens=8",
+            "temperature=0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "eval" / "dolly@1"
     assert "overall" in result.output and str(out / "report.json") in result.output.replace("\n", "")
@@ -210,7 +233,11 @@ def test_dolly_eval_end_to_end_against_a_base(tmp_path, tokenizer_path, tiny_mod
     assert (out / "samples.md").exists()
     # Behaviour: both models answered the held-out instructions greedy and sampled, side by side.
     assert [(b["model"], b["mode"]) for b in saved["behaviour"]] == [
-        ("base", "greedy"), ("base", "sampled"), ("dolly@1", "greedy"), ("dolly@1", "sampled")]
+        ("base", "greedy"),
+        ("base", "sampled"),
+        ("dolly@1", "greedy"),
+        ("dolly@1", "sampled"),
+    ]
     assert all(b["overall"]["examples"] == TEST_SIZE for b in saved["behaviour"])
     assert "Behaviour on held-out instructions (greedy" in result.output
     assert (out / "behaviour_by_category.png").read_bytes()[:4] == b"\x89PNG"
@@ -233,8 +260,11 @@ def test_the_published_table_is_transcribed_consistently_and_shown_beside_ours()
     for name, (*scores, gmean) in PUBLISHED_DOLLY_V2.items():
         assert len(scores) == len(DOLLY_V2_TASKS)
         assert math.prod(scores) ** (1 / len(scores)) == pytest.approx(gmean, abs=2e-6), name
-    ours = HarnessReport(model="dolly@1", gmean=0.5,
-                         scores={t: TaskScore(metric="acc", value=0.5, stderr=None, examples=9) for t in DOLLY_V2_TASKS})
+    ours = HarnessReport(
+        model="dolly@1",
+        gmean=0.5,
+        scores={t: TaskScore(metric="acc", value=0.5, stderr=None, examples=9) for t in DOLLY_V2_TASKS},
+    )
     table = harness_table([ours])
     assert table.row_count == len(PUBLISHED_DOLLY_V2) + 1
     assert [c.header for c in table.columns] == ["model", *DOLLY_V2_TASKS, "gmean"]
@@ -270,8 +300,16 @@ def test_harness_scores_a_local_task_with_our_model(tmp_path, tiny_model):
     pytest.importorskip("lm_eval")
     tokenizer = load_tokenizer(str(tiny_model))
     model = load_model(str(tiny_model), tokenizer, dtype=torch.float32).eval()
-    questions = ["What colour is the sky?", "How many legs has a cat?", "Which is a fruit?", "Where is Paris?",
-                 "What do bees make?", "Which is a planet?", "What is ice?", "Who wrote Hamlet?"]
+    questions = [
+        "What colour is the sky?",
+        "How many legs has a cat?",
+        "Which is a fruit?",
+        "Where is Paris?",
+        "What do bees make?",
+        "Which is a planet?",
+        "What is ice?",
+        "Who wrote Hamlet?",
+    ]
     choices = ["blue", "four legs", "an apple", "in France", "honey", "Mars", "frozen water", "Shakespeare"]
 
     def loglikelihood(context: str, continuation: str) -> float:

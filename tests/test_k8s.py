@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from cli.configs import load_config
 from cli.k8s import app as k8s_app
 from cluster import k8s
-from pipelines.presets import PRESETS
 from pipelines.configs import TrainConfig
+from pipelines.presets import PRESETS
 from tests.conftest import REPO, SHARED, require_shared
 from ui.config import PAGE_APP, PAGE_ROUTE
 
@@ -34,14 +34,18 @@ PROFILES = list(k8s.PROFILES)
 
 def overlay(profile: str) -> dict[str, dict]:
     """The overlay's resources by kind (one of each)."""
-    docs = [yaml.safe_load(text) for name, text in k8s.render_overlay(k8s.PROFILES[profile]).items()
-            if name != "kustomization.yaml"]
+    docs = [
+        yaml.safe_load(text) for name, text in k8s.render_overlay(k8s.PROFILES[profile]).items() if name != "kustomization.yaml"
+    ]
     return {d["kind"]: d for d in docs}
 
 
 def cluster_specs(resources: dict[str, dict]) -> dict[str, dict]:
-    return {"RayCluster": resources["RayCluster"]["spec"], "RayJob": resources["RayJob"]["spec"]["rayClusterSpec"],
-            "RayService": resources["RayService"]["spec"]["rayClusterConfig"]}
+    return {
+        "RayCluster": resources["RayCluster"]["spec"],
+        "RayJob": resources["RayJob"]["spec"]["rayClusterSpec"],
+        "RayService": resources["RayService"]["spec"]["rayClusterConfig"],
+    }
 
 
 def gib(quantity: str) -> float:
@@ -50,6 +54,7 @@ def gib(quantity: str) -> float:
 
 
 # --- the files ----------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(60)
 def test_the_committed_manifests_are_exactly_the_generators_output():
@@ -82,13 +87,17 @@ def test_promoting_a_version_changes_only_the_served_model():
 
 # --- KubeRay's CRDs -----------------------------------------------------------------------------
 
+
 def strict(schema: dict) -> dict:
     """The schema as the API server applies it with kubectl's default strict field validation:
     an object with declared properties rejects any other field (a typo is an error, not a no-op)."""
     if isinstance(schema, dict):
         schema = {k: strict(v) for k, v in schema.items()}
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
     elif isinstance(schema, list):
         schema = [strict(s) for s in schema]
@@ -121,13 +130,16 @@ def test_every_kuberay_resource_validates_against_its_crd(profile, validators):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("kind", "path", "value", "error"), [
-    ("RayCluster", ["spec", "enableInTreeAutoscale"], True, "Additional properties are not allowed"),
-    ("RayCluster", ["spec", "authOptions", "mode"], "tokens", "is not one of ['disabled', 'token']"),
-    ("RayCluster", ["spec", "workerGroupSpecs", 0, "minReplicas"], "1", "is not of type 'integer'"),
-    ("RayJob", ["spec", "backoffLimit"], "2", "is not of type 'integer'"),
-    ("RayService", ["spec", "upgradeStrategy", "typ"], "NewCluster", "Additional properties are not allowed"),
-])
+@pytest.mark.parametrize(
+    ("kind", "path", "value", "error"),
+    [
+        ("RayCluster", ["spec", "enableInTreeAutoscale"], True, "Additional properties are not allowed"),
+        ("RayCluster", ["spec", "authOptions", "mode"], "tokens", "is not one of ['disabled', 'token']"),
+        ("RayCluster", ["spec", "workerGroupSpecs", 0, "minReplicas"], "1", "is not of type 'integer'"),
+        ("RayJob", ["spec", "backoffLimit"], "2", "is not of type 'integer'"),
+        ("RayService", ["spec", "upgradeStrategy", "typ"], "NewCluster", "Additional properties are not allowed"),
+    ],
+)
 def test_a_broken_manifest_fails_crd_validation(validators, kind, path, value, error):
     """The negative control: the validation above can fail."""
     manifest = overlay("gpu-a100")[kind]
@@ -169,14 +181,16 @@ def test_resources_pass_the_checks_kuberay_makes_beyond_its_schema(profile):
 
 # --- kustomize ----------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_overlay_builds_with_kubectl_kustomize(profile):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (apt-get install kubectl, or Google's/Kubernetes' apt repository)")
-    built = subprocess.run([kubectl, "kustomize", str(REPO / "k8s" / "overlays" / profile)],
-                           capture_output=True, text=True, timeout=60)
+    built = subprocess.run(
+        [kubectl, "kustomize", str(REPO / "k8s" / "overlays" / profile)], capture_output=True, text=True, timeout=60
+    )
     assert built.returncode == 0, built.stderr
     docs = {d["kind"]: d for d in yaml.safe_load_all(built.stdout)}
     assert set(docs) == {"ConfigMap", "PersistentVolumeClaim", "Service", "RayCluster", "RayJob", "RayService"}
@@ -187,6 +201,7 @@ def test_every_overlay_builds_with_kubectl_kustomize(profile):
 
 
 # --- what runs inside -----------------------------------------------------------------------------
+
 
 def serve_applications(profile: str) -> list:
     from ray.serve.schema import ServeDeploySchema
@@ -338,6 +353,7 @@ def test_dolly_k8s_job_prints_a_retraining_rayjob_and_refuses_bad_input():
 
 
 # --- resources agree with the plan ---------------------------------------------------------------
+
 
 def same_shape(base_model: str) -> str:
     """A random Pythia of the base model's shape: its size, without the Hub (see ../shared/README.md)."""

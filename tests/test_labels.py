@@ -38,7 +38,9 @@ def test_the_mask_covers_exactly_the_generation_prompt(tokenizer):
 
     for record in RECORDS:
         [(input_ids, labels)] = tokenize_examples(tokenizer, [record])
-        prompt = tokenizer(render_generation_prompt(record["instruction"], record["context"]), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(render_generation_prompt(record["instruction"], record["context"]), add_special_tokens=False)[
+            "input_ids"
+        ]
         assert input_ids[: len(prompt)] == prompt
         assert labels.count(IGNORE_INDEX) == len(prompt)
 

@@ -50,8 +50,11 @@ def test_every_top_level_package_has_a_layer():
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(REPO)))
 def test_imports_only_go_down_the_layers(path):
     importer = path.relative_to(REPO).parts[0]
-    wrong = [f"line {line}: {name}" for line, name in first_party_imports(ast.parse(path.read_text()))
-             if not allowed(importer, name.split(".")[0])]
+    wrong = [
+        f"line {line}: {name}"
+        for line, name in first_party_imports(ast.parse(path.read_text()))
+        if not allowed(importer, name.split(".")[0])
+    ]
     assert not wrong, f"{path.relative_to(REPO)} ({importer}) imports against the layers: {', '.join(wrong)}"
 
 

@@ -5,6 +5,7 @@ is held back by a gate it cannot pass, then promoted and swapped into the runnin
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -30,9 +31,19 @@ def loop(tmp_path_factory, corpus_path, tokenizer_path, ray_cluster):
     (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:12]))
     (folder / "new.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[12:18]))
     config = UpConfig(
-        data=str(folder / "corpus.jsonl"), base_model="pythia-14m-random", tokenizer=tokenizer_path,
-        workdir=folder / "up", registry=folder / "registry", max_length=128, test_size=3, eval_examples=None,
-        max_steps=1, lr=1e-6, num_workers=1, port=free_port(), open_browser=False,
+        data=str(folder / "corpus.jsonl"),
+        base_model="pythia-14m-random",
+        tokenizer=tokenizer_path,
+        workdir=folder / "up",
+        registry=folder / "registry",
+        max_length=128,
+        test_size=3,
+        eval_examples=None,
+        max_steps=1,
+        lr=1e-6,
+        num_workers=1,
+        port=free_port(),
+        open_browser=False,
     )
     try:
         urls = up(config, block=False)
@@ -42,7 +53,7 @@ def loop(tmp_path_factory, corpus_path, tokenizer_path, ray_cluster):
 
 
 def client(urls) -> openai.OpenAI:
-    key = open(urls["api_key_file"]).read().strip()
+    key = Path(urls["api_key_file"]).read_text().strip()
     return openai.OpenAI(base_url=urls["api"], api_key=key, max_retries=0, timeout=60)
 
 
@@ -51,8 +62,12 @@ def retrain_config(folder, config, **gate):
     from loop.configs import RetrainConfig
 
     # What `dolly up` printed to run, with a training run that clearly learns more than up's one step.
-    return load_config(RetrainConfig, config.workdir / "retrain.yaml", {"new_records": [str(folder / "new.jsonl")]},
-                       ["train.max_steps=8", "train.lr=1e-3", *(f"gate.{k}={v}" for k, v in gate.items())])
+    return load_config(
+        RetrainConfig,
+        config.workdir / "retrain.yaml",
+        {"new_records": [str(folder / "new.jsonl")]},
+        ["train.max_steps=8", "train.lr=1e-3", *(f"gate.{k}={v}" for k, v in gate.items())],
+    )
 
 
 def test_up_serves_its_registered_model_through_the_openai_client_and_the_page(loop):
@@ -80,8 +95,8 @@ def test_a_retrain_that_misses_the_gate_is_registered_but_neither_promoted_nor_s
 
     folder, config, urls = loop
     report = retrain(retrain_config(folder, config, min_improvement=1000))
-    assert report["candidate"] == "dolly@2" and not report["promoted"] and not report["swapped"]
-    assert "had to be below" in report["decision"]["reason"] and report["decision"]["decided_by"] == "loss"
+    assert report.candidate == "dolly@2" and not report.promoted and not report.swapped
+    assert "had to be below" in report.decision.reason and report.decision.decided_by == "loss"
     assert (config.registry / "dolly" / "LATEST").read_text().strip() == "1"
     assert client(urls).models.list().data[0].model_extra["version"] == "dolly@1"
 
@@ -91,17 +106,24 @@ def test_a_better_retrain_is_promoted_and_swapped_into_the_running_app(loop):
 
     folder, config, urls = loop
     report = retrain(retrain_config(folder, config))  # same data and settings: the finished run is reused
-    decision = report["decision"]
-    assert report["candidate"] == "dolly@2" and report["promoted"] and report["swapped"]
-    assert decision["candidate"] < decision["serving"], "the gate compared both on the same held-out split"
-    assert report["scores"]["candidate"]["overall"]["examples"] == report["scores"]["serving"]["overall"]["examples"]
-    assert decision["decided_by"] == "every rule" and [r["name"] for r in decision["rules"]] == ["loss", "stop rate", "repetition", "ROUGE-L"]
-    greedy = {side: next(b for b in report["behaviour"][side] if b["mode"] == "greedy") for side in ("serving", "candidate")}
-    assert greedy["serving"]["overall"]["examples"] == greedy["candidate"]["overall"]["examples"] >= 1
+    decision = report.decision
+    assert report.candidate == "dolly@2" and report.promoted and report.swapped
+    assert decision.candidate < decision.serving, "the gate compared both on the same held-out split"
+    assert report.scores["candidate"].overall.examples == report.scores["serving"].overall.examples
+    assert decision.decided_by == "every rule" and [r.name for r in decision.rules] == [
+        "loss",
+        "stop rate",
+        "repetition",
+        "ROUGE-L",
+    ]
+    greedy = {side: next(b for b in report.behaviour[side] if b.mode == "greedy") for side in ("serving", "candidate")}
+    assert greedy["serving"].overall.examples == greedy["candidate"].overall.examples >= 1
     assert (config.registry / "dolly" / "LATEST").read_text().strip() == "2"
     api = client(urls)
     assert api.models.list().data[0].model_extra["version"] == "dolly@2"
-    assert api.chat.completions.create(model="dolly", messages=[{"role": "user", "content": "Hi"}], max_tokens=4).model == "dolly@2"
+    assert (
+        api.chat.completions.create(model="dolly", messages=[{"role": "user", "content": "Hi"}], max_tokens=4).model == "dolly@2"
+    )
 
 
 def test_up_again_after_a_promotion_keeps_serving_the_promoted_version(loop, capsys, monkeypatch):
@@ -115,13 +137,16 @@ def test_up_again_after_a_promotion_keeps_serving_the_promoted_version(loop, cap
 
 
 # The loss rule alone (behaviour=False); the behaviour rules are specified in tests/test_behaviour.py.
-@pytest.mark.parametrize(("gate", "serving", "candidate", "promote"), [
-    (GateConfig(behaviour=False), 2.0, 1.9, True),
-    (GateConfig(behaviour=False), 2.0, 2.0, False),  # equal is not better
-    (GateConfig(behaviour=False, min_improvement=0.2), 2.0, 1.9, False),
-    (GateConfig(behaviour=False, min_improvement=0.04, relative=True), 2.0, 1.9, True),
-    (GateConfig(behaviour=False, min_improvement=0.06, relative=True), 2.0, 1.9, False),
-])
+@pytest.mark.parametrize(
+    ("gate", "serving", "candidate", "promote"),
+    [
+        (GateConfig(behaviour=False), 2.0, 1.9, True),
+        (GateConfig(behaviour=False), 2.0, 2.0, False),  # equal is not better
+        (GateConfig(behaviour=False, min_improvement=0.2), 2.0, 1.9, False),
+        (GateConfig(behaviour=False, min_improvement=0.04, relative=True), 2.0, 1.9, True),
+        (GateConfig(behaviour=False, min_improvement=0.06, relative=True), 2.0, 1.9, False),
+    ],
+)
 def test_the_gate_wants_lower_by_more_than_the_margin(gate, serving, candidate, promote):
     from loop.gate import gate as judge
     from pipelines.loss import CategoryLoss, LossReport

@@ -18,8 +18,12 @@ pytestmark = pytest.mark.timeout(300)
 def prepared(tmp_path_factory, tokenizer_path, ray_cluster):
     folder = tmp_path_factory.mktemp("manifest")
     corpus = folder / "c.jsonl"
-    corpus.write_text("\n".join(json.dumps({"instruction": f"Q{i}?", "context": "", "response": f"A{i}.", "category": "open_qa"})
-                                for i in range(8)) + "\n")
+    corpus.write_text(
+        "\n".join(
+            json.dumps({"instruction": f"Q{i}?", "context": "", "response": f"A{i}.", "category": "open_qa"}) for i in range(8)
+        )
+        + "\n"
+    )
     return prepare(PrepareConfig(source=str(corpus), output_dir=folder / "out", tokenizer=tokenizer_path, test_size=2)).output_dir
 
 

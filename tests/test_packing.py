@@ -8,14 +8,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
-from pipelines.packing import first_fit_decreasing, pack_batch
 from contract import IGNORE_INDEX
+from pipelines.packing import first_fit_decreasing, pack_batch
 from pipelines.tokenize import tokenize_examples
 
 RECORDS = [
     {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"},
-    {"instruction": "Summarize this.", "context": "Cats sleep most of the day, and hunt at night.", "response": "Cats nap by day.", "category": "summarization"},
-    {"instruction": "List three fruits.", "context": "", "response": "Apple, pear and plum, which all grow on trees in temperate climates.", "category": "brainstorming"},
+    {
+        "instruction": "Summarize this.",
+        "context": "Cats sleep most of the day, and hunt at night.",
+        "response": "Cats nap by day.",
+        "category": "summarization",
+    },
+    {
+        "instruction": "List three fruits.",
+        "context": "",
+        "response": "Apple, pear and plum, which all grow on trees in temperate climates.",
+        "category": "brainstorming",
+    },
     {"instruction": "Is the sky green?", "context": "", "response": "No.", "category": "classification"},
 ]
 
@@ -23,8 +33,15 @@ RECORDS = [
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    config = GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                           rotary_pct=0.25, vocab_size=len(tokenizer), max_position_embeddings=512)
+    config = GPTNeoXConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        rotary_pct=0.25,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+    )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
 
 
@@ -34,8 +51,10 @@ def examples(tokenizer):
 
 
 def packed_row(examples):
-    batch = {"input_ids": np.array([np.array(i) for i, _ in examples], dtype=object),
-             "labels": np.array([np.array(l) for _, l in examples], dtype=object)}
+    batch = {
+        "input_ids": np.array([np.array(i) for i, _ in examples], dtype=object),
+        "labels": np.array([np.array(labels) for _, labels in examples], dtype=object),
+    }
     table = pack_batch(batch, max_length=512)
     assert table.num_rows == 1, "all examples fit one row"
     return {name: table.column(name)[0].as_py() for name in table.column_names}
@@ -43,8 +62,12 @@ def packed_row(examples):
 
 def loss_sum_and_count(model, input_ids, labels, position_ids=None):
     # use_cache=False, as in training: with a KV cache, transformers ignores packed position ids.
-    out = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels]), use_cache=False,
-                position_ids=None if position_ids is None else torch.tensor([position_ids]))
+    out = model(
+        input_ids=torch.tensor([input_ids]),
+        labels=torch.tensor([labels]),
+        use_cache=False,
+        position_ids=None if position_ids is None else torch.tensor([position_ids]),
+    )
     count = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
     return out.loss.item() * count, count, out.logits[0]
 

@@ -86,7 +86,9 @@ def test_dirty_corpus_gives_exactly_the_expected_rejects_and_counts_reconcile(tm
 
 def test_reject_details_name_the_field(tmp_path, tokenizer_path):
     write_dirty_corpus(tmp_path / "corpus")
-    rejects = {r["reason"]: r["detail"] for r in read_rejects(prepare(config(tmp_path, tmp_path / "corpus", tokenizer_path)).output_dir)}
+    rejects = {
+        r["reason"]: r["detail"] for r in read_rejects(prepare(config(tmp_path, tmp_path / "corpus", tokenizer_path)).output_dir)
+    }
     assert "'response' is missing" in rejects["missing_field"]
     assert "'category' is poetry" not in rejects["unknown_category"] and "poetry" in rejects["unknown_category"]
     assert "max_length is 256" in rejects["too_long"]
@@ -101,17 +103,24 @@ def test_on_bad_fail_stops_the_run_naming_the_first_bad_record(tmp_path, tokeniz
 
 def test_over_length_records_are_policy_not_defects_under_on_bad_fail(tmp_path, tokenizer_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("\n".join(json.dumps(good(i)) for i in range(5)) + "\n" + json.dumps({**good(9), "response": "word " * 400}) + "\n")
+    corpus.write_text(
+        "\n".join(json.dumps(good(i)) for i in range(5)) + "\n" + json.dumps({**good(9), "response": "word " * 400}) + "\n"
+    )
     result = prepare(config(tmp_path, corpus, tokenizer_path, on_bad="fail"))
     assert result.manifest["counts"]["rejected"] == {"too_long": 1}
 
 
 def test_truncate_policy_keeps_over_length_records_cut_to_max_length(tmp_path, tokenizer_path):
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("\n".join(json.dumps(good(i)) for i in range(4)) + "\n" + json.dumps({**good(9), "response": "word " * 400}) + "\n")
+    corpus.write_text(
+        "\n".join(json.dumps(good(i)) for i in range(4)) + "\n" + json.dumps({**good(9), "response": "word " * 400}) + "\n"
+    )
     result = prepare(config(tmp_path, corpus, tokenizer_path, length_policy="truncate", test_size=1))
     assert result.manifest["counts"]["truncated"] == 1 and result.manifest["counts"]["rejected"] == {}
-    lengths = pq.read_table(result.output_dir / "train").column("input_ids").to_pylist() + pq.read_table(result.output_dir / "test").column("input_ids").to_pylist()
+    lengths = (
+        pq.read_table(result.output_dir / "train").column("input_ids").to_pylist()
+        + pq.read_table(result.output_dir / "test").column("input_ids").to_pylist()
+    )
     assert max(len(ids) for ids in lengths) == 256
 
 
@@ -123,7 +132,9 @@ def test_split_is_seeded_and_independent_of_file_order(tmp_path, tokenizer_path)
 
     def split(source, out, seed):
         prepare(PrepareConfig(source=str(source), output_dir=tmp_path / out, tokenizer=tokenizer_path, test_size=5, seed=seed))
-        return pq.read_table(tmp_path / out / "test").column("input_ids").to_pylist(), pq.read_table(tmp_path / out / "train").column("input_ids").to_pylist()
+        return pq.read_table(tmp_path / out / "test").column("input_ids").to_pylist(), pq.read_table(
+            tmp_path / out / "train"
+        ).column("input_ids").to_pylist()
 
     test_f, train_f = split(forward, "f", 42)
     test_b, train_b = split(backward, "b", 42)

@@ -45,14 +45,22 @@ def test_the_main_job_runs_on_a_fresh_clone_with_its_own_fresh_venv(tmp_path):
     clone = fresh_clone(tmp_path)
     # A newcomer's shell: no venv, no pytest or Ray settings, and no outer make (CI runs this test
     # under `make test`, whose MAKELEVEL would change what a nested make prints).
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST", "RAY_", "MAKE", "MFLAGS", "DOLLY_DATA"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST", "RAY_", "MAKE", "MFLAGS", "DOLLY_DATA"))
+    }
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
     env["COLUMNS"] = "200"  # one line per message, for the checks below
     port = free_port()
     log = tmp_path / "make-run.log"
     with open(log, "w") as out:
-        run = subprocess.Popen(["make", "run", f"SHARED={SHARED}", f"UP_ARGS=--smoke --no-browser --port {port}"],
-                               cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        run = subprocess.Popen(
+            ["make", "run", f"SHARED={SHARED}", f"UP_ARGS=--smoke --no-browser --port {port}"],
+            cwd=clone,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 1380
         while "dolly is up" not in log.read_text():
@@ -65,9 +73,12 @@ def test_the_main_job_runs_on_a_fresh_clone_with_its_own_fresh_venv(tmp_path):
         assert all(f"{n}/6" in output for n in range(1, 7)), "every stage is announced"
         key = (clone / "runs" / "up" / "api_key").read_text().strip()
         assert key in output, "the API key is printed"
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                            json={"model": "dolly", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8},
-                            timeout=120)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"model": "dolly", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8},
+            timeout=120,
+        )
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"], answer.text
         assert httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=60).status_code == 200
         assert f"http://127.0.0.1:{port}/ui/" in output and "Ctrl-C stops it" in output
@@ -80,6 +91,7 @@ def test_the_main_job_runs_on_a_fresh_clone_with_its_own_fresh_venv(tmp_path):
             raise
     assert "Stopped serving." in log.read_text()
     # The test command would install the same way, then run pytest.
-    plan = subprocess.run(["make", "--no-print-directory", "-n", "test"], cwd=clone, env=env, capture_output=True,
-                          text=True, check=True).stdout
+    plan = subprocess.run(
+        ["make", "--no-print-directory", "-n", "test"], cwd=clone, env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert plan.strip().splitlines()[-1].endswith("pytest")

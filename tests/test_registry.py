@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from contract.errors import UserError
 from contract import registry
+from contract.errors import UserError
 
 
 def export(tmp_path, tag: str):

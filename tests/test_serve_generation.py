@@ -13,13 +13,13 @@ from pydantic import ValidationError
 from transformers import TopPLogitsWarper
 
 from contract import END_KEY, extract_response
+from contract.decode import BatchDecoder
 from contract.errors import UserError
+from contract.sampling import SamplingParams, generators_for, penalize, sample
 from services.auth import ApiKeys
 from services.config import AuthConfig, ServeConfig
-from contract.decode import BatchDecoder
 from services.prompts import PromptBuilder, PromptTooLong
 from services.protocol import ChatMessage
-from contract.sampling import SamplingParams, generators_for, penalize, sample
 from services.text import TextStream
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,18 +92,21 @@ def stream_in_pieces(tokenizer, text: str, stop=(), seed=0) -> tuple[str, list[s
     stream, deltas, rng, i = TextStream(tokenizer, stop), [], random.Random(seed), 0
     while i < len(ids) and not stream.stopped:
         n = rng.randint(1, 3)
-        deltas.append(stream.add(ids[i:i + n]))
+        deltas.append(stream.add(ids[i : i + n]))
         i += n
     deltas.append(stream.finish())
     return "".join(deltas), deltas, stream.stopped
 
 
-@pytest.mark.parametrize("completion", [
-    "  Paris is the capital.  \n\n### End\n\nmore",
-    "First line.\n\nSecond line\n\n### Instruction:\nnext question",
-    "An answer that never ends ##",
-    "Les élèves ont mangé 🍰 ensemble.\n\n",
-])
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "  Paris is the capital.  \n\n### End\n\nmore",
+        "First line.\n\nSecond line\n\n### Instruction:\nnext question",
+        "An answer that never ends ##",
+        "Les élèves ont mangé 🍰 ensemble.\n\n",
+    ],
+)
 def test_streamed_deltas_add_up_to_dolly_extract_response(tokenizer, completion):
     for seed in range(5):
         text, _, _ = stream_in_pieces(tokenizer, completion, seed=seed)
@@ -122,8 +125,12 @@ def test_end_marker_typed_as_plain_text_also_stops(tokenizer):
 
 def test_a_conversation_becomes_one_dolly_prompt_with_the_history_as_input(tokenizer):
     builder = PromptBuilder(tokenizer, 2048)
-    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi"),
-                ChatMessage(role="assistant", content="Hello!"), ChatMessage(role="user", content="Name a colour.")]
+    messages = [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="user", content="Hi"),
+        ChatMessage(role="assistant", content="Hello!"),
+        ChatMessage(role="user", content="Name a colour."),
+    ]
     prompt = builder.chat(messages, 64)
     text = tokenizer.decode(prompt.ids)
     assert "### Instruction:\nName a colour.\n\nInput:\nBe brief.\nUser: Hi\nAssistant: Hello!\n\n### Response:\n" in text
@@ -131,8 +138,7 @@ def test_a_conversation_becomes_one_dolly_prompt_with_the_history_as_input(token
 
 
 def test_the_oldest_turns_are_trimmed_first_until_the_answer_fits(tokenizer):
-    turns = [ChatMessage(role="user" if i % 2 == 0 else "assistant", content=f"turn {i} " + "words " * 30)
-             for i in range(6)]
+    turns = [ChatMessage(role="user" if i % 2 == 0 else "assistant", content=f"turn {i} " + "words " * 30) for i in range(6)]
     messages = [ChatMessage(role="system", content="Stay kind."), *turns, ChatMessage(role="user", content="Last?")]
     full = len(PromptBuilder(tokenizer, 4096).chat(messages, 64).ids)
     builder = PromptBuilder(tokenizer, full + 64 - 70)  # about two turns too long
@@ -150,21 +156,29 @@ def test_a_prompt_longer_than_the_context_states_the_limit(tokenizer):
 
 
 def test_serve_config_compiles_into_serve_deployment_options():
-    config = ServeConfig(model="m", deployment={"min_replicas": 1, "max_replicas": 3, "max_queued_requests": 5,
-                                                "num_cpus": 0.5})
+    config = ServeConfig(model="m", deployment={"min_replicas": 1, "max_replicas": 3, "max_queued_requests": 5, "num_cpus": 0.5})
     options = config.model_deployment_options()
     assert options["autoscaling_config"]["min_replicas"] == 1 and options["autoscaling_config"]["max_replicas"] == 3
     assert options["max_queued_requests"] == 5 and options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0}
     assert config.ingress_deployment_options()["backpressure_config"] == {"status_code": 503, "retry_after_s": 2}
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"deployment": {"min_replicas": 3, "max_replicas": 2}}, "deployment.min_replicas (3) is above deployment.max_replicas (2)"),
-    ({"deployment": {"max_ongoing_requests": 4}, "engine": {"max_batch_size": 8}}, "below engine.max_batch_size"),
-    ({"engine": {"batching": "static"}}, "'dynamic' or 'continuous'"),
-    ({"deployment": {"max_replica": 2}}, "Extra inputs are not permitted"),
-    ({"engine": {"batching": "continuous"}, "defaults": {"frequency_penalty": 0.3}}, "defaults.frequency_penalty needs engine.batching=dynamic"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"deployment": {"min_replicas": 3, "max_replicas": 2}},
+            "deployment.min_replicas (3) is above deployment.max_replicas (2)",
+        ),
+        ({"deployment": {"max_ongoing_requests": 4}, "engine": {"max_batch_size": 8}}, "below engine.max_batch_size"),
+        ({"engine": {"batching": "static"}}, "'dynamic' or 'continuous'"),
+        ({"deployment": {"max_replica": 2}}, "Extra inputs are not permitted"),
+        (
+            {"engine": {"batching": "continuous"}, "defaults": {"frequency_penalty": 0.3}},
+            "defaults.frequency_penalty needs engine.batching=dynamic",
+        ),
+    ],
+)
 def test_inconsistent_serve_settings_are_refused_by_name(settings, message):
     with pytest.raises(ValidationError, match=re.escape(message)):
         ServeConfig(model="m", **settings)

@@ -23,8 +23,14 @@ def test_serve_build_turns_the_application_into_a_serve_config(tiny_model, tmp_p
     settings.write_text("deployment:\n  max_replicas: 3\n  max_queued_requests: 7\n")
     out = tmp_path / "built.yaml"
     env = {**os.environ, "DOLLY_MODEL": str(tiny_model), "DOLLY_SERVE_CONFIG": str(settings)}
-    result = subprocess.run([str(BIN / "serve"), "build", "services.env:app", "-o", str(out), "--app-dir", str(REPO)],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=150)
+    result = subprocess.run(
+        [str(BIN / "serve"), "build", "services.env:app", "-o", str(out), "--app-dir", str(REPO)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=150,
+    )
     assert result.returncode == 0, result.stderr
     [application] = yaml.safe_load(out.read_text())["applications"]
     deployments = {d["name"]: d for d in application["deployments"]}
@@ -58,8 +64,13 @@ def test_serve_help_lists_every_setting():
 
 def test_serve_refuses_to_start_without_api_keys(tiny_model):
     env_without_keys = {k: v for k, v in os.environ.items() if k != "DOLLY_API_KEYS"}
-    result = subprocess.run([str(BIN / "dolly"), "serve", "--model", str(tiny_model)], capture_output=True, text=True,
-                            env={**env_without_keys, "COLUMNS": "300"}, timeout=120)
+    result = subprocess.run(
+        [str(BIN / "dolly"), "serve", "--model", str(tiny_model)],
+        capture_output=True,
+        text=True,
+        env={**env_without_keys, "COLUMNS": "300"},
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "no API keys: set DOLLY_API_KEYS" in result.stderr and "--insecure-no-auth" in result.stderr
 

@@ -19,20 +19,35 @@ pytestmark = pytest.mark.timeout(600)
 
 def overfit_config(tmp_path, data_dir, tokenizer_path, **settings) -> TrainConfig:
     """A tiny random Pythia, a high constant learning rate, two workers of two rows each."""
-    return TrainConfig.model_validate({
-        "base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "data_dir": str(data_dir),
-        "num_workers": 2, "micro_batch_size": 2, "precision": "fp32", "lr": 3e-3, "warmup_steps": 3,
-        "decay": "constant", "max_steps": 40, "log_every": 5, "eval_every": 20, "checkpoint_every": 40,
-        "storage_path": str(tmp_path / "storage"), "output_dir": str(tmp_path / "out"),
-        "registry": str(tmp_path / "registry"), "run_name": "overfit", "mlflow": True,
-        "mlflow_tracking_uri": f"file:{tmp_path / 'mlruns'}", **settings,
-    })
+    return TrainConfig.model_validate(
+        {
+            "base_model": "pythia-14m-random",
+            "tokenizer": tokenizer_path,
+            "data_dir": str(data_dir),
+            "num_workers": 2,
+            "micro_batch_size": 2,
+            "precision": "fp32",
+            "lr": 3e-3,
+            "warmup_steps": 3,
+            "decay": "constant",
+            "max_steps": 40,
+            "log_every": 5,
+            "eval_every": 20,
+            "checkpoint_every": 40,
+            "storage_path": str(tmp_path / "storage"),
+            "output_dir": str(tmp_path / "out"),
+            "registry": str(tmp_path / "registry"),
+            "run_name": "overfit",
+            "mlflow": True,
+            "mlflow_tracking_uri": f"file:{tmp_path / 'mlruns'}",
+            **settings,
+        }
+    )
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def overfit_run(request, tmp_path_factory, train_data, tokenizer_path):
-    config = overfit_config(tmp_path_factory.mktemp(f"zero{request.param}"), train_data, tokenizer_path,
-                            zero_stage=request.param)
+    config = overfit_config(tmp_path_factory.mktemp(f"zero{request.param}"), train_data, tokenizer_path, zero_stage=request.param)
     return config, train(config)
 
 

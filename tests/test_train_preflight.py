@@ -60,6 +60,7 @@ def test_each_zero_stage_shards_more_of_the_state(pythia_12b):
 def test_gradient_checkpointing_and_smaller_micro_batches_cut_activations(pythia_12b):
     def activations(**s):
         return estimate(plan(preset="h100", num_workers=8, zero_stage=3, **s), pythia_12b, SEQ).device["activations"]
+
     assert activations(gradient_checkpointing=True) < activations(gradient_checkpointing=False)
     assert activations(micro_batch_size=2) < activations(micro_batch_size=8)
 
@@ -73,11 +74,14 @@ def test_presets_fill_unset_settings_and_explicit_ones_win():
     assert ds["train_batch_size"] == 8 * 3  # Dolly's V100 per-device batch
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"zero_stage": 2, "offload_params": True}, "offload_params needs zero_stage=3"),
-    ({"zero_stage": 0, "offload_optimizer": True}, "offload_optimizer needs ZeRO"),
-    ({"precision": "fp16"}, "precision=fp16 needs GPUs"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"zero_stage": 2, "offload_params": True}, "offload_params needs zero_stage=3"),
+        ({"zero_stage": 0, "offload_optimizer": True}, "offload_optimizer needs ZeRO"),
+        ({"precision": "fp16"}, "precision=fp16 needs GPUs"),
+    ],
+)
 def test_impossible_combinations_are_refused_naming_the_setting(settings, message):
     with pytest.raises(ValueError, match=message):
         plan(**settings)

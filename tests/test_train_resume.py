@@ -22,13 +22,30 @@ pytestmark = pytest.mark.timeout(400)
 
 
 def resume_config(tmp_path, data_dir, tokenizer_path, **settings) -> TrainConfig:
-    return TrainConfig.model_validate({
-        "base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "data_dir": str(data_dir),
-        "num_workers": 2, "micro_batch_size": 2, "precision": "fp32", "zero_stage": 2, "lr": 1e-3, "warmup_steps": 2,
-        "max_steps": 16, "log_every": 4, "eval_every": 8, "checkpoint_every": 4, "num_to_keep": 2, "max_failures": 1,
-        "storage_path": str(tmp_path / "storage"), "output_dir": str(tmp_path / "out"), "register_as": None,
-        "run_name": "resumable", **settings,
-    })
+    return TrainConfig.model_validate(
+        {
+            "base_model": "pythia-14m-random",
+            "tokenizer": tokenizer_path,
+            "data_dir": str(data_dir),
+            "num_workers": 2,
+            "micro_batch_size": 2,
+            "precision": "fp32",
+            "zero_stage": 2,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "max_steps": 16,
+            "log_every": 4,
+            "eval_every": 8,
+            "checkpoint_every": 4,
+            "num_to_keep": 2,
+            "max_failures": 1,
+            "storage_path": str(tmp_path / "storage"),
+            "output_dir": str(tmp_path / "out"),
+            "register_as": None,
+            "run_name": "resumable",
+            **settings,
+        }
+    )
 
 
 def train_workers() -> list[psutil.Process]:
@@ -53,8 +70,10 @@ def kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list, deadline: 
 def killed_run(tmp_path_factory, train_data, tokenizer_path):
     config = resume_config(tmp_path_factory.mktemp("killed"), train_data, tokenizer_path)
     killed: list[tuple[int, int]] = []
-    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint,
-                              args=(Path(config.storage_path) / config.run_name, killed, time.monotonic() + 300))
+    killer = threading.Thread(
+        target=kill_a_worker_after_first_checkpoint,
+        args=(Path(config.storage_path) / config.run_name, killed, time.monotonic() + 300),
+    )
     killer.start()
     try:
         result = train(config)

@@ -36,8 +36,13 @@ def ray_head(tmp_path_factory):
 
 
 def dolly_submit(address: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "dolly"), "submit", "train", "--address", address, "--working-dir", str(REPO), *args],
-                          capture_output=True, text=True, timeout=400, env={**os.environ, "COLUMNS": "300"})
+    return subprocess.run(
+        [str(BIN / "dolly"), "submit", "train", "--address", address, "--working-dir", str(REPO), *args],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "COLUMNS": "300"},
+    )
 
 
 def test_a_bad_setting_is_refused_before_anything_is_submitted(ray_head):
@@ -47,8 +52,9 @@ def test_a_bad_setting_is_refused_before_anything_is_submitted(ray_head):
 
 
 def test_a_job_that_fails_on_the_cluster_returns_its_failure(ray_head, tmp_path, tokenizer_path):
-    result = dolly_submit(ray_head, "base_model=pythia-14m-random", f"tokenizer={tokenizer_path}",
-                          f"data_dir={tmp_path / 'no-such-data'}")
+    result = dolly_submit(
+        ray_head, "base_model=pythia-14m-random", f"tokenizer={tokenizer_path}", f"data_dir={tmp_path / 'no-such-data'}"
+    )
     assert "submitted" in result.stdout
     assert "prepare the data first" in result.stdout, "the job's own error streams back"
     assert result.returncode != 0
@@ -57,13 +63,27 @@ def test_a_job_that_fails_on_the_cluster_returns_its_failure(ray_head, tmp_path,
 def test_training_runs_as_a_job_with_streamed_logs_and_exit_status(ray_head, tmp_path, train_data, tokenizer_path):
     """From a raw corpus: the job prepares the shards first, then trains on them."""
     config = tmp_path / "train.yaml"
-    config.write_text(json.dumps({
-        "base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "source": str(train_data.parent / "slice.jsonl"),
-        "data_dir": str(tmp_path / "data"), "prepare": {"max_length": 128, "test_size": 2},
-        "num_workers": 2, "micro_batch_size": 2, "max_steps": 2, "log_every": 1, "eval_every": 2, "checkpoint_every": 2,
-        "storage_path": str(tmp_path / "storage"), "output_dir": str(tmp_path / "out"), "register_as": None,
-        "run_name": "job",
-    }))
+    config.write_text(
+        json.dumps(
+            {
+                "base_model": "pythia-14m-random",
+                "tokenizer": tokenizer_path,
+                "source": str(train_data.parent / "slice.jsonl"),
+                "data_dir": str(tmp_path / "data"),
+                "prepare": {"max_length": 128, "test_size": 2},
+                "num_workers": 2,
+                "micro_batch_size": 2,
+                "max_steps": 2,
+                "log_every": 1,
+                "eval_every": 2,
+                "checkpoint_every": 2,
+                "storage_path": str(tmp_path / "storage"),
+                "output_dir": str(tmp_path / "out"),
+                "register_as": None,
+                "run_name": "job",
+            }
+        )
+    )
     result = dolly_submit(ray_head, "--config", str(config), "lr=1e-4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Manifest" in result.stdout and (tmp_path / "data" / "manifest.json").exists()
@@ -74,13 +94,33 @@ def test_training_runs_as_a_job_with_streamed_logs_and_exit_status(ray_head, tmp
 def test_plain_ray_job_submit_runs_dolly_train(ray_head, tmp_path, train_data, tokenizer_path):
     """Ray's own CLI, as an engineer would type it: token auth needs only RAY_AUTH_MODE=token,
     which makes Ray's client read the token from ~/.ray/auth_token."""
-    command = [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
-               "dolly", "train", "base_model=pythia-14m-random", f"tokenizer={tokenizer_path}", f"data_dir={train_data}",
-               "num_workers=1", "micro_batch_size=2", "max_steps=1", "log_every=1", "warmup_steps=0",
-               f"storage_path={tmp_path / 'storage'}", f"output_dir={tmp_path / 'out'}", "register_as=null",
-               "run_name=plain"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=400,
-                            env={**os.environ, **client_auth_env(), "COLUMNS": "300"})
+    command = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "dolly",
+        "train",
+        "base_model=pythia-14m-random",
+        f"tokenizer={tokenizer_path}",
+        f"data_dir={train_data}",
+        "num_workers=1",
+        "micro_batch_size=2",
+        "max_steps=1",
+        "log_every=1",
+        "warmup_steps=0",
+        f"storage_path={tmp_path / 'storage'}",
+        f"output_dir={tmp_path / 'out'}",
+        "register_as=null",
+        "run_name=plain",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=400, env={**os.environ, **client_auth_env(), "COLUMNS": "300"}
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "step 1:" in output and "succeeded" in output
@@ -88,8 +128,13 @@ def test_plain_ray_job_submit_runs_dolly_train(ray_head, tmp_path, train_data, t
 
 
 def test_a_driver_address_is_refused_with_the_dashboard_form_to_use():
-    result = subprocess.run([str(BIN / "dolly"), "submit", "train", "--address", "127.0.0.1:6379", "max_steps=1"],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "300"})
+    result = subprocess.run(
+        [str(BIN / "dolly"), "submit", "train", "--address", "127.0.0.1:6379", "max_steps=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert result.returncode == 1 and "http://HEAD:8265" in result.stderr and "submitted" not in result.stdout
 
 
@@ -101,14 +146,39 @@ def test_a_gated_retrain_runs_as_a_job_and_reports_its_decision(ray_head, tmp_pa
     registry.register(serving, "dolly", tmp_path / "registry")
     new = tmp_path / "new.jsonl"
     new.write_text((train_data.parent / "slice.jsonl").read_text().splitlines()[0] + "\n")
-    train = {"base_model": "pythia-14m-random", "tokenizer": tokenizer_path, "prepare": {"max_length": 128, "test_size": 2},
-             "num_workers": 1, "micro_batch_size": 2, "max_steps": 2, "warmup_steps": 0, "lr": 1e-3,
-             "storage_path": str(tmp_path / "storage"), "output_dir": str(tmp_path / "out"), "registry": str(tmp_path / "registry")}
+    train = {
+        "base_model": "pythia-14m-random",
+        "tokenizer": tokenizer_path,
+        "prepare": {"max_length": 128, "test_size": 2},
+        "num_workers": 1,
+        "micro_batch_size": 2,
+        "max_steps": 2,
+        "warmup_steps": 0,
+        "lr": 1e-3,
+        "storage_path": str(tmp_path / "storage"),
+        "output_dir": str(tmp_path / "out"),
+        "registry": str(tmp_path / "registry"),
+    }
     result = subprocess.run(
-        [str(BIN / "dolly"), "submit", "retrain", "--address", ray_head, "--working-dir", str(REPO),
-         f"corpus={train_data.parent / 'slice.jsonl'}", f"new_records=[{new}]", f"train={json.dumps(train)}",
-         "serving=dolly@1", f"workdir={tmp_path / 'retrain'}"],
-        capture_output=True, text=True, timeout=400, env={**os.environ, "COLUMNS": "300"})
+        [
+            str(BIN / "dolly"),
+            "submit",
+            "retrain",
+            "--address",
+            ray_head,
+            "--working-dir",
+            str(REPO),
+            f"corpus={train_data.parent / 'slice.jsonl'}",
+            f"new_records=[{new}]",
+            f"train={json.dumps(train)}",
+            "serving=dolly@1",
+            f"workdir={tmp_path / 'retrain'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "retrain" / "report.json").read_text())
     assert report["candidate"] == "dolly@2" and report["serving"] == "dolly@1"

@@ -15,16 +15,23 @@ import httpx
 import pytest
 
 from services.config import ServeConfig
-from ui.config import UIConfig
 from tests.conftest import free_port
+from ui.config import UIConfig
 
 pytestmark = pytest.mark.timeout(300)
 ARTIFACTS = Path(__file__).parent / "artifacts"
 KEY = "ui-test-key"
 CHROMIUM = "/usr/bin/chromium"
 # Without the networking flags, this machine's closed network floods Chromium with refused connections.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +60,13 @@ def backend(ray_cluster, tiny_model, tmp_path_factory):
 
     key_file = tmp_path_factory.mktemp("ui") / "key"
     key_file.write_text(f"{KEY}\n")
-    config = ServeConfig(model=str(tiny_model), auth={"api_keys_file": str(key_file)}, engine={"max_context": 512},
-                         deployment={"num_cpus": 0.5}, ingress={"num_cpus": 0.25})
+    config = ServeConfig(
+        model=str(tiny_model),
+        auth={"api_keys_file": str(key_file)},
+        engine={"max_context": 512},
+        deployment={"num_cpus": 0.5},
+        ingress={"num_cpus": 0.25},
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -131,7 +143,10 @@ def test_a_registered_model_shows_its_version():
 
     from ui.page import _model_label
 
-    assert _model_label(Model(id="dolly", created=0, object="model", owned_by="me", version="dolly@3")) == "**dolly** (version dolly@3)"
+    assert (
+        _model_label(Model(id="dolly", created=0, object="model", owned_by="me", version="dolly@3"))
+        == "**dolly** (version dolly@3)"
+    )
 
 
 def test_a_message_gets_an_answer_that_streams_in(tab):
@@ -168,8 +183,11 @@ def test_an_example_fills_instruction_and_context_and_is_answered(tab):
 
 def test_stop_halts_a_streaming_answer(tab):
     send(tab, "Write a long story about the sea.")
-    tab.wait_for_function("() => { const b = document.querySelectorAll(\"#chatbot [data-testid='bot']\");"
-                          " return b.length && b[b.length-1].innerText.trim().length > 0; }", timeout=60_000)
+    tab.wait_for_function(
+        "() => { const b = document.querySelectorAll(\"#chatbot [data-testid='bot']\");"
+        " return b.length && b[b.length-1].innerText.trim().length > 0; }",
+        timeout=60_000,
+    )
     tab.click("#stop")
     tab.wait_for_timeout(500)
     stopped = answer(tab)
@@ -189,8 +207,11 @@ def test_a_follow_up_question_carries_the_conversation(tab):
     while seen[-1] != seen[0]:  # the first answer has finished streaming
         seen = watch_answer(tab, 2)
     send(tab, "And another one?")
-    tab.wait_for_function("() => { const b = document.querySelectorAll(\"#chatbot [data-testid='bot']\");"
-                          " return b.length >= 2 && b[1].innerText.trim().length > 0; }", timeout=60_000)
+    tab.wait_for_function(
+        "() => { const b = document.querySelectorAll(\"#chatbot [data-testid='bot']\");"
+        " return b.length >= 2 && b[1].innerText.trim().length > 0; }",
+        timeout=60_000,
+    )
     assert tab.inner_text("#status").strip() == ""
 
 
@@ -216,8 +237,11 @@ def test_the_conversation_so_far_goes_to_the_api_in_order_with_the_context_first
 
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     assert to_api_messages(history, "And now?", "A passage.") == [
-        {"role": "system", "content": "A passage."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "And now?"}]
+        {"role": "system", "content": "A passage."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "And now?"},
+    ]
     assert to_api_messages(history, "And now?", "  ")[0] == {"role": "user", "content": "Hi"}
     as_gradio_parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in history]
     assert to_api_messages(as_gradio_parts, "And now?", "") == to_api_messages(history, "And now?", "")
@@ -256,13 +280,15 @@ def test_the_page_mounts_in_serve_beside_the_api(backend):
 
     from ui.deployment import build_page_app
 
-    serve.run(build_page_app(UIConfig(api_url=backend.api_url, api_key_file=backend.key_file)),
-              name="chat-page", route_prefix="/ui")
+    serve.run(
+        build_page_app(UIConfig(api_url=backend.api_url, api_key_file=backend.key_file)), name="chat-page", route_prefix="/ui"
+    )
     try:
         page = httpx.get(f"http://127.0.0.1:{backend.port}/ui/", timeout=60)
         assert page.status_code == 200 and "gradio" in page.text.lower()
         history, _, status = Client(f"http://127.0.0.1:{backend.port}/ui/", verbose=False).predict(
-            "Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat")
+            "Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat"
+        )
         assert status == "" and history[-1]["content"]
     finally:
         serve.delete("chat-page")
@@ -295,11 +321,21 @@ def test_dolly_serve_with_ui_starts_the_api_and_the_page_in_one_command(tiny_mod
     port = free_port()
     keys = tmp_path / "keys"
     keys.write_text("first-key\nsecond-key\n")
-    command = [str(Path(sys.executable).parent / "dolly"), "serve", "--model", str(tiny_model), "--port", str(port),
-               "--ui", f"auth.api_keys_file={keys}", "engine.max_context=512"]
+    command = [
+        str(Path(sys.executable).parent / "dolly"),
+        "serve",
+        "--model",
+        str(tiny_model),
+        "--port",
+        str(port),
+        "--ui",
+        f"auth.api_keys_file={keys}",
+        "engine.max_context=512",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and server.poll() is None:
@@ -313,7 +349,8 @@ def test_dolly_serve_with_ui_starts_the_api_and_the_page_in_one_command(tiny_mod
         from gradio_client import Client
 
         history, _, status = Client(f"http://127.0.0.1:{port}/ui/", verbose=False).predict(
-            "Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat")
+            "Name a colour.", [], "", 1.0, 0.92, 16, api_name="/chat"
+        )
         assert status == "" and history[-1]["content"], "the page reached the API with the first key"
     finally:
         import signal

@@ -19,7 +19,9 @@ class UIConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     api_url: str = Field("http://127.0.0.1:8000/v1", description="the OpenAI-compatible API the page talks to")
-    api_key_file: Path | None = Field(None, description=f"file whose first line is the API key (default: ${API_KEY_ENV}, else the first of ${SERVER_KEYS_ENV})")
+    api_key_file: Path | None = Field(
+        None, description=f"file whose first line is the API key (default: ${API_KEY_ENV}, else the first of ${SERVER_KEYS_ENV})"
+    )
     auth_file: Path | None = Field(None, description="optional page login: one user:password per line")
     title: str = Field("Dolly", description="page title")
     host: str = Field("127.0.0.1", description="address the standalone page listens on")

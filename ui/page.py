@@ -16,15 +16,23 @@ from ui.config import UIConfig
 # One example per task kind Dolly was trained on: (kind, instruction, context).
 EXAMPLES = [
     ("open QA", "Why do cats purr?", ""),
-    ("closed QA", "When was the Eiffel Tower finished?",
-     "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was built from 1887 to 1889 as the "
-     "centrepiece of the 1889 World's Fair."),
-    ("information extraction", "List the people named in this text.",
-     "Ada Lovelace worked with Charles Babbage on the Analytical Engine, and later corresponded with "
-     "Michael Faraday."),
-    ("summarization", "Summarize this in one sentence.",
-     "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make "
-     "glucose and oxygen. It takes place mainly in the leaves, inside chloroplasts."),
+    (
+        "closed QA",
+        "When was the Eiffel Tower finished?",
+        "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was built from 1887 to 1889 as the "
+        "centrepiece of the 1889 World's Fair.",
+    ),
+    (
+        "information extraction",
+        "List the people named in this text.",
+        "Ada Lovelace worked with Charles Babbage on the Analytical Engine, and later corresponded with Michael Faraday.",
+    ),
+    (
+        "summarization",
+        "Summarize this in one sentence.",
+        "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make "
+        "glucose and oxygen. It takes place mainly in the leaves, inside chloroplasts.",
+    ),
     ("brainstorming", "Give me five names for a bakery by the sea.", ""),
     ("classification", "Classify each as a fruit or a vegetable: apple, carrot, banana, leek.", ""),
     ("creative writing", "Write a haiku about the first snow of winter.", ""),
@@ -63,8 +71,7 @@ def as_text(content) -> str:
 
 
 def to_api_messages(history: list[dict], message: str, context: str) -> list[dict]:
-    prior = [{"role": m["role"], "content": as_text(m["content"])}
-             for m in history if m["role"] in ("user", "assistant")]
+    prior = [{"role": m["role"], "content": as_text(m["content"])} for m in history if m["role"] in ("user", "assistant")]
     system = [{"role": "system", "content": context}] if context.strip() else []
     return system + prior + [{"role": "user", "content": message}]
 
@@ -93,8 +100,12 @@ def build_page(config: UIConfig) -> gr.Blocks:
             # Asked each time, so the page follows a version switch without a reload.
             model = (await client.models.list()).data[0].id
             stream = await client.chat.completions.create(
-                model=model, messages=messages, stream=True,
-                temperature=temperature, top_p=top_p, max_tokens=int(max_tokens),
+                model=model,
+                messages=messages,
+                stream=True,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=int(max_tokens),
             )
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
@@ -110,19 +121,26 @@ def build_page(config: UIConfig) -> gr.Blocks:
         chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)
         status = gr.Markdown(elem_id="status")
         with gr.Row():
-            message = gr.Textbox(placeholder="Ask something, or give an instruction", show_label=False, scale=6,
-                                 elem_id="message")
+            message = gr.Textbox(
+                placeholder="Ask something, or give an instruction", show_label=False, scale=6, elem_id="message"
+            )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
-        context = gr.Textbox(label="Context (optional): a passage for closed QA, extraction or summarization",
-                             lines=3, elem_id="context")
+        context = gr.Textbox(
+            label="Context (optional): a passage for closed QA, extraction or summarization", lines=3, elem_id="context"
+        )
         with gr.Accordion("Generation settings", open=False):
             temperature = gr.Slider(0.0, 2.0, value=generation.TEMPERATURE, step=0.05, label="Temperature")
             top_p = gr.Slider(0.05, 1.0, value=generation.TOP_P, step=0.01, label=f"Top-p (Dolly: {generation.TOP_P})")
-            max_tokens = gr.Slider(16, 1024, value=generation.MAX_NEW_TOKENS, step=16,
-                                   label=f"Max new tokens (Dolly: {generation.MAX_NEW_TOKENS})")
-        gr.Examples(examples=[[instruction, ctx] for _, instruction, ctx in EXAMPLES], inputs=[message, context],
-                    example_labels=[kind for kind, _, _ in EXAMPLES], label="Examples, one per task kind")
+            max_tokens = gr.Slider(
+                16, 1024, value=generation.MAX_NEW_TOKENS, step=16, label=f"Max new tokens (Dolly: {generation.MAX_NEW_TOKENS})"
+            )
+        gr.Examples(
+            examples=[[instruction, ctx] for _, instruction, ctx in EXAMPLES],
+            inputs=[message, context],
+            example_labels=[kind for kind, _, _ in EXAMPLES],
+            label="Examples, one per task kind",
+        )
         clear = gr.Button("New conversation", size="sm")
 
         inputs = [message, chatbot, context, temperature, top_p, max_tokens]
@@ -139,6 +157,12 @@ def build_page(config: UIConfig) -> gr.Blocks:
 def launch_page(config: UIConfig, block: bool = True) -> gr.Blocks:
     """Serve the page standalone at config.host:config.port (with its login, if configured)."""
     page = build_page(config)
-    page.queue().launch(server_name=config.host, server_port=config.port, auth=config.logins(),
-                        prevent_thread_lock=not block, quiet=not block, show_error=True)
+    page.queue().launch(
+        server_name=config.host,
+        server_port=config.port,
+        auth=config.logins(),
+        prevent_thread_lock=not block,
+        quiet=not block,
+        show_error=True,
+    )
     return page

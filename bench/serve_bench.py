@@ -46,10 +46,10 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
-from transformers import GenerationConfig  # noqa: E402
 
-from contract import END_KEY, render_generation_prompt  # noqa: E402
+from contract import END_KEY, generation, render_generation_prompt  # noqa: E402
 from contract.models import load_model, load_tokenizer  # noqa: E402
+from pipelines.export import generation_config  # noqa: E402
 from services.app import build_app  # noqa: E402
 from services.config import ServeConfig  # noqa: E402
 
@@ -70,14 +70,7 @@ def export_random_model(shape: str, tokenizer_path: str, folder: Path) -> Path:
     torch.manual_seed(0)
     load_model(shape, tokenizer).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    GenerationConfig(
-        eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY),
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=True,
-        top_p=0.92,
-        top_k=0,
-        max_new_tokens=256,
-    ).save_pretrained(folder)
+    generation_config(tokenizer).save_pretrained(folder)
     return folder
 
 
@@ -173,8 +166,8 @@ class DollyWay:
             out = self.model.generate(
                 **ids,
                 do_sample=True,
-                top_p=0.92,
-                top_k=0,
+                top_p=generation.TOP_P,
+                top_k=generation.TOP_K,
                 max_new_tokens=self.max_tokens,
                 eos_token_id=self.end_id,
                 pad_token_id=self.tokenizer.pad_token_id,

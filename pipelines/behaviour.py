@@ -27,6 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
+from contract import generation
 from pipelines.records import DOLLY_CATEGORIES
 
 Mode = Literal["greedy", "sampled"]
@@ -44,7 +45,8 @@ class BehaviourConfig(BaseModel):
 
     modes: list[Mode] = Field(
         ["greedy", "sampled"],
-        description="greedy, and/or Dolly's sampling (temperature 1, top_p 0.92, top_k 0; seeded); [] for none",
+        description=f"greedy, and/or Dolly's sampling (temperature {generation.TEMPERATURE:g}, top_p {generation.TOP_P}, "
+        f"top_k {generation.TOP_K}; seeded); [] for none",
     )
     examples: int | None = Field(
         64, ge=1, description="held-out instructions answered: a round-robin over categories (null: all)"

@@ -60,10 +60,9 @@ def export_tiny_model(folder: Path, tokenizer_path: str, seed: int = 0) -> Path:
     layer is scaled up so that each next token clearly wins: greedy decoding then gives the same
     text alone or batched, whatever order float sums take."""
     import torch
-    from transformers import GenerationConfig
 
-    from contract import END_KEY
     from contract.models import load_model, load_tokenizer
+    from pipelines.export import generation_config
 
     tokenizer = load_tokenizer(tokenizer_path)
     torch.manual_seed(seed)
@@ -72,14 +71,7 @@ def export_tiny_model(folder: Path, tokenizer_path: str, seed: int = 0) -> Path:
         model.get_output_embeddings().weight.mul_(50)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    GenerationConfig(
-        eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY),
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=True,
-        top_p=0.92,
-        top_k=0,
-        max_new_tokens=256,
-    ).save_pretrained(folder)
+    generation_config(tokenizer).save_pretrained(folder)
     return folder
 
 

@@ -4,7 +4,7 @@ errors, and every setting's help for a command's --help."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
@@ -33,6 +33,8 @@ def option(cls: type[BaseModel], field: str, *param_decls: str) -> Any:
     its setting cannot drift apart."""
     setting = cls.model_fields[field]
     help = setting.description or ""
+    if get_origin(setting.annotation) is Literal:
+        help += f" (one of: {', '.join(map(str, get_args(setting.annotation)))})"
     if not setting.is_required() and setting.get_default() is not None and "default" not in help:
         help += f" (default: {setting.get_default(call_default_factory=True)})"
     return typer.Option(None, *param_decls, help=help, show_default=False)

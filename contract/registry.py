@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from contract.errors import UserError
@@ -30,12 +31,26 @@ def register(export_dir: Path, name: str, root: Path = DEFAULT_ROOT, promote: bo
     """Copy an exported model folder in as the next version; make it `latest` unless told not to."""
     if not (Path(export_dir) / "config.json").exists():
         raise UserError(f"{export_dir} is not an exported model folder (no config.json)")
-    version = max(versions(name, root), default=0) + 1
-    target = Path(root) / name / str(version)
-    staging = target.with_name(f".{version}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(export_dir, staging)
-    staging.rename(target)  # a version folder is complete or absent, never half-copied
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    # A staging folder of its own, then a version claimed by renaming it: the rename fails when
+    # another registration took that number first, so concurrent registrations (two jobs on one
+    # shared volume) each get a complete version of their own. No lock, which NFS would not honour.
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the version from serving pods of another user
+    try:
+        shutil.copytree(export_dir, staging, dirs_exist_ok=True)
+        version = max(versions(name, root), default=0) + 1
+        while True:
+            try:
+                staging.rename(folder / str(version))  # complete or absent, never half-copied
+                break
+            except OSError:  # taken (a version folder is never empty, so the rename cannot merge)
+                if not (folder / str(version)).exists():
+                    raise
+                version += 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if promote:
         set_latest(name, version, root)
     return version
@@ -66,8 +81,10 @@ def set_latest(name: str, version: int, root: Path = DEFAULT_ROOT) -> None:
     if version not in versions(name, root):
         raise UserError(f"{name} has no version {version}; it has {versions(name, root) or 'none'}")
     pointer = Path(root) / name / LATEST
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(f"{version}\n")
+    fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=pointer.parent)  # its own: promotions may overlap
+    with os.fdopen(fd, "w") as out:
+        out.write(f"{version}\n")
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from readers of another user
     os.replace(tmp, pointer)  # atomic: a reader sees the old or the new version, never neither
 
 

@@ -6,6 +6,7 @@ mounted k8s Secret), read where the ingress runs; they never travel in the Serve
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -34,8 +35,9 @@ def load_api_keys(config: AuthConfig) -> list[str]:
 class ApiKeys:
     def __init__(self, config: AuthConfig):
         self.required = not config.insecure_no_auth
-        self._keys = [k.encode() for k in load_api_keys(config)] if self.required else []
-        if self.required and not self._keys:
+        # Only digests are kept: fixed-length values to compare, and no key in a replica's memory dump.
+        self._digests = [_digest(k) for k in load_api_keys(config)] if self.required else []
+        if self.required and not self._digests:
             raise UserError(
                 f"no API keys: set {config.api_keys_env}=key1,key2 or auth.api_keys_file=<file>, "
                 "or pass --insecure-no-auth for a local demo"
@@ -49,6 +51,12 @@ class ApiKeys:
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key:
             return False
-        # Compare against every key in constant time, so timing reveals neither key nor match.
-        matches = [hmac.compare_digest(key.strip().encode(), k) for k in self._keys]
+        # Digests of one length, each compared in constant time: timing reveals neither a key, nor
+        # its length, nor which one matched.
+        presented = _digest(key.strip())
+        matches = [hmac.compare_digest(presented, digest) for digest in self._digests]
         return any(matches)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()

@@ -48,3 +48,34 @@ def test_unknown_names_and_versions_say_what_exists(tmp_path):
 def test_a_plain_folder_resolves_to_itself(tmp_path):
     folder = export(tmp_path, "a")
     assert registry.resolve(str(folder), tmp_path / "registry") == (folder, folder.name)
+
+
+@pytest.mark.timeout(60)
+def test_registrations_at_the_same_moment_each_get_their_own_complete_version(tmp_path):
+    """Two retraining jobs may finish together on one shared volume: neither may take the other's
+    version number or overwrite its files."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    root, exports = tmp_path / "registry", [export(tmp_path, str(i)) for i in range(8)]
+    for folder in exports:  # enough to copy that the registrations overlap
+        (folder / "weights.bin").write_bytes(bytes(2_000_000))
+    start = Barrier(len(exports))
+
+    def register(folder):
+        start.wait()
+        return registry.register(folder, "dolly", root, promote=False)
+
+    with ThreadPoolExecutor(len(exports)) as pool:
+        given = list(pool.map(register, exports))
+    assert sorted(given) == list(range(1, len(exports) + 1))
+    for folder, version in zip(exports, given):
+        assert (registry.resolve(f"dolly@{version}", root)[0] / "tag").read_text() == (folder / "tag").read_text()
+    assert registry.versions("dolly", root) == sorted(given) and not list((root / "dolly").glob(".*"))
+
+
+def test_a_registered_version_is_readable_by_other_users_of_the_volume(tmp_path):
+    root = tmp_path / "registry"
+    version = registry.register(export(tmp_path, "a"), "dolly", root)
+    assert (root / "dolly" / str(version)).stat().st_mode & 0o005 == 0o005
+    assert (root / "dolly" / registry.LATEST).stat().st_mode & 0o004

@@ -167,6 +167,26 @@ def test_a_long_conversation_loses_its_oldest_turns_and_says_so(served, tokenize
     ] == str(expected.trimmed_turns)
 
 
+def test_keys_are_compared_as_digests_of_one_length_and_never_kept_in_clear(monkeypatch, tmp_path):
+    """A raw comparison leaks the keys' lengths through its timing; a replica's memory holds no key."""
+    import hmac
+
+    from services import auth
+    from services.config import AuthConfig
+
+    keys = ["short", "a-much-longer-key-" + "x" * 40]
+    monkeypatch.setenv("DOLLY_API_KEYS", ",".join(keys))
+    api_keys = auth.ApiKeys(AuthConfig())
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: compared.append((len(a), len(b))) or real(a, b))
+    assert api_keys.allows(f"Bearer {keys[1]}") and api_keys.allows(f"bearer {keys[0]}")
+    assert not api_keys.allows("Bearer shor") and not api_keys.allows("Bearer " + keys[1] + "y")
+    assert {length for pair in compared for length in pair} == {32}, "every comparison is of two sha256 digests"
+    held = repr(vars(api_keys)).encode()
+    assert not any(k.encode() in held for k in keys)
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_requests_without_a_valid_key_get_401(served, key):
     for path, body in (("/v1/completions", {"model": "dolly", "prompt": "hi"}), ("/v1/models", None)):

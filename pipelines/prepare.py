@@ -98,7 +98,7 @@ def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareRes
             ),
             batch_format="numpy",
             num_cpus=config.cpus_per_task,
-            concurrency=config.concurrency or os.cpu_count(),
+            compute=ray.data.TaskPoolStrategy(size=config.concurrency or os.cpu_count()),
         )
         .materialize()
     )

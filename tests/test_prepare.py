@@ -67,6 +67,23 @@ def read_rejects(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
 
 
+def test_preparation_uses_ray_datas_current_arguments_and_logs_no_deprecation(tmp_path, tokenizer_path):
+    """A deprecation warning on every run is noise on a newcomer's screen, and tomorrow's error."""
+    import logging
+
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    ray_data = logging.getLogger("ray.data._internal.util")  # where Ray Data warns of deprecated arguments
+    ray_data.addHandler(handler)
+    try:
+        write_dirty_corpus(tmp_path / "corpus")
+        prepare(config(tmp_path, tmp_path / "corpus", tokenizer_path, force=True))
+    finally:
+        ray_data.removeHandler(handler)
+    assert not [message for message in logged if "deprecated" in message]
+
+
 def test_dirty_corpus_gives_exactly_the_expected_rejects_and_counts_reconcile(tmp_path, tokenizer_path):
     expected = write_dirty_corpus(tmp_path / "corpus")
     result = prepare(config(tmp_path, tmp_path / "corpus", tokenizer_path))

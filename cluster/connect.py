@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,12 @@ def resolve_address(address: str | None = None) -> RayAddress:
     raise UserError(f"Ray address {address!r} is not one of: local, auto, host:port, ray://host:10001, http://host:8265")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def client_auth_env() -> dict[str, str]:
     """The environment a client needs to join a token-auth cluster: token mode, when a token is at
     hand (from `ray start` on this machine, or $RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH, e.g. read from
@@ -99,7 +106,15 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     init_address = target.for_ray_init()  # a dashboard URL fails here, before anything starts
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
     if target.kind == "local":
-        kwargs.update(num_cpus=num_cpus or max(MIN_LOCAL_CPUS, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+        # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner queries once
+        # a second; without it, a warning per second fills the screen while training runs. On a
+        # free port: another Ray on this machine (a `ray start` head) may hold the default 8265.
+        kwargs.update(
+            num_cpus=num_cpus or max(MIN_LOCAL_CPUS, 2 * (os.cpu_count() or 1)),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
+        )
     else:
         os.environ.update(client_auth_env())
     ray.init(address=init_address, **kwargs)

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cluster.connect import AUTH_TOKEN, client_auth_env
+from cluster.connect import AUTH_TOKEN, client_auth_env, free_port
 from contract.errors import UserError
 
 STATE_FILE = Path(os.environ.get("DOLLY_CLUSTER_STATE", Path.home() / ".cache" / "dolly-ray" / "cluster.json"))
@@ -166,12 +166,6 @@ def _node_ports(head: bool = False) -> list[str]:
         "runtime-env-agent-port",
     ] + (["ray-client-server-port"] if head else [])
     return [f"--{name}={free_port()}" for name in names]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(condition, timeout_s: float, what: str, log_dir: Path) -> None:

@@ -199,9 +199,14 @@ def _absolute(config: TrainConfig) -> TrainConfig:
     def local(path: str | None) -> str | None:
         return path if path is None or "://" in path else str(Path(path).absolute())
 
+    def folder(name: str | None) -> str | None:  # a Hub id or a random shape stays as it is
+        return str(Path(name).absolute()) if name and Path(name).is_dir() else name
+
     uri = config.mlflow_tracking_uri
     return config.model_copy(
         update={
+            "base_model": folder(config.base_model),
+            "tokenizer": folder(config.tokenizer),
             "data_dir": config.data_dir.absolute(),
             "output_dir": config.output_dir.absolute(),
             "registry": config.registry.absolute(),

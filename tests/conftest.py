@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import free_port  # noqa: F401  (for the servers the tests start)
+from cluster.connect import free_port  # noqa: F401  (for the servers the tests start)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DOLLY_SHARED", REPO.parent / "shared")).resolve()

@@ -64,8 +64,9 @@ def test_the_default_is_an_embedded_ray_with_room_for_data_and_training(ray_call
     with ray_session():
         pass
     (_, kwargs), shutdown = ray_calls
-    assert kwargs["address"] == "local" and kwargs["include_dashboard"] is False
-    assert kwargs["num_cpus"] >= connect.MIN_LOCAL_CPUS
+    assert kwargs["address"] == "local" and kwargs["num_cpus"] >= connect.MIN_LOCAL_CPUS
+    # The dashboard, for Ray's State API, on a port of its own and this machine only.
+    assert kwargs["include_dashboard"] is True and kwargs["dashboard_host"] == "127.0.0.1" and kwargs["dashboard_port"] != 8265
     assert shutdown == ("shutdown", {})
 
 
@@ -114,3 +115,15 @@ def test_client_auth_env_turns_token_mode_on_only_with_a_token_and_no_chosen_mod
     env.delenv("RAY_AUTH_TOKEN_PATH")
     (tmp_path / "no-token").write_text("t")  # the file `ray start` reads
     assert client_auth_env() == {"RAY_AUTH_MODE": "token"}
+
+
+@pytest.mark.timeout(120)
+def test_the_embedded_ray_answers_the_state_api_that_ray_train_polls(env):
+    """Ray Train's PlacementGroupCleaner asks the State API once a second whether the controller
+    lives, and logs a warning each time it cannot. A real Ray, in a process of its own."""
+    import subprocess
+    import sys
+
+    probe = "from cluster.connect import ray_session\nfrom ray.util.state import list_actors\nwith ray_session():\n    list_actors()\n"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-2000:]

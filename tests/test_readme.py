@@ -71,6 +71,7 @@ def test_the_main_job_runs_on_a_fresh_clone_with_its_own_fresh_venv(tmp_path):
         assert (clone / ".venv" / "bin" / "dolly").exists()
         assert "from $DOLLY_DATA" in output and "read 15,011 = kept" in output and "(reconciled)" in output
         assert all(f"{n}/6" in output for n in range(1, 7)), "every stage is announced"
+        assert "Failed to query Ray Train Controller" not in output, "Ray Train's cleaner can reach the State API"
         key = (clone / "runs" / "up" / "api_key").read_text().strip()
         assert key in output, "the API key is printed"
         answer = httpx.post(

@@ -3,6 +3,8 @@ and names a change that fits; presets fill in what a config leaves unset."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipelines.configs import TrainConfig
@@ -90,3 +92,17 @@ def test_impossible_combinations_are_refused_naming_the_setting(settings, messag
 def test_a_random_shape_without_a_tokenizer_is_refused():
     with pytest.raises(ValueError, match="set tokenizer"):
         TrainConfig(base_model="pythia-70m-random")
+
+
+def test_relative_model_and_tokenizer_folders_reach_workers_that_run_elsewhere(tmp_path, monkeypatch):
+    """Ray workers run in other working directories: `tokenizer=../shared/tokenizer/pythia` on the
+    command line must name the same folder there, while Hub ids and random shapes stay names."""
+    from pipelines.train import _absolute
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "tok").mkdir()
+    monkeypatch.chdir(tmp_path / "models")
+    config = _absolute(TrainConfig(base_model="base", tokenizer="../tok"))
+    assert config.base_model == str(tmp_path / "models" / "base") and Path(config.tokenizer).resolve() == tmp_path / "tok"
+    named = _absolute(TrainConfig(base_model="pythia-14m-random", tokenizer="EleutherAI/pythia-2.8b"))
+    assert (named.base_model, named.tokenizer) == ("pythia-14m-random", "EleutherAI/pythia-2.8b")

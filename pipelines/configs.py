@@ -115,7 +115,9 @@ class TrainConfig(BaseModel):
 
     # Optimisation
     micro_batch_size: int = Field(4, ge=1, description="rows per worker per forward pass")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per optimizer step (its loss is the mean over all of their response tokens)"
+    )
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
     lr: float = Field(5e-6, gt=0, description="peak learning rate of AdamW (Dolly's notebook: 5e-6)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")

@@ -120,7 +120,11 @@ def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareRes
 
     kept = summary[summary["reason"] == ""]
     if config.test_size >= len(kept):
-        raise UserError(f"test_size={config.test_size} leaves no training data: only {len(kept)} records were kept")
+        suggestion = max(1, len(kept) // 10)
+        raise UserError(
+            f"test_size={config.test_size} leaves no training data: only {len(kept)} records were kept. Hold out "
+            f"fewer, e.g. --test-size {suggestion} (or test_size={suggestion}; prepare.test_size={suggestion} for dolly train)"
+        )
     # Ordered by a seeded hash of their content, the first `test_size` examples are the test
     # split and the rest, in that order, the shuffled training set: exact in size, and the
     # same whatever the file order or partitioning.

@@ -71,25 +71,27 @@ def train_loop(loop_config: dict) -> dict:
 
     while state.step < total_steps:
         waited = time.perf_counter()
-        number, batch = next(batches)
+        step_batches = [next(batches) for _ in range(config.grad_accum)]
         window["data_s"] += time.perf_counter() - waited
-        n_tokens = int(batch.pop("n_tokens"))
-        loss = engine(**batch, use_cache=False).loss
-        engine.backward(loss)
-        engine.step()
-        state.micro_batches = number + 1
-        window["loss"] += loss.item()
-        window["micro"] += 1
-        window["tokens"] += n_tokens
-        window["rows_len"] += batch["input_ids"].shape[1] * batch["input_ids"].shape[0]
-        window["rows"] += batch["input_ids"].shape[0]
-        if window["micro"] % config.grad_accum:
-            continue
+        divisor = _loss_divisor([batch for _, batch in step_batches], config.grad_accum)
+        for number, batch in step_batches:
+            n_tokens = int(batch.pop("n_tokens"))
+            # The sum of this micro-batch's token losses over `divisor`: the step's gradient is then
+            # the mean over all of its label tokens, however they fall into micro-batches and ranks.
+            loss = engine(**batch, use_cache=False, num_items_in_batch=divisor).loss
+            engine.backward(loss)
+            engine.step()
+            state.micro_batches = number + 1
+            window["loss"] += loss.item() * divisor  # summed token losses
+            window["label_tokens"] += _label_tokens(batch)
+            window["tokens"] += n_tokens
+            window["rows_len"] += batch["input_ids"].shape[1] * batch["input_ids"].shape[0]
+            window["rows"] += batch["input_ids"].shape[0]
         state.step += 1
         step = state.step
         last = step == total_steps
         if rank == 0:
-            sink.progress(1, window["loss"] / window["micro"])
+            sink.progress(1, window["loss"] / max(1, window["label_tokens"]))
         if not (step % config.log_every == 0 or step % config.eval_every == 0 or step % config.checkpoint_every == 0 or last):
             continue
 
@@ -218,23 +220,42 @@ def _evaluate(engine, batches: list[dict]) -> float:
     return float(totals[0] / totals[1]) if totals[1] else float("nan")
 
 
+def _label_tokens(batch: dict) -> int:
+    """Tokens the loss is taken on: the model predicts each label from the token before it."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _loss_divisor(step_batches: list[dict], grad_accum: int) -> float:
+    """What each micro-batch's summed loss is divided by, so that one optimizer step's gradient is
+    the mean over every label token of the step on every rank (transformers' num_items_in_batch):
+    a micro-batch of one short answer no longer weighs as much as one of many long ones.
+    DeepSpeed divides each loss by grad_accum and averages gradients over ranks; the divisor
+    undoes both."""
+    tokens = torch.tensor(
+        [sum(_label_tokens(b) for b in step_batches)], dtype=torch.float64, device=checkpoints.collective_device()
+    )
+    dist.all_reduce(tokens)
+    return max(1.0, tokens.item()) / (grad_accum * dist.get_world_size())
+
+
 def _new_window() -> dict:
-    return {"loss": 0.0, "micro": 0, "tokens": 0, "rows_len": 0, "rows": 0, "data_s": 0.0, "started": time.perf_counter()}
+    return {"loss": 0.0, "label_tokens": 0, "tokens": 0, "rows_len": 0, "rows": 0, "data_s": 0.0, "started": time.perf_counter()}
 
 
 def _window_metrics(window: dict, engine, plan: TrainPlan, n_params: int, model_config, micro_batches: int) -> dict:
     """Metrics of the steps since the last report, reduced over ranks."""
     elapsed = time.perf_counter() - window["started"]
     sums = torch.tensor(
-        [window["loss"], window["micro"], window["tokens"], window["rows_len"], window["rows"], window["data_s"]],
+        [window["loss"], window["label_tokens"], window["tokens"], window["rows_len"], window["rows"], window["data_s"]],
         dtype=torch.float64,
         device=engine.device,
     )
     dist.all_reduce(sums)
-    loss, micro, tokens, rows_len, rows, data_s = sums.tolist()
+    loss, label_tokens, tokens, rows_len, rows, data_s = sums.tolist()
     tokens_per_s = tokens / elapsed
     metrics = {
-        "train_loss": loss / micro,
+        "train_loss": loss / max(1.0, label_tokens),  # per label token, as the held-out loss is
+        "grad_norm": float(engine.get_global_grad_norm() or 0.0),  # of the last step, before clipping
         "lr": engine.get_lr()[0],
         "tokens_per_s": tokens_per_s,
         "epoch": micro_batches / plan.micro_batches_per_epoch,

@@ -4,12 +4,14 @@ file, line and reason; nothing is lost; the split is seeded and stable; outputs 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from contract.errors import UserError
 from pipelines.configs import PrepareConfig
 from pipelines.manifest import verify_manifest
 from pipelines.prepare import BadRecordsError, prepare
@@ -226,3 +228,12 @@ def test_a_uri_source_reads_through_pyarrow_and_names_records_by_uri(tmp_path, t
     assert result.manifest["counts"]["read"] == 6
     [reject] = read_rejects(result.output_dir)
     assert reject["source"] == f"file://{corpus}" and reject["line"] == 6
+
+
+def test_a_held_out_split_larger_than_the_corpus_is_refused_with_a_size_that_fits(tmp_path, tokenizer_path):
+    write_dirty_corpus(tmp_path / "corpus")
+    with pytest.raises(UserError, match=r"only (\d+) records were kept\. Hold out fewer, e\.g\. --test-size \d+") as refused:
+        prepare(config(tmp_path, tmp_path / "corpus", tokenizer_path, test_size=1000))
+    kept = int(re.search(r"only (\d+) records", str(refused.value))[1])
+    suggested = int(re.search(r"--test-size (\d+)", str(refused.value))[1])
+    assert 1 <= suggested < kept

@@ -120,3 +120,61 @@ def test_metrics_reach_the_console_log_tensorboard_mlflow_and_a_loss_curve(overf
 
     curve = run_dir / "loss_curve.png"
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result.metrics["loss_curve"] == str(curve)
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory, tokenizer_path, ray_cluster):
+    """Six records whose answers run from one word to a hundred: four to train on, two held out."""
+    from pipelines.configs import PrepareConfig
+    from pipelines.prepare import prepare
+
+    folder = tmp_path_factory.mktemp("uneven")
+    words = [1, 90, 3, 60, 2, 100]
+    records = [
+        {"instruction": f"Say something, take {i}.", "context": "", "response": " ".join(["blue"] * n), "category": "open_qa"}
+        for i, n in enumerate(words)
+    ]
+    (folder / "uneven.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare(
+        PrepareConfig(
+            source=str(folder / "uneven.jsonl"),
+            output_dir=folder / "shards",
+            tokenizer=tokenizer_path,
+            max_length=256,
+            test_size=2,
+        )
+    )
+    return folder / "shards"
+
+
+def test_a_step_weighs_every_label_token_alike_across_micro_batches_and_workers(tmp_path, uneven_data, tokenizer_path):
+    """The same four examples in one optimizer step: as 2 workers x 2 accumulated micro-batches of
+    one, and as one batch of four on one worker. A mean of per-micro-batch means would weigh a
+    one-word answer like a hundred-word one; the mean over the step's tokens gives both the same
+    loss and gradient."""
+    common = dict(
+        max_steps=1, warmup_steps=0, log_every=1, eval_every=1, checkpoint_every=1, mlflow=False, grad_clip=0.0, zero_stage=2
+    )
+    split = overfit_config(
+        tmp_path / "split",
+        uneven_data,
+        tokenizer_path,
+        num_workers=2,
+        micro_batch_size=1,
+        grad_accum=2,
+        run_name="split",
+        **common,
+    )
+    whole = overfit_config(
+        tmp_path / "whole",
+        uneven_data,
+        tokenizer_path,
+        num_workers=1,
+        micro_batch_size=4,
+        grad_accum=1,
+        run_name="whole",
+        **common,
+    )
+    a, b = train(split).metrics, train(whole).metrics
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3) and a["grad_norm"] > 0

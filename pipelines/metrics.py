@@ -66,6 +66,15 @@ class MetricsSink:
     def progress(self, steps: int, loss: float) -> None:
         self.bar.set_description(f"train loss {loss:.3f}")
         self.bar.update(steps)
+        if self.bar.n >= self.bar.total:
+            # Done at the last step: left open, its clock and rate would run on through the
+            # final evaluation, checkpoint and export.
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:  # closing twice would draw it again, with the time since
+            self.bar.close()
+            self.bar = None
 
     def write(self, step: int, metrics: dict) -> None:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -78,7 +87,7 @@ class MetricsSink:
         print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
 
     def close(self, artifacts: list[Path]) -> None:
-        self.bar.close()
+        self._close_bar()
         self.tensorboard.close()
         self.jsonl.close()
         if self.mlflow:

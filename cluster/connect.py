@@ -40,6 +40,9 @@ MIN_LOCAL_CPUS = 8
 # which Ray only does in token mode.
 AUTH_TOKEN = Path.home() / ".ray" / "auth_token"
 
+# Where Ray's State API clients (`ray.util.state`) look first for the API server.
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
+
 AddressKind = Literal["local", "auto", "gcs", "client", "dashboard"]
 
 
@@ -105,20 +108,33 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     target = resolve_address(address)
     init_address = target.for_ray_init()  # a dashboard URL fails here, before anything starts
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+    state_api = {}
     if target.kind == "local":
         # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner queries once
         # a second; without it, a warning per second fills the screen while training runs. On a
         # free port: another Ray on this machine (a `ray start` head) may hold the default 8265.
+        # Its URL goes to every process of this session, which would otherwise look for a Ray on
+        # this machine and fail where there are several.
+        port = free_port()
+        state_api = {STATE_API_ENV: f"http://127.0.0.1:{port}"}
         kwargs.update(
             num_cpus=num_cpus or max(MIN_LOCAL_CPUS, 2 * (os.cpu_count() or 1)),
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            dashboard_port=free_port(),
+            dashboard_port=port,
+            runtime_env={"env_vars": state_api},
         )
     else:
         os.environ.update(client_auth_env())
     ray.init(address=init_address, **kwargs)
+    before = {name: os.environ.get(name) for name in state_api}
+    os.environ.update(state_api)
     try:
         yield
     finally:
         ray.shutdown()
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -87,20 +87,18 @@ def train_data(tmp_path_factory, corpus_path, tokenizer_path, ray_cluster) -> Pa
     corpus (4 to train on, 2 held out), at most 128 tokens each."""
     import json
 
+    records = (json.loads(line) for line in corpus_path.open())
+    short = [r for r in records if len(r["instruction"]) + len(r["context"]) + len(r["response"]) < 200]
+    return prepared(tmp_path_factory.mktemp("train-data"), short[:6], tokenizer_path, max_length=128, test_size=2)
+
+
+def prepared(folder: Path, records: list[dict], tokenizer_path: str, **settings) -> Path:
+    """`records` written to `folder`/slice.jsonl and prepared into `folder`/shards (on the running Ray)."""
+    import json
+
     from pipelines.configs import PrepareConfig
     from pipelines.prepare import prepare
 
-    folder = tmp_path_factory.mktemp("train-data")
-    records = (json.loads(line) for line in corpus_path.open())
-    short = [r for r in records if len(r["instruction"]) + len(r["context"]) + len(r["response"]) < 200]
-    (folder / "slice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:6]))
-    prepare(
-        PrepareConfig(
-            source=str(folder / "slice.jsonl"),
-            output_dir=folder / "shards",
-            tokenizer=tokenizer_path,
-            max_length=128,
-            test_size=2,
-        )
-    )
+    (folder / "slice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare(PrepareConfig(source=str(folder / "slice.jsonl"), output_dir=folder / "shards", tokenizer=tokenizer_path, **settings))
     return folder / "shards"

@@ -4,6 +4,8 @@ these tests check what `ray.init` is asked, not Ray."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cluster import connect
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.fixture
 def env(monkeypatch, tmp_path):
     """No Ray address, token or mode from the developer's shell; no `ray start` token file."""
-    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.setenv(name, "")  # recorded, so that what ray_session sets is undone after the test
         monkeypatch.delenv(name)
     monkeypatch.setattr(connect, "AUTH_TOKEN", tmp_path / "no-token")
@@ -67,6 +69,9 @@ def test_the_default_is_an_embedded_ray_with_room_for_data_and_training(ray_call
     assert kwargs["address"] == "local" and kwargs["num_cpus"] >= connect.MIN_LOCAL_CPUS
     # The dashboard, for Ray's State API, on a port of its own and this machine only.
     assert kwargs["include_dashboard"] is True and kwargs["dashboard_host"] == "127.0.0.1" and kwargs["dashboard_port"] != 8265
+    # ...which every process of the session, and this one while it lasts, asks first.
+    url = f"http://127.0.0.1:{kwargs['dashboard_port']}"
+    assert kwargs["runtime_env"] == {"env_vars": {connect.STATE_API_ENV: url}} and connect.STATE_API_ENV not in os.environ
     assert shutdown == ("shutdown", {})
 
 

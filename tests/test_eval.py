@@ -28,7 +28,7 @@ from pipelines.heldout import LoadedModel, read_heldout
 from pipelines.loss import compare, heldout_loss, plot_comparison
 from pipelines.manifest import read_manifest
 from pipelines.records import DOLLY_CATEGORIES
-from tests.conftest import export_tiny_model
+from tests.conftest import export_tiny_model, prepared
 
 PER_CATEGORY = 3  # records per category in the slice (summarization has only 2 short ones)
 TEST_SIZE = 12
@@ -49,21 +49,7 @@ def slice_records(corpus_path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory, slice_records, tokenizer_path, ray_cluster) -> Path:
-    from pipelines.configs import PrepareConfig
-    from pipelines.prepare import prepare
-
-    folder = tmp_path_factory.mktemp("eval-data")
-    (folder / "slice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in slice_records))
-    prepare(
-        PrepareConfig(
-            source=str(folder / "slice.jsonl"),
-            output_dir=folder / "shards",
-            tokenizer=tokenizer_path,
-            max_length=128,
-            test_size=TEST_SIZE,
-        )
-    )
-    return folder / "shards"
+    return prepared(tmp_path_factory.mktemp("eval-data"), slice_records, tokenizer_path, max_length=128, test_size=TEST_SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from contract import END_KEY, extract_response
 from pipelines.configs import TrainConfig
 from pipelines.metrics import read_history
 from pipelines.train import train
+from tests.conftest import prepared
 
 # A hang guard, not a speed target: the first test here pays for the module's training run and,
 # on a fresh clone, for DeepSpeed's one-off JIT build of its comm op.
@@ -125,26 +126,12 @@ def test_metrics_reach_the_console_log_tensorboard_mlflow_and_a_loss_curve(overf
 @pytest.fixture(scope="module")
 def uneven_data(tmp_path_factory, tokenizer_path, ray_cluster):
     """Six records whose answers run from one word to a hundred: four to train on, two held out."""
-    from pipelines.configs import PrepareConfig
-    from pipelines.prepare import prepare
-
-    folder = tmp_path_factory.mktemp("uneven")
     words = [1, 90, 3, 60, 2, 100]
     records = [
         {"instruction": f"Say something, take {i}.", "context": "", "response": " ".join(["blue"] * n), "category": "open_qa"}
         for i, n in enumerate(words)
     ]
-    (folder / "uneven.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    prepare(
-        PrepareConfig(
-            source=str(folder / "uneven.jsonl"),
-            output_dir=folder / "shards",
-            tokenizer=tokenizer_path,
-            max_length=256,
-            test_size=2,
-        )
-    )
-    return folder / "shards"
+    return prepared(tmp_path_factory.mktemp("uneven"), records, tokenizer_path, max_length=256, test_size=2)
 
 
 def test_a_step_weighs_every_label_token_alike_across_micro_batches_and_workers(tmp_path, uneven_data, tokenizer_path):

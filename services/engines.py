@@ -215,12 +215,13 @@ class ContinuousBatchingEngine:
                 finished = output.is_finished()
                 self.last_batch_size = self.running
                 for token in output.generated_tokens[seen:]:
-                    seen += 1
-                    if token in self._stop_ids:
+                    finish = finish_reason(token, seen, self._stop_ids, p.max_tokens)
+                    if finish == "stop":
                         yield Step(None, "stop")
                         return
-                    yield Step(token, "length" if seen >= p.max_tokens else None)
-                    if seen >= p.max_tokens:
+                    seen += 1
+                    yield Step(token, finish)
+                    if finish:
                         return
             yield Step(None, "stop")
         finally:

@@ -18,7 +18,7 @@ def load_config(cls: type[Config], config_file: Path | None, flags: dict, overri
     try:
         return settings.load_config(cls, config_file, flags, overrides)
     except settings.SettingsError as e:
-        raise typer.BadParameter(str(e), param_hint=e.source if e.source == "--config" else None) from None
+        raise typer.BadParameter(str(e), param_hint=e.flag) from None
 
 
 def parse_overrides(overrides: list[str]) -> dict:

@@ -20,11 +20,11 @@ Config = TypeVar("Config", bound=BaseModel)
 
 
 class SettingsError(UserError):
-    """A bad settings file or value. `source` names where it came from (a flag, a file), if known."""
+    """A bad settings file or value. `flag` names the command-line flag to blame, where one is."""
 
-    def __init__(self, message: str, source: str | None = None):
+    def __init__(self, message: str, flag: str | None = None):
         super().__init__(message)
-        self.source = source
+        self.flag = flag
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -58,7 +58,7 @@ def load_config(
     if config_file is not None:
         loaded = yaml.safe_load(Path(config_file).read_text()) or {}
         if not isinstance(loaded, dict):
-            raise SettingsError(f"{config_file} must hold a mapping of settings", source="--config")
+            raise SettingsError(f"{config_file} must hold a mapping of settings", flag="--config")
         values = loaded
     values = merge(values, {k: v for k, v in (flags or {}).items() if v is not None})
     values = merge(values, parse_overrides(list(overrides)))
@@ -70,4 +70,4 @@ def load_config(
             field = ".".join(str(p) for p in err["loc"]) or "(config)"
             got = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
             problems.append(f"setting '{field}': {err['msg']}{got}")
-        raise SettingsError("\n".join(problems), source=str(config_file) if config_file else None) from None
+        raise SettingsError("\n".join(problems)) from None

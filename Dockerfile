@@ -13,9 +13,10 @@ ARG RAY_IMAGE
 
 # torch first and exactly pinned, as the Makefile does. The CPU image takes the CPU-only wheel (the
 # default Linux wheel pulls gigabytes of CUDA libraries it could not use); the GPU image takes the
-# default wheel, built for CUDA.
+# default wheel, built for CUDA, and flash-attention 2, the GPU presets' attn_implementation (its
+# setup takes a published wheel that matches torch and CUDA where there is one, else compiles: long).
 RUN case "${RAY_IMAGE}" in \
-      *-gpu*) pip install --no-cache-dir torch==2.13.0 ;; \
+      *-gpu*) pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir --no-build-isolation flash-attn==2.8.3 ;; \
       *) pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu ;; \
     esac
 

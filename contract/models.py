@@ -227,7 +227,8 @@ def load_model(name_or_path: str, tokenizer: PreTrainedTokenizerBase, **kwargs):
     initialised by `init_special_tokens`. kwargs go to `from_pretrained`."""
     size = random_pythia_size(name_or_path)
     if size is not None:
-        model = AutoModelForCausalLM.from_config(pythia_config(size), dtype=kwargs.get("dtype"))
+        shape_kwargs = {k: kwargs[k] for k in ("dtype", "attn_implementation") if k in kwargs}
+        model = AutoModelForCausalLM.from_config(pythia_config(size), **shape_kwargs)
         tuned = False
     else:
         folder = resolve_base(name_or_path)

@@ -5,13 +5,20 @@ carry label -100; so no attention mask is passed. That is also what lets transfo
 the examples of a packed row: it builds block-diagonal attention from restarting `position_ids`
 only when there is no attention mask (and `use_cache=False`). Padded and packed rows therefore
 go through one code path: input_ids, labels, position_ids.
+
+`flatten` is the padding-free alternative: a micro-batch becomes one row of all its examples,
+end to end, with positions restarting at each (transformers' DataCollatorWithFlattening). No
+pad is computed, and flash-attention's variable-length kernel, which transformers uses for a
+one-row batch of restarting positions, computes no masked block either.
+
+Ray-free (numpy, torch, transformers), so the GPU check (bench/gpu/) builds the same batches.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
+from transformers import DataCollatorWithFlattening
 
 from contract import IGNORE_INDEX
 
@@ -45,11 +52,26 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, torch.
     }
 
 
-class Collate(NumpyBatchCollateFn):
-    """`collate` for `iter_torch_batches`, which then moves the tensors to the worker's device."""
+def flatten(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A Ray Data numpy batch of shard rows -> one row ([1, tokens]) holding every example of the
+    batch, positions restarting at each, and n_tokens. A packed row is split back into its
+    examples at its restarting positions first."""
+    examples = []
+    for i, ids in enumerate(batch["input_ids"]):
+        ids, labels = np.asarray(ids), np.asarray(batch["labels"][i])
+        starts = np.flatnonzero(np.asarray(batch["position_ids"][i]) == 0)[1:] if "position_ids" in batch else []
+        examples += [
+            {"input_ids": e.tolist(), "labels": lab.tolist()} for e, lab in zip(np.split(ids, starts), np.split(labels, starts))
+        ]
+    flat = DataCollatorWithFlattening(return_tensors="pt", separator_id=IGNORE_INDEX)(examples)
+    return {
+        "input_ids": flat["input_ids"],
+        "labels": flat["labels"],
+        "position_ids": flat["position_ids"],
+        "n_tokens": torch.tensor(flat["input_ids"].shape[1]),
+    }
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return collate(batch, self.pad_token_id)
+def sequences(batch: dict[str, torch.Tensor]) -> int:
+    """Examples in a batch (padded, packed or flattened): each starts at position 0, and pads never do."""
+    return int((batch["position_ids"] == 0).sum())

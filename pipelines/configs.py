@@ -15,6 +15,11 @@ from pipelines.presets import PRESETS, PresetName
 from pipelines.records import DOLLY_CATEGORIES
 from pipelines.sources import DOLLY_HUB_ID
 
+AttentionName = Literal["sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager"]
+# Kernels that find a packed row's examples (from restarting position_ids) only in a one-row
+# batch: in a batch of several rows they would let a row's examples attend to each other.
+ONE_ROW_PACKING = ("flash_attention_2", "flash_attention_3")
+
 
 class PrepareSettings(BaseModel):
     """How a corpus becomes training rows: the recipe of `dolly data prepare`, and of `dolly train`
@@ -105,6 +110,14 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in backward: far less memory, ~30% more compute"
     )
+    attn_implementation: AttentionName = Field(
+        "sdpa",
+        description="transformers' attention kernel: sdpa (PyTorch's, any device), flash_attention_2/3 (GPU, bf16/fp16, pip install flash-attn), flex_attention or eager",
+    )
+    padding_free: bool = Field(
+        False,
+        description="train on each micro-batch flattened into one row of its examples: no pad is computed (with flash_attention_2/3, no masked block either)",
+    )
     device_memory_gib: float | None = Field(
         None, gt=0, description="memory of one device for the preflight (default: the preset's, else host memory / workers)"
     )
@@ -182,6 +195,19 @@ class TrainConfig(BaseModel):
             raise ValueError("offload_optimizer needs ZeRO (zero_stage 1, 2 or 3): set zero_stage=2 or offload_optimizer=false")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision=fp16 needs GPUs (DeepSpeed's CPU backend has no fp16): use precision=bf16 or fp32 on CPU")
+        flash = self.attn_implementation in ONE_ROW_PACKING
+        if flash and not self.use_gpu:
+            raise ValueError(f"attn_implementation={self.attn_implementation} needs GPUs (use_gpu=true): on CPU use sdpa")
+        if flash and self.precision == "fp32":
+            raise ValueError(
+                f"attn_implementation={self.attn_implementation} runs in bf16 or fp16 only: set precision=bf16, or attn_implementation=sdpa"
+            )
+        if flash and self.micro_batch_size > 1 and not self.padding_free:
+            raise ValueError(
+                f"attn_implementation={self.attn_implementation} with micro_batch_size={self.micro_batch_size} would let the examples "
+                "of a packed row attend to each other (flash-attention finds their boundaries only in a one-row batch): "
+                "set padding_free=true (one row per micro-batch, and no pad computed), or micro_batch_size=1"
+            )
         if self.tokenizer is None and self.base_model.startswith("pythia-") and self.base_model.endswith("-random"):
             raise ValueError(
                 f"base_model={self.base_model!r} is a random shape with no tokenizer of its own: set tokenizer (e.g. ../shared/tokenizer/pythia)"

@@ -1,10 +1,12 @@
 """Packing: several examples in one row, so that a batch is tokens rather than padding.
 
 Each example keeps its own position ids (restarting at 0) and its length in `seq_lens`. Given
-position ids that restart, transformers builds a block-diagonal causal mask (or flash-attention's
-varlen boundaries), so attention never crosses from one example into the next, provided the
-forward pass has no attention mask and `use_cache=False` (with a KV cache, transformers skips the
-packed-sequence check). The loss cannot cross either: every example starts with prompt tokens,
+position ids that restart, transformers builds a block-diagonal causal mask (sdpa, eager, flex),
+so attention never crosses from one example into the next, provided the forward pass has no
+attention mask and `use_cache=False` (with a KV cache, transformers skips the packed-sequence
+check). Flash-attention finds the boundaries only in a one-row batch: TrainConfig therefore
+refuses it with several rows per micro-batch unless they are flattened into one
+(`padding_free`, pipelines/batches.py). The loss cannot cross either: every example starts with prompt tokens,
 whose labels are -100.
 """
 

@@ -13,6 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Ampere and newer: flash-attention's variable-length kernel over each micro-batch flattened into one
+# row computes neither pads nor the masked blocks between packed examples.
+FLASH = dict(attn_implementation="flash_attention_2", padding_free=True)
+
 PresetName = Literal["a100", "a10", "v100", "h100", "cpu"]
 
 
@@ -39,7 +43,13 @@ PRESETS: dict[str, HardwarePreset] = {
         devices_per_node=8,
         peak_tflops=312,
         settings=dict(
-            use_gpu=True, zero_stage=3, precision="bf16", offload_optimizer=False, micro_batch_size=6, gradient_checkpointing=True
+            use_gpu=True,
+            zero_stage=3,
+            precision="bf16",
+            offload_optimizer=False,
+            micro_batch_size=6,
+            gradient_checkpointing=True,
+            **FLASH,
         ),
     ),
     "a10": HardwarePreset(
@@ -49,7 +59,13 @@ PRESETS: dict[str, HardwarePreset] = {
         devices_per_node=4,
         peak_tflops=125,
         settings=dict(
-            use_gpu=True, zero_stage=3, precision="bf16", offload_optimizer=True, micro_batch_size=4, gradient_checkpointing=True
+            use_gpu=True,
+            zero_stage=3,
+            precision="bf16",
+            offload_optimizer=True,
+            micro_batch_size=4,
+            gradient_checkpointing=True,
+            **FLASH,
         ),
     ),
     "v100": HardwarePreset(
@@ -59,7 +75,13 @@ PRESETS: dict[str, HardwarePreset] = {
         devices_per_node=8,
         peak_tflops=125,
         settings=dict(
-            use_gpu=True, zero_stage=3, precision="fp16", offload_optimizer=True, micro_batch_size=3, gradient_checkpointing=True
+            use_gpu=True,
+            zero_stage=3,
+            precision="fp16",
+            offload_optimizer=True,
+            micro_batch_size=3,
+            gradient_checkpointing=True,
+            attn_implementation="sdpa",  # flash-attention needs Ampere or newer
         ),
     ),
     "h100": HardwarePreset(
@@ -69,7 +91,13 @@ PRESETS: dict[str, HardwarePreset] = {
         devices_per_node=8,
         peak_tflops=989,
         settings=dict(
-            use_gpu=True, zero_stage=2, precision="bf16", offload_optimizer=False, micro_batch_size=8, gradient_checkpointing=True
+            use_gpu=True,
+            zero_stage=2,
+            precision="bf16",
+            offload_optimizer=False,
+            micro_batch_size=8,
+            gradient_checkpointing=True,
+            **FLASH,
         ),
     ),
     "cpu": HardwarePreset(
@@ -85,6 +113,7 @@ PRESETS: dict[str, HardwarePreset] = {
             offload_optimizer=False,
             micro_batch_size=4,
             gradient_checkpointing=False,
+            attn_implementation="sdpa",
         ),
         # A few minutes of training on a laptop (bench/RESULTS.md): one worker (on one machine's cores a
         # second adds gradient traffic and start-up, not tokens/s), packed rows (1.6x the tokens/s of

@@ -10,6 +10,7 @@ re-run of a finished run trains no further: it exports (and registers) the model
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -33,6 +34,11 @@ from pipelines.presets import PRESETS
 from pipelines.train_worker import train_loop
 
 IN_MEMORY_BYTES = 512 * 1024**2
+# The package each flash-attention kernel comes from, and how to get it.
+KERNEL_PACKAGES = {
+    "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
+    "flash_attention_3": ("flash_attn_interface", "build FlashAttention-3 from flash-attention's hopper/ folder"),
+}
 # Passed on to the workers so that DeepSpeed's JIT-compiled ops are built once and reused.
 WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE")
 
@@ -49,6 +55,7 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
     hands it on verified from a stage before, else verified here."""
     console = console or Console()
     config = _absolute(config)
+    _check_attention_kernel(config)
     tokenizer = load_tokenizer(config.tokenizer_path)
     if config.source:
         data = prepare(
@@ -215,6 +222,18 @@ def _absolute(config: TrainConfig) -> TrainConfig:
             "mlflow_tracking_uri": "file:" + local(uri.removeprefix("file:")) if uri.startswith("file:") else uri,
         }
     )
+
+
+def _check_attention_kernel(config: TrainConfig) -> None:
+    """Refuse a flash-attention kernel this image lacks before any worker starts (the workers run
+    the same image as this driver on KubeRay)."""
+    if config.attn_implementation in KERNEL_PACKAGES:
+        package, how = KERNEL_PACKAGES[config.attn_implementation]
+        if importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"attn_implementation={config.attn_implementation} needs the {package} package, which is not installed: "
+                f"{how}, or set attn_implementation=sdpa (correct, but it computes the pads and the masked blocks)"
+            )
 
 
 def _run_uri(config: TrainConfig) -> str:

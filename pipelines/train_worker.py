@@ -17,12 +17,13 @@ import deepspeed
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
 from transformers.integrations import HfDeepSpeedConfig
 
 from contract import IGNORE_INDEX, registry
 from contract.models import load_model, load_tokenizer
 from pipelines import checkpoints
-from pipelines.batches import Collate
+from pipelines.batches import collate, flatten, sequences
 from pipelines.configs import TrainConfig
 from pipelines.deepspeed_config import deepspeed_config, lr_factor
 from pipelines.export import DTYPES as EXPORT_DTYPES
@@ -41,7 +42,10 @@ def train_loop(loop_config: dict) -> dict:
     torch.manual_seed(config.seed)
     deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
     tokenizer = load_tokenizer(config.tokenizer_path)
-    engine, model = _engine(config, tokenizer, total_steps)
+    # transformers reads the ZeRO-3 setting from this object for as long as it lives (parameters
+    # gathered in generate and the export, partitioned loading): it must outlive the engine.
+    hf_ds_config = HfDeepSpeedConfig(deepspeed_config(config))
+    engine, model = _engine(config, hf_ds_config, tokenizer, total_steps)
 
     state = TrainState()
     start = _resume_point(config, plan.run_uri)
@@ -85,8 +89,8 @@ def train_loop(loop_config: dict) -> dict:
             window["loss"] += loss.item() * divisor  # summed token losses
             window["label_tokens"] += _label_tokens(batch)
             window["tokens"] += n_tokens
-            window["rows_len"] += batch["input_ids"].shape[1] * batch["input_ids"].shape[0]
-            window["rows"] += batch["input_ids"].shape[0]
+            window["positions"] += batch["input_ids"].numel()
+            window["sequences"] += sequences(batch)
         state.step += 1
         step = state.step
         last = step == total_steps
@@ -140,13 +144,12 @@ def train_loop(loop_config: dict) -> dict:
     return final  # the driver's Result.return_value (rank 0's)
 
 
-def _engine(config: TrainConfig, tokenizer, total_steps: int):
-    """(DeepSpeed engine, the HF model inside it): AdamW, the lr schedule, ZeRO as configured."""
-    ds_config = deepspeed_config(config)
-    # Alive while the model loads, this makes transformers build it already partitioned under
-    # ZeRO-3 (no rank ever holds the whole model) and resize the embeddings partitioned too.
-    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    model_kwargs = {"dtype": DTYPES[config.precision]} | ({"gguf_file": config.gguf_file} if config.gguf_file else {})
+def _engine(config: TrainConfig, hf_ds_config: HfDeepSpeedConfig, tokenizer, total_steps: int):
+    """(DeepSpeed engine, the HF model inside it): AdamW, the lr schedule, ZeRO as configured.
+    With `hf_ds_config` alive, transformers builds the model already partitioned under ZeRO-3 (no
+    rank ever holds the whole model) and resizes the embeddings partitioned too."""
+    model_kwargs = {"dtype": DTYPES[config.precision], "attn_implementation": config.attn_implementation}
+    model_kwargs |= {"gguf_file": config.gguf_file} if config.gguf_file else {}
     model = load_model(config.base_model, tokenizer, **model_kwargs)
     model.config.use_cache = False  # required for packed rows; useless in training anyway
     if config.gradient_checkpointing:
@@ -154,7 +157,7 @@ def _engine(config: TrainConfig, tokenizer, total_steps: int):
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
+        config=hf_ds_config.config,
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
             optimizer, functools.partial(lr_factor, config=config, total_steps=total_steps)
         ),
@@ -180,7 +183,7 @@ def _micro_batches(config: TrainConfig, tokenizer, done: int, per_epoch: int):
     """(number, batch) of this worker's micro-batches, epoch after epoch, numbered from the start
     of the run; after a resume, the `done` ones already trained on are passed over."""
     shard = ray.train.get_dataset_shard("train")
-    collate = Collate(tokenizer.pad_token_id)
+    collate = Collate(tokenizer.pad_token_id, config.padding_free)
     epoch = done // per_epoch
     while True:
         batches = shard.iter_torch_batches(batch_size=config.micro_batch_size, collate_fn=collate, drop_last=True)
@@ -194,7 +197,7 @@ def _micro_batches(config: TrainConfig, tokenizer, done: int, per_epoch: int):
 def _held_out(config: TrainConfig, tokenizer) -> list[dict]:
     """This worker's held-out batches, read once: every evaluation scores the same examples, so
     the held-out curve moves only when the model does."""
-    collate = Collate(tokenizer.pad_token_id)
+    collate = Collate(tokenizer.pad_token_id, flat=False)  # held-out rows are single examples: nothing to flatten
     batches = []
     for batch in ray.train.get_dataset_shard("test").iter_torch_batches(
         batch_size=config.micro_batch_size, collate_fn=collate, drop_last=False
@@ -239,19 +242,27 @@ def _loss_divisor(step_batches: list[dict], grad_accum: int) -> float:
 
 
 def _new_window() -> dict:
-    return {"loss": 0.0, "label_tokens": 0, "tokens": 0, "rows_len": 0, "rows": 0, "data_s": 0.0, "started": time.perf_counter()}
+    return {
+        "loss": 0.0,
+        "label_tokens": 0,
+        "tokens": 0,
+        "positions": 0,
+        "sequences": 0,
+        "data_s": 0.0,
+        "started": time.perf_counter(),
+    }
 
 
 def _window_metrics(window: dict, engine, plan: TrainPlan, n_params: int, model_config, micro_batches: int) -> dict:
     """Metrics of the steps since the last report, reduced over ranks."""
     elapsed = time.perf_counter() - window["started"]
     sums = torch.tensor(
-        [window["loss"], window["label_tokens"], window["tokens"], window["rows_len"], window["rows"], window["data_s"]],
+        [window["loss"], window["label_tokens"], window["tokens"], window["positions"], window["sequences"], window["data_s"]],
         dtype=torch.float64,
         device=engine.device,
     )
     dist.all_reduce(sums)
-    loss, label_tokens, tokens, rows_len, rows, data_s = sums.tolist()
+    loss, label_tokens, tokens, positions, n_sequences, data_s = sums.tolist()
     tokens_per_s = tokens / elapsed
     metrics = {
         "train_loss": loss / max(1.0, label_tokens),  # per label token, as the held-out loss is
@@ -264,7 +275,19 @@ def _window_metrics(window: dict, engine, plan: TrainPlan, n_params: int, model_
         "tokens": int(tokens),
     }
     if plan.peak_flops:
-        # Padded positions are computed but are not useful work: MFU counts non-pad tokens only.
-        flops = flops_per_token(model_config, rows_len / rows, n_params) * tokens_per_s
+        # Padded positions are computed but are not useful work: MFU counts non-pad tokens only, and
+        # attention over each example's own span.
+        flops = flops_per_token(model_config, positions / n_sequences, n_params) * tokens_per_s
         metrics["mfu"] = flops / (plan.peak_flops * dist.get_world_size())
     return metrics
+
+
+class Collate(NumpyBatchCollateFn):
+    """Shard rows -> padded rows (`collate`) or one flattened row (`flatten`), for
+    `iter_torch_batches`, which then moves the tensors to the worker's device."""
+
+    def __init__(self, pad_token_id: int, flat: bool):
+        self.pad_token_id, self.flat = pad_token_id, flat
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        return flatten(batch) if self.flat else collate(batch, self.pad_token_id)

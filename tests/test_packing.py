@@ -1,5 +1,6 @@
-"""Packing is only worth it if it changes nothing but speed: on a real GPTNeoX, a packed row gives
-the same loss and logits as its examples run one by one."""
+"""Packing and flattening are only worth it if they change nothing but speed: on a real GPTNeoX, a
+packed row, or a micro-batch flattened into one row, gives the same loss and logits as its
+examples run one by one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
 from contract import IGNORE_INDEX
+from pipelines.batches import flatten, sequences
 from pipelines.packing import first_fit_decreasing, pack_batch
 from pipelines.tokenize import tokenize_examples
 
@@ -98,6 +100,38 @@ def test_without_restarting_position_ids_attention_would_cross_examples(model, e
     row = packed_row(examples)
     crossed, count, _ = loss_sum_and_count(model, row["input_ids"], row["labels"])
     assert abs(crossed / count - expected) > 1e-4
+
+
+@torch.no_grad()
+def test_a_flattened_micro_batch_gives_every_example_the_logits_it_has_alone(model, examples):
+    """padding_free: a packed row and two padded rows, flattened into one row, compute the same
+    logits for each of their examples as the examples run one by one, and no pad at all."""
+    row = packed_row(examples)
+    ids, labels = examples[0]
+    batch = {  # a Ray Data numpy batch of a packed training split: every row has position_ids
+        "input_ids": np.array([np.array(row["input_ids"]), np.array(ids), np.array(examples[2][0])], dtype=object),
+        "labels": np.array([np.array(row["labels"]), np.array(labels), np.array(examples[2][1])], dtype=object),
+        "position_ids": np.array(
+            [np.array(row["position_ids"]), np.arange(len(ids)), np.arange(len(examples[2][0]))], dtype=object
+        ),
+    }
+    flat = flatten(batch)
+    order = _order(row, examples) + [0, 2]
+    lengths = [len(examples[i][0]) for i in order]
+    assert flat["input_ids"].shape == (1, sum(lengths)) == (1, int(flat["n_tokens"]))
+    assert sequences(flat) == len(order)
+
+    logits = model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False).logits[0]
+    offset = 0
+    for i, length in zip(order, lengths):
+        alone = loss_sum_and_count(model, *examples[i])[2]
+        torch.testing.assert_close(logits[offset : offset + length], alone, rtol=1e-9, atol=1e-9)
+        offset += length
+    # No label crosses a boundary: each example's first token is a masked prompt token.
+    starts = np.cumsum([0] + lengths[:-1])
+    assert (flat["labels"][0, starts] == IGNORE_INDEX).all()
+    expected = torch.cat([torch.tensor(examples[i][1]) for i in order])
+    assert torch.equal(flat["labels"][0], expected)
 
 
 def _order(row, examples):

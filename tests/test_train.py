@@ -136,7 +136,7 @@ def uneven_data(tmp_path_factory, tokenizer_path, ray_cluster):
 
 def test_a_step_weighs_every_label_token_alike_across_micro_batches_and_workers(tmp_path, uneven_data, tokenizer_path):
     """The same four examples in one optimizer step: as 2 workers x 2 accumulated micro-batches of
-    one, and as one batch of four on one worker. A mean of per-micro-batch means would weigh a
+    one, as one batch of four on one worker, and as that batch flattened into one row. A mean of per-micro-batch means would weigh a
     one-word answer like a hundred-word one; the mean over the step's tokens gives both the same
     loss and gradient."""
     common = dict(
@@ -162,6 +162,10 @@ def test_a_step_weighs_every_label_token_alike_across_micro_batches_and_workers(
         run_name="whole",
         **common,
     )
-    a, b = train(split).metrics, train(whole).metrics
+    flat = whole.model_copy(update={"padding_free": True, "run_name": "flat", "output_dir": tmp_path / "flat"})
+    a, b, c = train(split).metrics, train(whole).metrics, train(flat).metrics
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3) and a["grad_norm"] > 0
+    # padding_free: the four examples flattened into one row, no pad computed, the same step.
+    assert c["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert c["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)

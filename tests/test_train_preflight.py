@@ -82,11 +82,37 @@ def test_presets_fill_unset_settings_and_explicit_ones_win():
         ({"zero_stage": 2, "offload_params": True}, "offload_params needs zero_stage=3"),
         ({"zero_stage": 0, "offload_optimizer": True}, "offload_optimizer needs ZeRO"),
         ({"precision": "fp16"}, "precision=fp16 needs GPUs"),
+        ({"attn_implementation": "flash_attention_2"}, "needs GPUs"),
+        ({"preset": "h100", "precision": "fp32"}, "bf16 or fp16 only"),
+        # flash-attention finds packed examples only in a one-row batch: several rows would cross them.
+        ({"preset": "h100", "padding_free": False}, "micro_batch_size=8 would let the examples .* set padding_free=true"),
     ],
 )
 def test_impossible_combinations_are_refused_naming_the_setting(settings, message):
     with pytest.raises(ValueError, match=message):
         plan(**settings)
+
+
+def test_gpu_presets_train_padding_free_with_flash_attention_and_keep_examples_apart():
+    for preset in ("a100", "a10", "h100"):
+        assert (plan(preset=preset).attn_implementation, plan(preset=preset).padding_free) == ("flash_attention_2", True)
+    assert plan(preset="v100").attn_implementation == "sdpa"  # flash-attention needs Ampere or newer
+    assert plan(preset="cpu").attn_implementation == "sdpa" and not plan(preset="cpu").padding_free
+    # One row per micro-batch: flash-attention finds the boundaries itself, no flattening needed.
+    assert plan(preset="h100", padding_free=False, micro_batch_size=1).micro_batch_size == 1
+
+
+def test_a_flash_attention_kernel_that_is_not_installed_is_refused_before_any_worker_starts(tmp_path):
+    import importlib.util
+
+    from contract.errors import UserError
+    from pipelines.train import train
+
+    if importlib.util.find_spec("flash_attn"):
+        pytest.skip("flash-attn is installed here")
+    config = plan(preset="h100", data_dir=tmp_path, storage_path=str(tmp_path), output_dir=tmp_path)
+    with pytest.raises(UserError, match="flash_attention_2 needs the flash_attn package.*pip install flash-attn"):
+        train(config)
 
 
 def test_a_random_shape_without_a_tokenizer_is_refused():

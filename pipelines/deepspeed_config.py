@@ -11,7 +11,9 @@ import math
 from pipelines.configs import TrainConfig
 
 
-def deepspeed_config(config: TrainConfig) -> dict:
+def deepspeed_config(config: TrainConfig, universal: bool = False) -> dict:
+    """`universal`: the run resumes from a universal checkpoint (pipelines/checkpoints.py), one
+    written by another number of workers."""
     zero: dict = {"stage": config.zero_stage}
     if config.zero_stage:
         # Pinned host memory speeds GPU<->CPU copies; on CPU workers there is nothing to pin for.
@@ -42,6 +44,7 @@ def deepspeed_config(config: TrainConfig) -> dict:
             "type": "AdamW",
             "params": {"lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "weight_decay": config.weight_decay},
         },
+        "checkpoint": {"load_universal": universal},
         "steps_per_print": 10**9,  # progress is ours to report
         "wall_clock_breakdown": False,
     }

@@ -35,13 +35,16 @@ class TrainPlan(_Record):
 class Resume(_Record):
     checkpoint: str
     step: int
+    workers: int  # that wrote the checkpoint; another number than the run's means it was converted
 
 
 class TrainState(_Record):
     """Saved in every checkpoint (DeepSpeed's client_state) and restored with it."""
 
     step: int = 0
-    micro_batches: int = 0  # consumed in the run's data order, so a resume skips exactly these
+    # Training rows consumed, all workers together, in the run's data order: a resume skips as many,
+    # with any number of workers.
+    rows: int = 0
     tokens: int = 0
     resumes: list[Resume] = []
     unverified_checkpoints: int = 0  # checkpoints that failed verification and were not reported

@@ -9,7 +9,6 @@ partial one, and all decisions (when to log, evaluate, checkpoint, stop) depend 
 from __future__ import annotations
 
 import functools
-import shutil
 import time
 from pathlib import Path
 
@@ -42,18 +41,23 @@ def train_loop(loop_config: dict) -> dict:
     torch.manual_seed(config.seed)
     deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
     tokenizer = load_tokenizer(config.tokenizer_path)
+    start = _resume_point(config, plan.run_uri)
+    # Another number of workers partitioned its ZeRO state otherwise: DeepSpeed's universal
+    # checkpoint re-partitions it (ZeRO-0 state is whole on every rank and loads as it is).
+    writers = checkpoints.writers(start) if start else config.num_workers
+    universal = writers != config.num_workers and config.zero_stage > 0
     # transformers reads the ZeRO-3 setting from this object for as long as it lives (parameters
     # gathered in generate and the export, partitioned loading): it must outlive the engine.
-    hf_ds_config = HfDeepSpeedConfig(deepspeed_config(config))
+    hf_ds_config = HfDeepSpeedConfig(deepspeed_config(config, universal=universal))
     engine, model = _engine(config, hf_ds_config, tokenizer, total_steps)
 
     state = TrainState()
-    start = _resume_point(config, plan.run_uri)
     if start is not None:
-        state = TrainState.model_validate(checkpoints.load(engine, start))
-        state.resumes.append(Resume(checkpoint=start.path, step=state.step))
+        state = TrainState.model_validate(checkpoints.load(engine, start, universal))
+        state.resumes.append(Resume(checkpoint=start.path, step=state.step, workers=writers))
         if rank == 0:
-            print(f"resumed from verified checkpoint {start.path} at step {state.step}", flush=True)
+            print(f"resumed from verified checkpoint {start.path} at step {state.step} ({writers} workers wrote it)", flush=True)
+    rows_per_micro_batch = config.micro_batch_size * config.num_workers  # all workers together
 
     log_dir = Path(config.output_dir) / config.run_name
     sink = (
@@ -68,7 +72,7 @@ def train_loop(loop_config: dict) -> dict:
         else None
     )
     eval_batches = _held_out(config, tokenizer)
-    batches = _micro_batches(config, tokenizer, state.micro_batches, plan.micro_batches_per_epoch)
+    batches = _micro_batches(config, tokenizer, state.rows // rows_per_micro_batch, plan.micro_batches_per_epoch)
     window = _new_window()
     metrics: dict = {}
     engine.train()
@@ -85,7 +89,7 @@ def train_loop(loop_config: dict) -> dict:
             loss = engine(**batch, use_cache=False, num_items_in_batch=divisor).loss
             engine.backward(loss)
             engine.step()
-            state.micro_batches = number + 1
+            state.rows = (number + 1) * rows_per_micro_batch
             window["loss"] += loss.item() * divisor  # summed token losses
             window["label_tokens"] += _label_tokens(batch)
             window["tokens"] += n_tokens
@@ -99,7 +103,7 @@ def train_loop(loop_config: dict) -> dict:
         if not (step % config.log_every == 0 or step % config.eval_every == 0 or step % config.checkpoint_every == 0 or last):
             continue
 
-        metrics = _window_metrics(window, engine, plan, n_params, model.config, state.micro_batches)
+        metrics = _window_metrics(window, engine, plan, n_params, model.config, state.rows // rows_per_micro_batch)
         state.tokens += metrics.pop("tokens")
         if step % config.eval_every == 0 or last:
             metrics["eval_loss"] = _evaluate(engine, eval_batches)
@@ -108,22 +112,27 @@ def train_loop(loop_config: dict) -> dict:
             sink.write(step, metrics)
         report = {"step": step, **metrics}
         if step % config.checkpoint_every == 0 or last:
+            if rank == 0:
+                # Before this save, not after the last report: it waits until Ray has committed the
+                # previous checkpoint, an upload that may still run in the background right after it.
+                checkpoints.sweep_untracked(plan.run_uri)
             folder = checkpoints.save(engine, step, state.model_dump(mode="json"))
             if folder is not None:
                 ray.train.report(
                     report,
                     checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                     checkpoint_dir_name=checkpoints.checkpoint_dir_name(step),
+                    checkpoint_upload_mode=checkpoints.upload_mode(plan.run_uri),
+                    delete_local_checkpoint_after_upload=True,
                 )
-                shutil.rmtree(folder, ignore_errors=True)
-                if rank == 0:
-                    checkpoints.sweep_untracked(plan.run_uri)
             else:
                 state.unverified_checkpoints += 1
                 ray.train.report(report)
         else:
             ray.train.report(report)
         window = _new_window()
+    if rank == 0:
+        checkpoints.sweep_untracked(plan.run_uri)
 
     facts = {
         "run_name": config.run_name,

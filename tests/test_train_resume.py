@@ -1,5 +1,6 @@
 """Checkpoints and resume: a run survives a killed worker and ends exactly where it was told to,
-from a verified checkpoint; a damaged checkpoint is skipped, never resumed from."""
+from a verified checkpoint; a damaged checkpoint is skipped, never resumed from; a checkpoint
+of two workers resumes on one."""
 
 from __future__ import annotations
 
@@ -112,5 +113,26 @@ def test_a_truncated_checkpoint_is_skipped_and_the_run_resumes_from_the_one_befo
 
     rerun = config.model_copy(update={"storage_path": str(storage), "output_dir": tmp_path / "out", "max_steps": 18})
     result = train(rerun)
-    assert result.metrics["resumes"][-1] == {"checkpoint": older.path, "step": 12}
+    assert result.metrics["resumes"][-1] == {"checkpoint": older.path, "step": 12, "workers": 2}
     assert result.metrics["step"] == 18
+
+
+def test_two_workers_checkpoint_resumes_on_one_through_deepspeeds_universal_checkpoint(killed_run, tmp_path):
+    """ZeRO partitions the optimizer state by worker: a re-run with another num_workers converts
+    the checkpoint (ds_to_universal) and goes on from it, model and optimizer both."""
+    config, before, _ = killed_run
+    storage = tmp_path / "storage"
+    shutil.copytree(config.storage_path, storage)
+    newest, _ = checkpoints.candidates(str(storage / config.run_name))
+
+    # As a URI, as remote storage is named: the new checkpoints upload in the background.
+    uri = f"file://{storage}"
+    rerun = config.model_copy(update={"storage_path": uri, "output_dir": tmp_path / "out", "num_workers": 1, "max_steps": 18})
+    result = train(rerun)
+    assert result.metrics["resumes"][-1] == {"checkpoint": newest.path, "step": 16, "workers": 2}
+    assert result.metrics["step"] == 18
+    [written, *_] = checkpoints.candidates(f"{uri}/{config.run_name}")
+    assert written.step == 18 and checkpoints.problem(written, world_size=1, rank=0) is None
+    # The weights came along: the loss goes on from where two workers left it (a fresh start is ~10.8).
+    assert result.metrics["train_loss"] == pytest.approx(before.metrics["train_loss"], rel=0.1)
+    assert result.metrics["eval_loss"] == pytest.approx(before.metrics["eval_loss"], rel=0.02)

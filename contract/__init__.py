@@ -7,6 +7,7 @@ a template string.
 """
 
 from contract.prompt import (
+    CHAT_TEMPLATE,
     END_KEY,
     IGNORE_INDEX,
     INPUT_KEY,
@@ -17,11 +18,13 @@ from contract.prompt import (
     RESPONSE_KEY_NL,
     SPECIAL_TOKENS,
     extract_response,
+    fold_turns,
     render_generation_prompt,
     render_training_example,
 )
 
 __all__ = [
+    "CHAT_TEMPLATE",
     "END_KEY",
     "IGNORE_INDEX",
     "INPUT_KEY",
@@ -32,6 +35,7 @@ __all__ = [
     "RESPONSE_KEY_NL",
     "SPECIAL_TOKENS",
     "extract_response",
+    "fold_turns",
     "render_generation_prompt",
     "render_training_example",
 ]

@@ -46,6 +46,48 @@ def render_training_example(instruction: str, response: str, context: str = "") 
     return f"{_prompt(instruction, context)}{response}\n\n{END_KEY}"
 
 
+def fold_turns(history: list[tuple[str, str]], dropped: int = 0) -> str:
+    """The `Input:` context that a conversation's earlier messages, as (role, content), become:
+    Dolly was trained single-turn. System messages come first, then the turns as "User: ..." and
+    "Assistant: ..." lines, less the `dropped` oldest turns. CHAT_TEMPLATE folds alike."""
+    system = [content for role, content in history if role == "system"]
+    turns = [f"{_SPEAKERS[role]}: {content}" for role, content in history if role != "system"]
+    return "\n".join(system + turns[dropped:])
+
+
+_SPEAKERS = {"user": "User", "assistant": "Assistant"}
+
+# Dolly's prompt as a chat template, written into every export's tokenizer config, so that any
+# server (vLLM, TGI, llama.cpp, transformers' pipeline) prompts the model as it was trained: the
+# last user message is the instruction, the messages before it fold into `Input:` as in
+# fold_turns, and the generation prompt ends with "### Response:" and its newline. A conversation
+# ending with the assistant's answer renders as a training example, "### End" included.
+# tests/test_contract.py holds it byte for byte to the functions above.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system=[], turns=[]) -%}"
+    "{%- set answered = messages[-1]['role'] == 'assistant' -%}"
+    "{%- set asked = messages[:-1] if answered else messages -%}"
+    "{%- for m in asked[:-1] -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = ns.system + [m['content']] -%}"
+    "{%- else -%}{%- set ns.turns = ns.turns + [@SPEAKERS@[m['role']] ~ ': ' ~ m['content']] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set context = (ns.system + ns.turns) | join('\\n') -%}"
+    "{{- @INTRO@ ~ '\\n\\n' ~ @INSTRUCTION@ ~ '\\n' ~ asked[-1]['content'] -}}"
+    "{%- if context -%}{{- '\\n\\n' ~ @INPUT@ ~ '\\n' ~ context -}}{%- endif -%}"
+    "{%- if answered -%}{{- '\\n\\n' ~ @RESPONSE@ ~ messages[-1]['content'] ~ '\\n\\n' ~ @END@ -}}"
+    "{%- elif add_generation_prompt -%}{{- '\\n\\n' ~ @RESPONSE@ -}}{%- endif -%}"
+)
+for _marker, _value in {
+    "@SPEAKERS@": repr(_SPEAKERS),
+    "@INTRO@": repr(INTRO_BLURB),
+    "@INSTRUCTION@": repr(INSTRUCTION_KEY),
+    "@INPUT@": repr(INPUT_KEY),
+    "@RESPONSE@": repr(RESPONSE_KEY_NL),
+    "@END@": repr(END_KEY),
+}.items():
+    CHAT_TEMPLATE = CHAT_TEMPLATE.replace(_marker, _value)
+
+
 def extract_response(completion: str) -> str:
     """The answer in generated text that follows the prompt, stopping at "### End".
 

@@ -1,7 +1,7 @@
 """The end of a run: one plain Hugging Face folder that `transformers.pipeline` loads as it is.
 
 model.safetensors        consolidated 16-bit weights (gathered from every rank under ZeRO-3)
-config.json, tokenizer   the tokenizer with Dolly's special tokens
+config.json, tokenizer   the tokenizer with Dolly's special tokens, and Dolly's prompt as its chat template
 generation_config.json   eos = the `### End` id, and Dolly's sampling defaults
 README.md                model card: base model, data fingerprint, hyperparameters, metrics
 training.json            the same facts, for programs
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig
 
-from contract import END_KEY, generation
+from contract import CHAT_TEMPLATE, END_KEY, generation
 from contract.registry import TRAINING_FACTS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,6 +45,9 @@ def export(engine, tokenizer, folder: Path, dtype: str, facts: dict) -> Path | N
         model.save_pretrained(staging, state_dict=state)
     finally:
         model.config = saved_config
+    # Any server that reads the chat template (vLLM, TGI, llama.cpp, transformers' pipeline) then
+    # prompts the model as it was trained.
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(staging)
     generation_config(tokenizer).save_pretrained(staging)
     (staging / TRAINING_FACTS).write_text(json.dumps(facts, indent=2, default=str) + "\n")
@@ -85,8 +88,23 @@ tags: [dolly, instruction-tuning, ray, deepspeed]
 
 {config["base_model"]} fully fine-tuned on an instruction corpus in Dolly 2.0's prompt format, with
 Ray Train and DeepSpeed ZeRO-{config["zero_stage"]} ({config["precision"]}, {config["num_workers"]} workers).
-Weights are {config["export_dtype"]} safetensors. Prompt it with Dolly's template
-(`contract.prompt.render_generation_prompt`); generation stops at the `{END_KEY}` token.
+Weights are {config["export_dtype"]} safetensors.
+
+## Prompting and stopping it
+
+The tokenizer's chat template is Dolly's prompt (`contract.prompt.CHAT_TEMPLATE`): the last user
+message is the instruction, system messages and earlier turns become its `Input:` context, and
+the generation prompt ends with `### Response:` and a newline. The generation config stops at the
+`{END_KEY}` token (its `eos_token_id`). So chat endpoints prompt and stop it as it was trained:
+
+- transformers: `pipeline("text-generation", model=FOLDER)([{{"role": "user", "content": "..."}}])`
+- vLLM: `vllm serve FOLDER`, then `/v1/chat/completions` (it reads the template and the eos token)
+- TGI: `text-generation-launcher --model-id FOLDER`, then its `/v1/chat/completions`
+- llama.cpp: convert with `convert_hf_to_gguf.py FOLDER` (the template travels in the GGUF), then
+  `llama-server -m MODEL.gguf --jinja`
+
+A plain-completion endpoint needs the prompt written out: `contract.prompt.render_generation_prompt`
+(or the template's output), with `{END_KEY}` as the stop sequence.
 
 ## Data
 

@@ -2,17 +2,16 @@
 
 Dolly was trained single-turn, so a conversation is folded into one prompt: the last user
 message is the instruction, and the system messages and earlier turns become its `Input:`
-context. When that does not fit with room for the answer, the oldest turns go first.
+context (contract.prompt.fold_turns, as the exports' chat template does). When that does not fit
+with room for the answer, the oldest turns go first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from contract import render_generation_prompt
+from contract import fold_turns, render_generation_prompt
 from contract.errors import UserError
-
-_SPEAKERS = {"user": "User", "assistant": "Assistant"}
 
 
 class PromptTooLong(UserError):
@@ -36,16 +35,15 @@ class PromptBuilder:
 
     def chat(self, messages: list, max_tokens: int) -> Prompt:
         *history, last = messages
-        system = [m.content for m in history if m.role == "system"]
-        turns = [f"{_SPEAKERS[m.role]}: {m.content}" for m in history if m.role != "system"]
+        history = [(m.role, m.content) for m in history]
 
         def ids(dropped: int) -> list[int]:
-            return self._ids(render_generation_prompt(last.content, "\n".join(system + turns[dropped:])))
+            return self._ids(render_generation_prompt(last.content, fold_turns(history, dropped)))
 
         # The fewest oldest turns to drop so that the answer still has max_tokens of room;
         # dropping more never lengthens the prompt, so a binary search finds it.
         budget = self.context_limit - max_tokens
-        low, high = 0, len(turns)
+        low, high = 0, sum(role != "system" for role, _ in history)
         while low < high:
             middle = (low + high) // 2
             if len(ids(middle)) <= budget:

@@ -1,10 +1,11 @@
-"""The prompt contract: Dolly's strings byte for byte, its special tokens, and response extraction."""
+"""The prompt contract: Dolly's strings byte for byte, its special tokens, response extraction, and
+the chat template that carries the prompt to other servers."""
 
 from __future__ import annotations
 
 import pytest
 
-from contract import END_KEY, extract_response, render_generation_prompt, render_training_example
+from contract import CHAT_TEMPLATE, END_KEY, extract_response, fold_turns, render_generation_prompt, render_training_example
 from contract.models import load_model, pythia_config, special_token_ids
 
 INTRO = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -81,3 +82,51 @@ def test_max_length_comes_from_the_model_config_then_the_tokenizer(tokenizer, to
     assert max_length_for("pythia-70m-random", tokenizer) == (2048, "pythia-70m-random config")
     # The shared folder holds only a tokenizer: its model_max_length is the next source.
     assert max_length_for(tokenizer_path, tokenizer) == (2048, "tokenizer model_max_length")
+
+
+CONVERSATIONS = {
+    "no context": [{"role": "user", "content": "Name a colour."}],
+    "a system message as context": [
+        {"role": "system", "content": "Cats sleep most of the day."},
+        {"role": "user", "content": "Summarize this."},
+    ],
+    "several turns": [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Another one?"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def templated(tokenizer):
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize("case", CONVERSATIONS)
+def test_the_chat_template_renders_dollys_generation_prompt_byte_for_byte(templated, case):
+    *history, last = CONVERSATIONS[case]
+    expected = render_generation_prompt(last["content"], fold_turns([(m["role"], m["content"]) for m in history]))
+    assert templated.apply_chat_template(CONVERSATIONS[case], tokenize=False, add_generation_prompt=True) == expected
+    # Without the generation prompt, the conversation so far: no "### Response:" to complete yet.
+    assert templated.apply_chat_template(CONVERSATIONS[case], tokenize=False) == expected.removesuffix("\n\n### Response:\n")
+
+
+def test_a_conversation_ending_with_the_answer_renders_as_a_training_example(templated):
+    messages = [*CONVERSATIONS["a system message as context"], {"role": "assistant", "content": "Cats nap."}]
+    rendered = templated.apply_chat_template(messages, tokenize=False)
+    assert rendered == render_training_example("Summarize this.", "Cats nap.", "Cats sleep most of the day.")
+
+
+def test_the_chat_template_folds_a_conversation_as_the_api_does(templated):
+    from services.prompts import PromptBuilder
+    from services.protocol import ChatMessage
+
+    messages = CONVERSATIONS["several turns"]
+    served = PromptBuilder(templated, context_limit=2048).chat([ChatMessage(**m) for m in messages], max_tokens=64)
+    assert served.trimmed_turns == 0
+    assert served.ids == templated.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]

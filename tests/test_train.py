@@ -81,6 +81,19 @@ def test_export_loads_with_a_pipeline_and_generation_stops_at_end(overfit_run, t
     assert answer[-1] == end_id and len(answer) < 64, tokenizer.decode(answer)
     assert extract_response(tokenizer.decode(answer)), "an answer precedes `### End`"
 
+    # As any chat server would: the export's chat template renders the same prompt, and the
+    # answer comes back as the assistant's message, ended at `### End`.
+    record = next(
+        r for r in map(json.loads, (train_data.parent / "slice.jsonl").read_text().splitlines()) if r["instruction"] in prompt
+    )
+    messages = [{"role": "user", "content": record["instruction"]}]
+    if record["context"]:
+        messages.insert(0, {"role": "system", "content": record["context"]})
+    assert generator.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
+    [reply] = generator(messages, do_sample=False, max_new_tokens=64)
+    assert reply["generated_text"][-1]["role"] == "assistant"
+    assert reply["generated_text"][-1]["content"].strip() == extract_response(tokenizer.decode(answer))
+
 
 def test_export_carries_a_model_card_and_is_registered(overfit_run):
     from contract import registry
@@ -91,7 +104,7 @@ def test_export_carries_a_model_card_and_is_registered(overfit_run):
     facts = json.loads((folder / "training.json").read_text())
     assert facts["config"]["zero_stage"] == config.zero_stage and facts["metrics"]["step"] == config.max_steps
     card = (folder / "README.md").read_text()
-    for fact in (config.base_model, facts["data"]["manifest_sha256"], "eval_loss", "micro_batch_size"):
+    for fact in (config.base_model, facts["data"]["manifest_sha256"], "eval_loss", "micro_batch_size", "vllm serve"):
         assert fact in card
 
 

@@ -7,6 +7,7 @@ cannot differ between the model that was trained and the one that is served.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from contract.errors import UserError
 from contract.prompt import END_KEY, INSTRUCTION_KEY, SPECIAL_TOKENS
+from contract.registry import ADAPTER_CONFIG
 
 # hidden / layers / heads of EleutherAI's Pythia suite; every model uses rotary_pct 0.25,
 # parallel residual, 2048 positions, an MLP four times the hidden size (14m: 512) and untied
@@ -204,6 +206,7 @@ def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenize
     1024. The tokenizer's model_max_length sits between the two, for tokenizer-only folders.
     """
     if model_name_or_path:
+        model_name_or_path = adapter_base(model_name_or_path) or model_name_or_path  # an adapter's length is its base's
         size = random_pythia_size(model_name_or_path)
         if size is not None:
             return pythia_config(size).max_position_embeddings, f"{model_name_or_path} config"
@@ -221,10 +224,22 @@ def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenize
     return DEFAULT_MAX_LENGTH, "Dolly's default (no length in the model or tokenizer config)"
 
 
+def adapter_base(name_or_path: str | None) -> str | None:
+    """The base that a LoRA adapter folder (PEFT's adapter_config.json) names, else None."""
+    config = Path(name_or_path or "") / ADAPTER_CONFIG
+    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
+
+
 def load_model(name_or_path: str, tokenizer: PreTrainedTokenizerBase, **kwargs):
     """A causal LM from a Hub id, a local folder, a packaged model (`smollm2-135m-instruct`) or a
     'pythia-<size>-random' shape, resized for the tokenizer; a base model's new Dolly tokens are
-    initialised by `init_special_tokens`. kwargs go to `from_pretrained`."""
+    initialised by `init_special_tokens`. kwargs go to `from_pretrained`. A LoRA adapter folder
+    is loaded on its base and merged into it: one plain model, as fast as the base to run."""
+    base = adapter_base(name_or_path)
+    if base is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_model(base, tokenizer, **kwargs), name_or_path).merge_and_unload()
     size = random_pythia_size(name_or_path)
     if size is not None:
         shape_kwargs = {k: kwargs[k] for k in ("dtype", "attn_implementation") if k in kwargs}

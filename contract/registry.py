@@ -20,6 +20,13 @@ from contract.errors import UserError
 DEFAULT_ROOT = Path("runs/registry")
 LATEST = "LATEST"
 TRAINING_FACTS = "training.json"  # written into every export: what it was trained on, and how
+# An exported model folder holds a model config, or PEFT's adapter config that names its base.
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CONFIGS = ("config.json", ADAPTER_CONFIG)
+
+
+def is_model_folder(folder: Path) -> bool:
+    return any((Path(folder) / name).is_file() for name in MODEL_CONFIGS)
 
 
 def versions(name: str, root: Path = DEFAULT_ROOT) -> list[int]:
@@ -29,8 +36,8 @@ def versions(name: str, root: Path = DEFAULT_ROOT) -> list[int]:
 
 def register(export_dir: Path, name: str, root: Path = DEFAULT_ROOT, promote: bool = True) -> int:
     """Copy an exported model folder in as the next version; make it `latest` unless told not to."""
-    if not (Path(export_dir) / "config.json").exists():
-        raise UserError(f"{export_dir} is not an exported model folder (no config.json)")
+    if not is_model_folder(export_dir):
+        raise UserError(f"{export_dir} is not an exported model folder (no {' or '.join(MODEL_CONFIGS)})")
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
     # A staging folder of its own, then a version claimed by renaming it: the rename fails when

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from contract.registry import DEFAULT_ROOT
 from contract.settings import merge
 from pipelines.behaviour import BehaviourConfig
-from pipelines.configs import TrainConfig
+from pipelines.configs import LORA_LR, TrainConfig
 from pipelines.presets import PRESETS, PresetName
 
 _CPU_DEMO = PRESETS["cpu"].demo  # for the help text; the settings themselves are read from the preset
@@ -72,8 +72,13 @@ class UpConfig(BaseModel):
     micro_batch_size: int | None = Field(
         None, ge=1, description=f"rows per worker per step (default: {_CPU_DEMO['micro_batch_size']} on cpu, else the preset's)"
     )
+    method: Literal["full", "lora"] = Field(
+        "full", description="full fine-tuning, or LoRA adapters on the frozen base (PEFT; their settings: train.lora.r=...)"
+    )
     lr: float | None = Field(
-        None, gt=0, description=f"peak learning rate (default: {_CPU_DEMO['lr']:g} on cpu, a short run; else Dolly's 5e-6)"
+        None,
+        gt=0,
+        description=f"peak learning rate (default: {_CPU_DEMO['lr']:g} on cpu, a short run; else Dolly's 5e-6; with method=lora {LORA_LR:g})",
     )
     train: dict = Field(default_factory=dict, description="any further `dolly train` setting, e.g. train.zero_stage=3")
     eval_examples: int | None = Field(
@@ -99,13 +104,17 @@ class UpConfig(BaseModel):
         """What `dolly up` trains with: the preset's demo under what this config sets. The preparation
         settings travel along, so `dolly retrain` prepares again with them."""
         chosen = dict(
+            method=self.method,
             num_workers=self.num_workers,
             max_steps=self.max_steps,
             micro_batch_size=self.micro_batch_size,
             lr=self.lr,
             prepare=dict(pack=self.pack, max_length=self.max_length, test_size=test_size or self.test_size),
         )
-        settings = merge(PRESETS[self.preset].demo, _set(chosen))
+        demo = dict(PRESETS[self.preset].demo)
+        if self.method == "lora":
+            demo.pop("lr", None)  # the demo's rate suits full fine-tuning; adapters take LoRA's
+        settings = merge(demo, _set(chosen))
         if not PRESETS[self.preset].settings["use_gpu"] and settings.get("num_workers") == 1:
             # One CPU worker gets every core as its torch threads (Ray gives a worker as many as it claims).
             settings["cpus_per_worker"] = float(os.cpu_count() or 1)

@@ -21,6 +21,35 @@ AttentionName = Literal["sdpa", "flash_attention_2", "flash_attention_3", "flex_
 ONE_ROW_PACKING = ("flash_attention_2", "flash_attention_3")
 
 
+# Adapters on every linear layer of attention and MLP (the QLoRA paper's finding: adapting only
+# the attention projections, PEFT's default, falls short of full fine-tuning).
+LORA_TARGETS = {
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+LORA_LR = 2e-4  # the usual LoRA learning rate: adapters start at zero and need larger steps
+
+
+class LoraSettings(BaseModel):
+    """`method=lora`: low-rank adapters (PEFT) on the base's linear layers; the base stays frozen,
+    and only the rows of Dolly's new tokens are trained in the embeddings (PEFT's trainable tokens)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, description="rank of each adapter")
+    alpha: int = Field(32, ge=1, description="adapter scaling numerator: updates are scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | None = Field(
+        None,
+        description="modules that get adapters (default, by architecture: "
+        + "; ".join(f"{arch} {', '.join(names)}" for arch, names in LORA_TARGETS.items())
+        + "; any other: PEFT's all-linear)",
+    )
+    merged_export: bool = Field(
+        False, description="also export the adapter merged into its base, as a plain HF folder (export-merged/)"
+    )
+
+
 class PrepareSettings(BaseModel):
     """How a corpus becomes training rows: the recipe of `dolly data prepare`, and of `dolly train`
     when it prepares its `source` itself."""
@@ -92,6 +121,12 @@ class TrainConfig(BaseModel):
         description="how source is prepared, as `dolly data prepare` does (e.g. prepare.pack=true)",
     )
 
+    # Method
+    method: Literal["full", "lora"] = Field(
+        "full", description="full fine-tuning, or LoRA adapters on a frozen base (PEFT; settings under lora.)"
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA's settings, with method=lora")
+
     # Hardware and parallelism
     preset: PresetName | None = Field(
         None, description="hardware preset: device memory, peak FLOP/s and a recipe for unset settings"
@@ -132,7 +167,9 @@ class TrainConfig(BaseModel):
         1, ge=1, description="micro-batches per optimizer step (its loss is the mean over all of their response tokens)"
     )
     grad_clip: float = Field(1.0, ge=0, description="clip the gradient norm to this (0: no clipping)")
-    lr: float = Field(5e-6, gt=0, description="peak learning rate of AdamW (Dolly's notebook: 5e-6)")
+    lr: float = Field(
+        5e-6, gt=0, description=f"peak learning rate of AdamW (Dolly's notebook: 5e-6; with method=lora the default is {LORA_LR})"
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     warmup_steps: int = Field(50, ge=0, description="optimizer steps of linear warmup from 0 to lr")
@@ -182,7 +219,9 @@ class TrainConfig(BaseModel):
     @classmethod
     def _apply_preset(cls, values):
         if isinstance(values, dict) and values.get("preset") in PRESETS:
-            return {**PRESETS[values["preset"]].settings, **values}
+            values = {**PRESETS[values["preset"]].settings, **values}
+        if isinstance(values, dict) and values.get("method") == "lora":
+            values = {"lr": LORA_LR, **values}
         return values
 
     @model_validator(mode="after")
@@ -207,6 +246,16 @@ class TrainConfig(BaseModel):
                 f"attn_implementation={self.attn_implementation} with micro_batch_size={self.micro_batch_size} would let the examples "
                 "of a packed row attend to each other (flash-attention finds their boundaries only in a one-row batch): "
                 "set padding_free=true (one row per micro-batch, and no pad computed), or micro_batch_size=1"
+            )
+        if self.method == "lora" and self.base_model.startswith("pythia-") and self.base_model.endswith("-random"):
+            raise ValueError(
+                f"method=lora adapts a base that others can load again, and {self.base_model!r} is random weights that exist "
+                "only in this run: save the shape first (a folder) and use it as base_model, or use method=full"
+            )
+        if self.method == "lora" and self.zero_stage == 3 and not self.use_gpu:
+            raise ValueError(
+                "method=lora with zero_stage=3 needs GPUs: PEFT gathers Dolly's new token rows under ZeRO-3 on CUDA only; "
+                "on CPU use zero_stage=2 (LoRA's trainable state is small: ZeRO-3's parameter sharding saves little)"
             )
         if self.tokenizer is None and self.base_model.startswith("pythia-") and self.base_model.endswith("-random"):
             raise ValueError(

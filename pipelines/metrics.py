@@ -21,14 +21,18 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
 
 
-def flops_per_token(model_config, seq_len: float, n_params: int) -> float:
-    """Training FLOPs per token (forward + backward), as in the PaLM paper's MFU: 6 per
-    non-embedding-lookup parameter plus the attention scores (12 · layers · hidden · seq_len).
-    Recomputation by gradient checkpointing is not counted: MFU counts useful work."""
+def flops_per_token(model_config, seq_len: float, n_params: int, trainable: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward), as in the PaLM paper's MFU: 2 per
+    non-embedding-lookup parameter forward, 2 backward for the activations' gradients and 2 for
+    the weights' (only the `trainable` ones: a frozen LoRA base has none), plus the attention
+    scores (12 · layers · hidden · seq_len). Recomputation by gradient checkpointing is not
+    counted: MFU counts useful work."""
     layers = model_config.num_hidden_layers
     hidden = model_config.hidden_size
     lookup = model_config.vocab_size * hidden  # the input embedding is a gather, not a matmul
-    return 6 * (n_params - lookup) + 12 * layers * hidden * seq_len
+    matmuls = n_params - lookup
+    weight_grads = matmuls if trainable is None else min(trainable, matmuls)
+    return 4 * matmuls + 2 * weight_grads + 12 * layers * hidden * seq_len
 
 
 def memory_gib() -> float:

@@ -27,6 +27,7 @@ class TrainPlan(_Record):
     micro_batches_per_epoch: int
     run_uri: str  # storage_path/run_name: where the run's checkpoints are
     n_params: int
+    trainable_params: int
     peak_flops: float | None  # FLOP/s of one device at the run's precision, for MFU; None: unknown
     hyperparameters: dict  # the TrainConfig, for the metrics sinks
     data: DataFacts

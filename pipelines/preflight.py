@@ -6,7 +6,8 @@ shape and the plan, and a plan that does not fit is refused with the estimate an
 change that would fit.
 
 The model (per device, N = num_workers, P = parameters, w = 2 bytes in bf16/fp16, 4 in fp32):
-- parameters P·w, gradients P·w, optimizer state 12·P (fp32 master + Adam moments; 8·P in fp32);
+- parameters P·w, gradients T·w, optimizer state 12·T (fp32 master + Adam moments; 8·T in fp32),
+  where T = P for full fine-tuning and the adapters' and new token rows' count for LoRA;
   ZeRO-1 divides the optimizer state by N, ZeRO-2 the gradients too, ZeRO-3 the parameters too
   (plus the largest layer, gathered whole while it runs);
 - offload_optimizer moves the optimizer state and an fp32 gradient partition to host memory (the
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import psutil
 
 from contract.errors import UserError
-from pipelines.configs import TrainConfig
+from pipelines.configs import LoraSettings, TrainConfig
 from pipelines.presets import PRESETS
 
 GIB = 2**30
@@ -44,24 +45,33 @@ class PlanDoesNotFit(UserError):
 @dataclass(frozen=True)
 class ModelShape:
     n_params: int
+    trainable: int  # n_params for full fine-tuning; the adapters' and token rows' for LoRA
     layers: int
     hidden: int
     vocab: int
 
     @classmethod
-    def of(cls, base_model: str, gguf_file: str | None = None) -> ModelShape:
+    def of(cls, base_model: str, gguf_file: str | None = None, lora: LoraSettings | None = None) -> ModelShape:
         """The shape of a random Pythia name, an HF folder or a Hub id, from its config alone
-        (the model is built on the meta device: no weights are read or allocated)."""
+        (the model is built on the meta device: no weights are read or allocated); with `lora`,
+        as adapted by PEFT."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from contract import SPECIAL_TOKENS
         from contract.models import pythia_config, random_pythia_size, resolve_base
 
         size = random_pythia_size(base_model)
         config = pythia_config(size) if size else AutoConfig.from_pretrained(resolve_base(base_model), gguf_file=gguf_file)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        return cls(sum(p.numel() for p in model.parameters()), config.num_hidden_layers, config.hidden_size, config.vocab_size)
+            n_params = sum(p.numel() for p in model.parameters())
+            if lora is not None:
+                from pipelines.lora import adapt  # PEFT, only when asked for
+
+                model = adapt(model, lora, list(range(len(SPECIAL_TOKENS))), base_model)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return cls(n_params, trainable, config.num_hidden_layers, config.hidden_size, config.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -96,12 +106,12 @@ class Estimate:
 
 
 def estimate(config: TrainConfig, shape: ModelShape, seq_len: int) -> Estimate:
-    n, p = config.num_workers, shape.n_params
+    n, p, t = config.num_workers, shape.n_params, shape.trainable
     w = 4 if config.precision == "fp32" else 2
-    optimizer_bytes = 8 * p if config.precision == "fp32" else 12 * p
+    optimizer_bytes = 8 * t if config.precision == "fp32" else 12 * t
     stage = config.zero_stage
     params = p * w / (n if stage == 3 else 1)
-    grads = p * w / (n if stage >= 2 else 1)
+    grads = t * w / (n if stage >= 2 else 1)
     optimizer = optimizer_bytes / (n if stage >= 1 else 1)
     layer = p / max(1, shape.layers) * w  # one layer, about: what ZeRO-3 gathers to run it
     device = {
@@ -116,7 +126,7 @@ def estimate(config: TrainConfig, shape: ModelShape, seq_len: int) -> Estimate:
     if config.offload_optimizer:
         # The optimizer runs on the host, on an fp32 copy of the gradient partition; the device
         # keeps only the reduce bucket the gradients pass through on their way there.
-        host_each["optimizer"] = device.pop("optimizer") + 4 * p / n
+        host_each["optimizer"] = device.pop("optimizer") + 4 * t / n
         device["gradients"] = min(grads, REDUCE_BUCKET_ELEMENTS * w)
     if config.offload_params:
         host_each["parameters"] = device.pop("parameters")

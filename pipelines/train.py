@@ -74,13 +74,16 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
         raise UserError(f"{config.data_dir} has no held-out split to evaluate on: prepare it with test_size of 1 or more")
     total_steps = _total_steps(config, rows)
 
-    shape = preflight.ModelShape.of(config.base_model, config.gguf_file)
+    shape = preflight.ModelShape.of(config.base_model, config.gguf_file, config.lora if config.method == "lora" else None)
     if config.preflight:
         plan = preflight.check(config, shape, seq_len)
         console.print(f"[bold]Preflight[/] fits: {plan.describe()}")
     run_uri = _run_uri(config)
+    what = f"{shape.n_params / 1e6:.1f} M parameters" + (
+        f", LoRA r={config.lora.r}: {shape.trainable / 1e6:.2f} M trainable" if config.method == "lora" else ""
+    )
     console.print(
-        f"[bold]Training[/] {config.base_model} ({shape.n_params / 1e6:.1f} M parameters) on {rows:,} rows, "
+        f"[bold]Training[/] {config.base_model} ({what}) on {rows:,} rows, "
         f"{total_steps} steps, {config.num_workers} worker(s), ZeRO-{config.zero_stage}, {config.precision}; "
         f"checkpoints in {run_uri}"
     )
@@ -91,6 +94,7 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
         micro_batches_per_epoch=rows // config.num_workers // config.micro_batch_size,
         run_uri=run_uri,
         n_params=shape.n_params,
+        trainable_params=shape.trainable,
         peak_flops=preset.peak_tflops * 1e12 if preset and preset.peak_tflops and config.use_gpu else None,
         hyperparameters=config.model_dump(mode="json"),
         data=DataFacts(

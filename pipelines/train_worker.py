@@ -20,8 +20,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from transformers.integrations import HfDeepSpeedConfig
 
 from contract import IGNORE_INDEX, registry
-from contract.models import load_model, load_tokenizer
-from pipelines import checkpoints
+from contract.models import load_model, load_tokenizer, special_token_ids
+from pipelines import checkpoints, lora
 from pipelines.batches import collate, flatten, sequences
 from pipelines.configs import TrainConfig
 from pipelines.deepspeed_config import deepspeed_config, lr_factor
@@ -141,11 +141,12 @@ def train_loop(loop_config: dict) -> dict:
         "metrics": {"step": state.step, "tokens_seen": state.tokens, **metrics},
         "resumes": [r.model_dump(mode="json") for r in state.resumes],
     }
-    exported = export(engine, tokenizer, log_dir / "export", config.export_dtype, facts)
+    merged = log_dir / "export-merged" if config.method == "lora" and config.lora.merged_export else None
+    exported = export(engine, tokenizer, log_dir / "export", config.export_dtype, facts, merged)
     final = {"step": state.step, **metrics, "resumes": facts["resumes"], "unverified_checkpoints": state.unverified_checkpoints}
     if rank == 0:
         curve = plot_loss_curve(read_history(log_dir), log_dir / LOSS_CURVE, f"{config.run_name}: {config.base_model}")
-        final.update(export_dir=str(exported), loss_curve=str(curve))
+        final.update(export_dir=str(exported), loss_curve=str(curve), **({"merged_dir": str(merged)} if merged else {}))
         if config.register_as:
             version = registry.register(exported, config.register_as, config.registry)
             final["registered"] = f"{config.register_as}@{version}"
@@ -163,6 +164,8 @@ def _engine(config: TrainConfig, hf_ds_config: HfDeepSpeedConfig, tokenizer, tot
     model.config.use_cache = False  # required for packed rows; useless in training anyway
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.method == "lora":
+        model = lora.adapt(model, config.lora, sorted(special_token_ids(tokenizer).values()), config.base_model)
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -286,7 +289,7 @@ def _window_metrics(window: dict, engine, plan: TrainPlan, n_params: int, model_
     if plan.peak_flops:
         # Padded positions are computed but are not useful work: MFU counts non-pad tokens only, and
         # attention over each example's own span.
-        flops = flops_per_token(model_config, positions / n_sequences, n_params) * tokens_per_s
+        flops = flops_per_token(model_config, positions / n_sequences, n_params, plan.trainable_params) * tokens_per_s
         metrics["mfu"] = flops / (plan.peak_flops * dist.get_world_size())
     return metrics
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from contract import registry
 from contract.errors import UserError
 from contract.models import load_model, load_tokenizer, max_length_for, stop_token_ids
 from contract.sampling import SamplingParams
@@ -26,8 +27,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def check_export(folder: Path) -> None:
-    if not (folder / "config.json").exists():
-        raise UserError(f"{folder} is not an exported model folder (no config.json)")
+    if not registry.is_model_folder(folder):
+        raise UserError(f"{folder} is not an exported model folder (no {' or '.join(registry.MODEL_CONFIGS)})")
     if not any(folder.glob("*.safetensors")):
         raise UserError(
             f"{folder} has no .safetensors weights: serving loads safetensors only; "

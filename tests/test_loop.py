@@ -167,3 +167,12 @@ def test_a_gate_on_a_category_without_examples_names_the_ones_there_are():
     report = LossReport(model="m", overall=scores, by_category={"closed_qa": scores})
     with pytest.raises(UserError, match="closed_qa"):
         judge(GateConfig(category="summarization"), report, report)
+
+
+def test_up_with_method_lora_trains_adapters_at_loras_learning_rate(tmp_path):
+    from loop.configs import UpConfig
+    from pipelines.configs import LORA_LR
+
+    config = UpConfig(method="lora", train={"lora": {"r": 8}}).train_config(tmp_path / "data")
+    assert (config.method, config.lora.r, config.lr) == ("lora", 8, LORA_LR)
+    assert UpConfig(method="lora", lr=1e-3).train_config(tmp_path / "data").lr == 1e-3

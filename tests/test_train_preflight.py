@@ -83,6 +83,8 @@ def test_presets_fill_unset_settings_and_explicit_ones_win():
         ({"zero_stage": 0, "offload_optimizer": True}, "offload_optimizer needs ZeRO"),
         ({"precision": "fp16"}, "precision=fp16 needs GPUs"),
         ({"attn_implementation": "flash_attention_2"}, "needs GPUs"),
+        ({"method": "lora", "base_model": "base-folder", "zero_stage": 3}, "method=lora with zero_stage=3 needs GPUs"),
+        ({"method": "lora"}, "method=lora adapts a base that others can load again"),
         ({"preset": "h100", "precision": "fp32"}, "bf16 or fp16 only"),
         # flash-attention finds packed examples only in a one-row batch: several rows would cross them.
         ({"preset": "h100", "padding_free": False}, "micro_batch_size=8 would let the examples .* set padding_free=true"),
@@ -132,3 +134,16 @@ def test_relative_model_and_tokenizer_folders_reach_workers_that_run_elsewhere(t
     assert config.base_model == str(tmp_path / "models" / "base") and Path(config.tokenizer).resolve() == tmp_path / "tok"
     named = _absolute(TrainConfig(base_model="pythia-14m-random", tokenizer="EleutherAI/pythia-2.8b"))
     assert (named.base_model, named.tokenizer) == ("pythia-14m-random", "EleutherAI/pythia-2.8b")
+
+
+def test_lora_counts_only_the_adapters_gradients_and_optimizer_state():
+    """A frozen base still sits in memory whole; what it no longer has is gradients and Adam state."""
+    from pipelines.configs import LoraSettings
+
+    full, adapted = ModelShape.of("pythia-1.4b-random"), ModelShape.of("pythia-1.4b-random", lora=LoraSettings())
+    assert adapted.n_params == full.n_params and 0 < adapted.trainable < full.trainable / 20
+    settings = dict(base_model="EleutherAI/pythia-1.4b", preset="h100", num_workers=1)
+    tuned = estimate(plan(**settings), full, SEQ).device
+    adapters = estimate(plan(method="lora", **settings), adapted, SEQ).device
+    assert adapters["parameters"] == tuned["parameters"]
+    assert adapters["gradients"] < tuned["gradients"] / 20 and adapters["optimizer"] < tuned["optimizer"] / 20

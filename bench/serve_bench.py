@@ -3,7 +3,8 @@
 1. A closed-loop load generator on loopback (bounded in requests and in time) at concurrency 1, 8
    and 32, against:
    - ours: the Serve application (services/app.py) over HTTP with streaming, one model replica,
-     for each batching engine (`engine.batching`: dynamic, continuous);
+     for each engine of --engines (ENGINES: `dynamic`, `continuous`, and `continuous_top_k`, the
+     continuous engine with `engine.continuous_top_k` on, which its requests then pay for);
    - Dolly's way: one `generate` per request through an InstructionTextGenerationPipeline-style
      loop (Dolly's template, do_sample, top_p 0.92, top_k 0, eos = `### End`) on the same model
      in one process, one request at a time, as its pipeline serves them; it cannot stream, so its
@@ -20,7 +21,8 @@ Run from the repository root (CPU: about 10 minutes on 2 cores):
 
 The model is a random-weight Pythia shape (--shape, default pythia-14m-random) exported like a
 trained one; random weights rarely say `### End`, so every answer runs to --max-tokens on both
-sides alike. Prints a table per engine, then a Markdown block for bench/RESULTS.md.
+sides alike. Prints a table per engine, then a Markdown block for bench/RESULTS.md; with both
+`continuous` and `continuous_top_k` run, also the one against the other, measured side by side.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ from services.app import build_app  # noqa: E402
 from services.config import ServeConfig  # noqa: E402
 
 LEVELS = (1, 8, 32)
+ENGINES = {
+    "dynamic": {"batching": "dynamic"},
+    "continuous": {"batching": "continuous"},
+    "continuous_top_k": {"batching": "continuous", "continuous_top_k": True},
+}
 KEY = "bench-key"
 PORT = 8765
 
@@ -233,14 +240,14 @@ def serve_overhead(calls: int) -> dict:
     return {"http_p50_ms": 1000 * statistics.median(over_http), "in_process_p50_ms": 1000 * statistics.median(in_process)}
 
 
-def table(name: str, ours: dict, dolly: dict) -> str:
+def table(name: str, ours: dict, other: dict, other_name: str = "Dolly") -> str:
     rows = [
-        "| concurrency | ours tok/s | Dolly tok/s | ours / Dolly | TTFT p50 / p99 ours (s) | TTFT p50 / p99 Dolly (s) "
-        "| latency p50 / p99 ours (s) | latency p50 / p99 Dolly (s) |",
+        f"| concurrency | ours tok/s | {other_name} tok/s | ours / {other_name} | TTFT p50 / p99 ours (s) "
+        f"| TTFT p50 / p99 {other_name} (s) | latency p50 / p99 ours (s) | latency p50 / p99 {other_name} (s) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in LEVELS:
-        o, d = ours[level], dolly[level]
+        o, d = ours[level], other[level]
         rows.append(
             f"| {level} | {o['tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} | **{o['tokens_per_s'] / d['tokens_per_s']:.2f}x** "
             f"| {o['ttft_p50']:.3f} / {o['ttft_p99']:.3f} | {d['ttft_p50']:.3f} / {d['ttft_p99']:.3f} "
@@ -260,7 +267,7 @@ def main() -> None:
     parser.add_argument("--shape", default="pythia-14m-random", help="random Pythia shape to serve")
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per answer (Dolly's default: 256)")
     parser.add_argument("--max-seconds", type=float, default=120, help="no request starts later than this into a level")
-    parser.add_argument("--engines", default="dynamic,continuous", help="engine.batching values to run")
+    parser.add_argument("--engines", default="dynamic,continuous", help="engines to run, from: " + ", ".join(ENGINES))
     parser.add_argument("--overhead-calls", type=int, default=200)
     args = parser.parse_args()
 
@@ -277,7 +284,7 @@ def main() -> None:
                     model=str(folder),
                     served_model_name="bench",
                     auth={"api_keys_file": str(Path(tmp) / "keys")},
-                    engine={"batching": engine, "max_batch_size": 32},
+                    engine=ENGINES[engine] | {"max_batch_size": 32},
                     deployment={"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": -1},
                 )
                 serve.run(build_app(config), name=f"dolly-{engine}", route_prefix=f"/{engine}")
@@ -298,7 +305,12 @@ def main() -> None:
         f"Model: {args.shape} (random weights), fp32, max_tokens {args.max_tokens}; requests per level: max(8, 2 x concurrency)\n"
     )
     for engine in engines:
-        print(table(f"Ours, engine.batching={engine}, vs Dolly's way:", results[engine], results["Dolly's way"]) + "\n")
+        print(
+            table(f"Ours, engine {engine} ({ENGINES[engine]}), vs Dolly's way:", results[engine], results["Dolly's way"]) + "\n"
+        )
+    if {"continuous", "continuous_top_k"} <= set(engines):
+        title = "Continuous batching without top-k (ours) vs with it (engine.continuous_top_k=true), side by side:"
+        print(table(title, results["continuous"], results["continuous_top_k"], "top-k") + "\n")
     print(
         f"Serve overhead (p50 of {args.overhead_calls} sequential calls): trivial deployment over HTTP "
         f"{overhead['http_p50_ms']:.2f} ms, the same function in process {1000 * overhead['in_process_p50_ms']:.1f} µs, "

@@ -46,6 +46,11 @@ class EngineConfig(_Settings):
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, description="dynamic: how long @serve.batch waits for more arrivals to prefill together"
     )
+    continuous_top_k: bool = Field(
+        False,
+        description="continuous: let requests ask for top_k; transformers' top-k then sorts the whole vocabulary "
+        "per row per token for every request (dynamic batching has top-k at no such cost)",
+    )
     stream_interval_s: float = Field(
         0.05, ge=0, description="streamed text leaves a replica at most this often (each send is a Ray round trip)"
     )
@@ -55,6 +60,10 @@ class EngineConfig(_Settings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per replica (default: torch's)")
+
+    @property
+    def has_top_k(self) -> bool:
+        return self.batching == "dynamic" or self.continuous_top_k
 
 
 class ModelDeploymentConfig(_Settings):
@@ -131,6 +140,12 @@ class ServeConfig(_Settings):
                     f"defaults.{penalty} needs engine.batching=dynamic (transformers' continuous batching has "
                     f"no per-request penalties): set engine.batching=dynamic or defaults.{penalty}=0"
                 )
+        if self.defaults.top_k and not self.engine.has_top_k:
+            raise ValueError(
+                "defaults.top_k needs engine.continuous_top_k=true with engine.batching=continuous (top-k is opt-in there: "
+                "it sorts the whole vocabulary for every request): set engine.continuous_top_k=true, "
+                "engine.batching=dynamic or defaults.top_k=0"
+            )
         return self
 
     def model_deployment_options(self) -> dict:

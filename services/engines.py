@@ -149,11 +149,19 @@ class DynamicBatchingEngine:
 
 
 _PAGE = 256  # tokens per KV-cache page in continuous batching (transformers' default)
+# The manager samples every row (do_sample is one setting for all its requests), so a greedy row
+# is sampled at this temperature. Dividing by a power of two is exact and stretches every gap
+# between two logits by 2**100: softmax leaves all the mass on the largest, and the draw is the
+# argmax (exact ties aside).
+_GREEDY_TEMPERATURE = 2.0**-100
 
 
 class ContinuousBatchingEngine:
     """transformers' manager draws from one random stream for all requests: a per-request seed
-    cannot be honoured, and the ingress refuses one when this engine is configured."""
+    cannot be honoured, and the ingress refuses one when this engine is configured. Its warpers
+    are fixed when it starts; a request can only change their values. Top-k is one of them only
+    with `engine.continuous_top_k`, since its warper sorts the whole vocabulary per row per token
+    for every request, asked for or not."""
 
     def __init__(self, model, stop_ids: set[int], pad_id: int, config: EngineConfig, context_limit: int):
         from transformers import GenerationConfig
@@ -161,10 +169,16 @@ class ContinuousBatchingEngine:
 
         self._stop_ids = sorted(stop_ids)
         self._vocab = model.config.vocab_size
-        # Per-request temperature, top-k and top-p exist only for warpers the base config turns
-        # on; these base values switch all three on and every request overrides them.
+        self._top_k = config.continuous_top_k
+        # Per-request temperature, top-p and top-k exist only for warpers the base config turns
+        # on; these base values switch them on and every request overrides them.
         base = GenerationConfig(
-            do_sample=True, temperature=0.5, top_k=self._vocab, top_p=0.5, eos_token_id=self._stop_ids, pad_token_id=pad_id
+            do_sample=True,
+            temperature=0.5,
+            top_p=0.5,
+            top_k=self._vocab if self._top_k else None,
+            eos_token_id=self._stop_ids,
+            pad_token_id=pad_id,
         )
         # transformers sizes the KV cache from free device memory; on a CPU that is most of the
         # host's RAM (14 GB and 45 s before the first token, measured with a 14M model), so
@@ -193,16 +207,16 @@ class ContinuousBatchingEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         request_id = uuid.uuid4().hex
         self._manager.register_result_handler(request_id, outputs.put_nowait)
-        greedy = p.temperature == 0
+        sampling = {"temperature": float(p.temperature) or _GREEDY_TEMPERATURE, "top_p": float(p.top_p)}
+        if p.top_k or self._top_k:  # a manager without the top-k warper refuses the key: never ignored
+            sampling["top_k"] = p.top_k or self._vocab
         self._manager.add_request(
             job.prompt_ids,
             request_id=request_id,
             max_new_tokens=p.max_tokens,
             streaming=True,
             eos_token_id=self._stop_ids,
-            temperature=1.0 if greedy else float(p.temperature),
-            top_k=1 if greedy else (p.top_k or self._vocab),
-            top_p=float(p.top_p),
+            **sampling,
         )
         self.running += 1
         seen = 0

@@ -105,6 +105,13 @@ class OpenAIIngress:
                     f"{penalty} needs engine.batching=dynamic: transformers' continuous batching has no per-request penalties",
                     penalty,
                 )
+        if body.top_k and not self._config.engine.has_top_k:
+            raise ApiError(
+                400,
+                "top_k needs engine.continuous_top_k=true: this server's continuous batching runs without top-k, "
+                "which would sort the whole vocabulary for every request",
+                "top_k",
+            )
         limit = self._prompts.context_limit
         if (body.requested_max_tokens or 0) >= limit:
             raise ApiError(422, f"max_tokens must be below the model's context of {limit} tokens", "max_tokens")

@@ -367,6 +367,8 @@ def test_continuous_batching_engine_gives_the_same_greedy_answers(served):
         assert greedy[""] == greedy["/cb"]
         refused = served.post("/cb/v1/completions", {"model": "dolly", "prompt": "hi", "seed": 1})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "seed"
+        refused = served.post("/cb/v1/completions", {"model": "dolly", "prompt": "hi", "top_k": 5})
+        assert refused.status_code == 400 and "engine.continuous_top_k=true" in refused.json()["error"]["message"]
     finally:
         serve.delete("dolly-cb")
 

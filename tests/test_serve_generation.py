@@ -3,6 +3,7 @@ text, prompt folding and trimming, and the typed serving config."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import re
@@ -17,7 +18,7 @@ from contract.decode import BatchDecoder
 from contract.errors import UserError
 from contract.sampling import SamplingParams, generators_for, penalize, sample
 from services.auth import ApiKeys
-from services.config import AuthConfig, ServeConfig
+from services.config import AuthConfig, EngineConfig, ServeConfig
 from services.prompts import PromptBuilder, PromptTooLong
 from services.protocol import ChatMessage
 from services.text import TextStream
@@ -177,6 +178,10 @@ def test_serve_config_compiles_into_serve_deployment_options():
             {"engine": {"batching": "continuous"}, "defaults": {"frequency_penalty": 0.3}},
             "defaults.frequency_penalty needs engine.batching=dynamic",
         ),
+        (
+            {"engine": {"batching": "continuous"}, "defaults": {"top_k": 40}},
+            "defaults.top_k needs engine.continuous_top_k=true",
+        ),
     ],
 )
 def test_inconsistent_serve_settings_are_refused_by_name(settings, message):
@@ -233,3 +238,49 @@ def test_rows_joining_and_leaving_a_running_batch_decode_as_they_would_alone(tin
     for _ in range(5):
         record(list(decoder.rows), decoder.step())
     assert got == {0: alone(prompts[0], 11), 1: alone(prompts[1], 12), 2: alone(prompts[2], 12)}
+
+
+def continuous_answers(model, stop_ids: set[int], requests: list[SamplingParams], **settings) -> list[list[int] | Exception]:
+    """Each request's tokens from one continuous-batching engine, one request after another (or its error)."""
+    from services.engines import ContinuousBatchingEngine, Job  # imports Ray
+
+    engine = ContinuousBatchingEngine(model, stop_ids, 0, EngineConfig(batching="continuous", max_batch_size=2, **settings), 128)
+    prompt = list(range(1000, 1010))
+
+    async def answer(params: SamplingParams) -> list[int] | Exception:
+        try:
+            return [step.token async for step in engine.steps(Job(prompt, params)) if step.token is not None]
+        except RuntimeError as e:
+            return e
+
+    try:
+        return [asyncio.run(answer(params)) for params in requests]
+    finally:
+        engine.shutdown()
+
+
+def test_continuous_batching_decodes_greedy_at_the_argmax_and_refuses_top_k_unless_configured(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    decoder = BatchDecoder(model, pad_id=0)
+    argmax = decoder.add([list(range(1000, 1010))], [greedy])[1] + [decoder.step()[0] for _ in range(11)]
+    refused, answer = continuous_answers(model, set(), [SamplingParams(top_k=5, max_tokens=4), greedy])
+    assert isinstance(refused, RuntimeError) and "top_k" in str(refused), "a top_k it cannot apply is refused, not ignored"
+    assert answer == argmax
+
+
+def test_continuous_batching_with_top_k_configured_samples_within_the_top_k(tokenizer):
+    from contract.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("pythia-14m-random", tokenizer).eval()  # random weights: a flat next-token distribution
+    hot = dict(temperature=2.0, top_p=1.0, max_tokens=8)
+    greedy, top_1, anything = continuous_answers(
+        model,
+        set(),
+        [SamplingParams(temperature=0, max_tokens=8), SamplingParams(top_k=1, **hot), SamplingParams(**hot)],
+        continuous_top_k=True,
+    )
+    assert top_1 == greedy and anything != greedy

@@ -1,0 +1,50 @@
+"""The GPU check (bench/gpu/gpu_check.py) as it runs on a machine without a GPU: every measured row
+comes out, and the attention paths compute the same loss on the same examples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "gpu_check.py"
+
+
+def test_the_gpu_check_runs_end_to_end_on_a_cpu_and_its_attention_paths_agree(tmp_path, corpus_path, tokenizer_path):
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    lengths, out = tmp_path / "lengths.json", tmp_path / "gpu_check.json"
+    made = ["lengths", "--corpus", str(corpus_path), "--tokenizer", tokenizer_path, "--records", "400", "--out", str(lengths)]
+    subprocess.run([sys.executable, SCRIPT, *made], check=True, env=env, timeout=120)
+    run = subprocess.run(
+        [sys.executable, SCRIPT, "run", "--smoke", "--lengths", str(lengths), "--out", str(out)],
+        check=True,
+        env=env,
+        timeout=240,
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(out.read_text())
+
+    measured = {row["path"]: row for row in report["train"] if row["status"] == "ok"}
+    assert set(measured) == {"padded + sdpa", "packed + sdpa", "flattened + sdpa"}
+    assert {row["path"]: row["status"] for row in report["train"] if row["status"] != "ok"} == {
+        "flattened + flash_attention_2": "needs CUDA",
+        "flattened + flex_attention": "needs CUDA (flex_attention has no backward on CPU)",
+    }
+    for row in measured.values():
+        assert all(row[key] > 0 for key in ("tokens_per_s", "mfu", "step_s", "warmup_s")), row
+        assert row["tokens_per_step"] == measured["padded + sdpa"]["tokens_per_step"], "every path trains on the same examples"
+    padded = measured["padded + sdpa"]["loss"]
+    assert measured["flattened + sdpa"]["loss"] == pytest.approx(padded, rel=1e-5)
+    assert measured["packed + sdpa"]["loss"] == pytest.approx(padded, rel=1e-5)
+
+    decode = {(row["engine"], row["concurrency"]): row for row in report["decode"]}
+    assert set(decode) == {(engine, level) for engine in ("ours", "Dolly's generate") for level in (1, 8, 32)}
+    assert all(row["tokens_per_s"] > 0 and row["ttft_p50_s"] > 0 for row in decode.values())
+    assert "| pythia-14m-random | flattened + sdpa |" in run.stdout and "| 32 |" in run.stdout, "the tables RESULTS.md records"

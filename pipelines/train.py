@@ -55,7 +55,7 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
     hands it on verified from a stage before, else verified here."""
     console = console or Console()
     config = _absolute(config)
-    _check_attention_kernel(config)
+    _check_packages(config)
     tokenizer = load_tokenizer(config.tokenizer_path)
     if config.source:
         data = prepare(
@@ -228,9 +228,9 @@ def _absolute(config: TrainConfig) -> TrainConfig:
     )
 
 
-def _check_attention_kernel(config: TrainConfig) -> None:
-    """Refuse a flash-attention kernel this image lacks before any worker starts (the workers run
-    the same image as this driver on KubeRay)."""
+def _check_packages(config: TrainConfig) -> None:
+    """Refuse a flash-attention kernel or a 4-bit base whose package this image lacks, before any
+    worker starts (the workers run the same image as this driver on KubeRay)."""
     if config.attn_implementation in KERNEL_PACKAGES:
         package, how = KERNEL_PACKAGES[config.attn_implementation]
         if importlib.util.find_spec(package) is None:
@@ -238,6 +238,11 @@ def _check_attention_kernel(config: TrainConfig) -> None:
                 f"attn_implementation={config.attn_implementation} needs the {package} package, which is not installed: "
                 f"{how}, or set attn_implementation=sdpa (correct, but it computes the pads and the masked blocks)"
             )
+    if config.method == "lora" and config.lora.quantize and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(
+            "lora.quantize=4bit needs bitsandbytes, which is not installed: pip install 'dolly-ray[qlora]', "
+            "or train the adapters on the unquantized base (lora.quantize=null)"
+        )
 
 
 def _run_uri(config: TrainConfig) -> str:

@@ -160,9 +160,20 @@ def _engine(config: TrainConfig, hf_ds_config: HfDeepSpeedConfig, tokenizer, tot
     rank ever holds the whole model) and resizes the embeddings partitioned too."""
     model_kwargs = {"dtype": DTYPES[config.precision], "attn_implementation": config.attn_implementation}
     model_kwargs |= {"gguf_file": config.gguf_file} if config.gguf_file else {}
+    quantized = config.method == "lora" and config.lora.quantize == "4bit"
+    if quantized:  # bitsandbytes quantizes the weights as they are placed on the worker's device
+        device = torch.device("cuda", torch.cuda.current_device()) if config.use_gpu else torch.device("cpu")
+        model_kwargs |= {"quantization_config": lora.quantization(DTYPES[config.precision]), "device_map": {"": device}}
     model = load_model(config.base_model, tokenizer, **model_kwargs)
     model.config.use_cache = False  # required for packed rows; useless in training anyway
-    if config.gradient_checkpointing:
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and the output layer in fp32, input gradients on: what a 4-bit base needs to train through.
+        model = prepare_model_for_kbit_training(
+            model, config.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.method == "lora":
         model = lora.adapt(model, config.lora, sorted(special_token_ids(tokenizer).values()), config.base_model)

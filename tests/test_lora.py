@@ -103,3 +103,26 @@ def test_a_lora_run_resumes_from_its_verified_checkpoint(lora_run, tmp_path):
     rerun = config.model_copy(update={"max_steps": 42, "output_dir": tmp_path / "out", "register_as": None})
     result = train(rerun)
     assert result.metrics["resumes"][-1]["step"] == 40 and result.metrics["step"] == 42
+
+
+def test_qlora_trains_the_adapters_on_a_4_bit_base(lora_run, tmp_path, tokenizer):
+    """lora.quantize=4bit (bitsandbytes, whose 4-bit layers run on this CPU): the same run on the
+    base held in NF4 starts from nearly, not exactly, the same loss (all else is the LoRA run's),
+    learns, and its adapter loads on the full-precision base as any adapter does."""
+    config, lora = lora_run
+    qlora = config.model_copy(
+        update={
+            "lora": config.lora.model_copy(update={"quantize": "4bit", "merged_export": False}),
+            "max_steps": 10,  # logged every 5 steps, as the LoRA run: the first windows see the same rows
+            "run_name": "qlora",
+            "output_dir": tmp_path / "out",
+            "register_as": None,
+        }
+    )
+    result = train(qlora)
+    first = {c.run_name: read_history(c.output_dir / c.run_name)[0]["train_loss"] for c in (config, qlora)}
+    assert first["qlora"] != pytest.approx(first[config.run_name], rel=1e-4), "the base was not quantized"
+    assert first["qlora"] == pytest.approx(first[config.run_name], rel=0.05)
+    losses = [row["train_loss"] for row in read_history(qlora.output_dir / qlora.run_name) if "train_loss" in row]
+    assert losses[-1] < losses[0]
+    assert load_model(result.metrics["export_dir"], tokenizer).config.vocab_size > 0

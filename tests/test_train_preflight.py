@@ -85,6 +85,10 @@ def test_presets_fill_unset_settings_and_explicit_ones_win():
         ({"attn_implementation": "flash_attention_2"}, "needs GPUs"),
         ({"method": "lora", "base_model": "base-folder", "zero_stage": 3}, "method=lora with zero_stage=3 needs GPUs"),
         ({"method": "lora"}, "method=lora adapts a base that others can load again"),
+        (
+            {"method": "lora", "base_model": "base-folder", "zero_stage": 3, "lora": {"quantize": "4bit"}},
+            "lora.quantize=4bit with zero_stage=3 is not supported",
+        ),
         ({"preset": "h100", "precision": "fp32"}, "bf16 or fp16 only"),
         # flash-attention finds packed examples only in a one-row batch: several rows would cross them.
         ({"preset": "h100", "padding_free": False}, "micro_batch_size=8 would let the examples .* set padding_free=true"),

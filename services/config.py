@@ -80,7 +80,10 @@ class ModelDeploymentConfig(_Settings):
     max_queued_requests: int = Field(
         128, ge=-1, description="requests waiting for a replica before new ones get 503 (-1: unbounded)"
     )
-    retry_after_s: int = Field(2, ge=0, description="the Retry-After header of a 503 on overflow")
+    retry_after_s: int = Field(2, ge=0, description="the Retry-After header of a 503 (overflow, or a replica lost)")
+    lost_replica_retries: int = Field(
+        2, ge=0, description="times a request is sent again when its replica is lost before any of its answer has left"
+    )
     health_check_period_s: float = Field(10, gt=0, description="how often Serve checks a replica")
     health_check_timeout_s: float = Field(30, gt=0, description="a replica that does not answer its check this fast is replaced")
     graceful_shutdown_wait_loop_s: float = Field(
@@ -89,6 +92,9 @@ class ModelDeploymentConfig(_Settings):
     graceful_shutdown_timeout_s: float = Field(60, ge=0, description="a stopping replica gets this long to finish its requests")
     num_cpus: float = Field(1, ge=0, description="logical CPUs each replica claims (fractional is fine)")
     num_gpus: float = Field(0, ge=0, description="GPUs each replica claims")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="at most this many replicas on one node (1 spreads them: a lost node takes one)"
+    )
 
 
 class IngressConfig(_Settings):
@@ -97,6 +103,9 @@ class IngressConfig(_Settings):
     num_replicas: int = Field(1, ge=1, description="ingress replicas")
     num_cpus: float = Field(0.25, ge=0, description="logical CPUs each ingress replica claims")
     max_ongoing_requests: int = Field(512, ge=1, description="HTTP requests one ingress replica holds at once")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="at most this many ingress replicas on one node (1 spreads them across nodes)"
+    )
 
 
 class AuthConfig(_Settings):
@@ -168,6 +177,7 @@ class ServeConfig(_Settings):
             graceful_shutdown_wait_loop_s=d.graceful_shutdown_wait_loop_s,
             graceful_shutdown_timeout_s=d.graceful_shutdown_timeout_s,
             ray_actor_options=dict(num_cpus=d.num_cpus, num_gpus=d.num_gpus),
+            max_replicas_per_node=d.max_replicas_per_node,
         )
 
     def ingress_deployment_options(self) -> dict:
@@ -181,4 +191,5 @@ class ServeConfig(_Settings):
             # In-flight streams finish before an old ingress goes away in a version switch.
             graceful_shutdown_timeout_s=self.deployment.graceful_shutdown_timeout_s,
             ray_actor_options=dict(num_cpus=i.num_cpus),
+            max_replicas_per_node=i.max_replicas_per_node,
         )

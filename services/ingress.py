@@ -5,6 +5,12 @@ relays the model's text as one JSON answer or as Server-Sent Events. Bad input i
 OpenAI's error shape and a status that names the problem: 401 without a valid key, 422 for a
 malformed body (naming the field), 400 for a prompt longer than the context, 503 with
 Retry-After when the model replicas' queues are full.
+
+A model replica lost while it works on a request (killed, out of memory, its node gone) costs the
+client nothing: the request goes on on a live replica from the text that had come back
+(services/failover.py). Only when every try is lost does it fail: 503 with Retry-After before
+the status line has left, an error event in a begun stream, as OpenAI's clients expect of a
+transient failure. No failure is a bare 500.
 """
 
 from __future__ import annotations
@@ -22,17 +28,23 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.models import load_tokenizer
 from services.auth import ApiKeys
 from services.config import ServeConfig
+from services.failover import Failover, ReplicaLost
 from services.generator import context_limit
 from services.metrics import IngressMetrics
 from services.prompts import Prompt, PromptBuilder, PromptTooLong
-from services.protocol import ChatRequest, CompletionRequest
+from services.protocol import ChatRequest, CompletionRequest, ErrorBody, ErrorDetail, ModelList
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,8 +64,31 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        body = ErrorBody(error=ErrorDetail(message=self.message, type=self.kind, param=self.param, code=self.status))
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+
+
+# Every status the API answers besides 200, for /openapi.json: generated clients and gateways
+# read their errors from here.
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before sending again", "schema": {"type": "integer"}}}
+_ERRORS = {
+    400: {"description": "the request cannot be served as asked: a prompt longer than the context, a setting this engine lacks"},
+    401: {
+        "description": "missing or wrong API key",
+        "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    },
+    404: {"description": "the model named is not served here"},
+    422: {"description": "a malformed body: `param` names the field"},
+    500: {"description": "a fault of the server's own; its log has the details"},
+    503: {"description": "every model replica is busy, or the one answering was lost: send again", "headers": _RETRY_AFTER},
+}
+
+
+def _documented(*statuses: int, answer: type[BaseModel] | None = None) -> dict:
+    responses = {status: {**_ERRORS[status], "model": ErrorBody} for status in statuses}
+    if answer is not None:  # a whole JSON answer, or with stream=true Server-Sent Events of its chunks
+        responses[200] = {"model": answer, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    return responses
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -126,20 +161,37 @@ class OpenAIIngress:
             raise ApiError(400, str(e), "messages" if chat else "prompt") from None
         # A whole answer needs no intermediate events: only the first, which shows the request was admitted.
         interval_s = self._config.engine.stream_interval_s if body.stream else math.inf
-        events = self._model.options(stream=True).generate.remote(
-            prompt.ids, body.sampling(self._config.defaults, prompt.max_tokens), interval_s
+        params = body.sampling(self._config.defaults, prompt.max_tokens)
+        reply = _Reply(body, prompt, chat, self.version, limit, self._config.log_content)
+        events = Failover(
+            self._model,
+            self._prompts.tokenize,
+            prompt.ids,
+            params,
+            interval_s,
+            self._config.deployment.lost_replica_retries,
+            self.metrics,
+            reply.id,
         )
+        retry_after = str(self._config.deployment.retry_after_s)
         try:
             first = await events.__anext__()
+            if body.stream:  # from here on, the stream is the client's: sse() ends it
+                stream = reply.sse(first, events, retry_after)
+                return StreamingResponse(stream, media_type="text/event-stream", headers=reply.headers)
+            return JSONResponse(await reply.whole(first, events), headers=reply.headers)
         except BackPressureError:
-            retry = str(self._config.deployment.retry_after_s)
+            self.metrics.failed("overloaded")
             raise ApiError(
-                503, f"all model replicas are busy: retry in {retry} s", kind="overloaded_error", headers={"Retry-After": retry}
+                503,
+                f"all model replicas are busy: retry in {retry_after} s",
+                kind="overloaded_error",
+                headers={"Retry-After": retry_after},
             ) from None
-        reply = _Reply(body, prompt, chat, self.version, limit, self._config.log_content)
-        if body.stream:
-            return StreamingResponse(reply.sse(first, events), media_type="text/event-stream", headers=reply.headers)
-        return JSONResponse(await reply.whole(first, events), headers=reply.headers)
+        except ReplicaLost as e:
+            raise ApiError(
+                503, f"{e}: retry in {retry_after} s", kind="service_unavailable_error", headers={"Retry-After": retry_after}
+            ) from None
 
 
 class _Reply:
@@ -156,7 +208,7 @@ class _Reply:
     ):
         self._body, self._prompt, self._chat = body, prompt, chat
         self.version, self._context_limit, self._log_content = version, context_limit, log_content
-        self._id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self._created = int(time.time())
         self._started = time.perf_counter()
         self._object = ("chat.completion.chunk" if body.stream else "chat.completion") if chat else "text_completion"
@@ -176,7 +228,7 @@ class _Reply:
 
     def _envelope(self, choices: list, **extra) -> dict:
         return {
-            "id": self._id,
+            "id": self.id,
             "object": self._object,
             "created": self._created,
             "model": self.version,
@@ -208,7 +260,7 @@ class _Reply:
             [self._choice(text, event["finish_reason"])], usage=self._usage(event["completion_tokens"]), dolly=self._meta
         )
 
-    async def sse(self, first: dict, events) -> AsyncIterator[str]:
+    async def sse(self, first: dict, events, retry_after: str) -> AsyncIterator[str]:
         parts, event = [], first
         async with _cancelled_unless_done(events):
             yield _sse(self._envelope([self._choice("", None, first=True)], dolly=self._meta))
@@ -218,7 +270,13 @@ class _Reply:
                     yield _sse(self._envelope([self._choice(event["text"], None)]))
                 if "finish_reason" in event:
                     break
-                event = await events.__anext__()
+                try:
+                    event = await events.__anext__()
+                except ReplicaLost as e:
+                    # The status line has left: the stream ends with an error event, which OpenAI's clients raise.
+                    message = f"{e}, mid-answer: send the request again in {retry_after} s"
+                    yield _sse({"error": {"message": message, "type": "service_unavailable_error", "param": None, "code": 503}})
+                    return
         yield _sse(self._envelope([self._choice(None, event["finish_reason"])]))
         options = self._body.stream_options
         if options is not None and options.include_usage:
@@ -235,7 +293,7 @@ class _Reply:
         )
         logger.info(
             "%s %s prompt_tokens=%d completion_tokens=%d trimmed_turns=%d finish=%s %.3fs%s",
-            self._id,
+            self.id,
             self.version,
             len(self._prompt.ids),
             end["completion_tokens"],
@@ -276,6 +334,18 @@ def openai_api(server: OpenAIIngress) -> FastAPI:
     async def _api_error(request: Request, error: ApiError):
         return error.response()
 
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException):
+        # FastAPI's own refusals (a body it cannot parse, an unknown path or method) in OpenAI's error shape.
+        param = "body" if error.status_code == 400 else None
+        return ApiError(error.status_code, str(error.detail), param, headers=error.headers).response()
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception):
+        logger.exception("unexpected error answering %s", request.url.path)
+        message = f"internal error ({error.__class__.__name__}); the server's log has the details"
+        return ApiError(500, message, kind="server_error").response()
+
     @api.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError):
         problems = error.errors()
@@ -283,22 +353,30 @@ def openai_api(server: OpenAIIngress) -> FastAPI:
         message = "; ".join(f"{f}: {p['msg']}" for f, p in zip(fields, problems))
         return ApiError(422, message, fields[0] if fields else None).response()
 
-    def authorized(request: Request) -> None:  # a plain function: FastAPI cannot resolve a bound method's annotations
+    # Declared as HTTP bearer security, so that /openapi.json says how to authenticate; the check
+    # itself is ours (auto_error=False), to answer in OpenAI's error shape.
+    bearer = HTTPBearer(auto_error=False, description="an API key, one of auth.api_keys_file or DOLLY_API_KEYS")
+
+    def authorized(
+        request: Request, _=Depends(bearer)
+    ) -> None:  # a plain function: FastAPI cannot resolve a bound method's annotations
         server.authorize(request)
 
     @api.get("/healthz")
     async def healthz():
         return {"status": "ok", "model": server.version}
 
-    @api.get("/v1/models", dependencies=[Depends(authorized)])
+    @api.get("/v1/models", dependencies=[Depends(authorized)], response_model=ModelList, responses=_documented(401, 500))
     async def models():
         return server.models()
 
-    @api.post("/v1/completions", dependencies=[Depends(authorized)])
+    answers = (400, 401, 404, 422, 500, 503)
+
+    @api.post("/v1/completions", dependencies=[Depends(authorized)], responses=_documented(*answers, answer=Completion))
     async def completions(body: CompletionRequest):
         return await server.answer(body)
 
-    @api.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @api.post("/v1/chat/completions", dependencies=[Depends(authorized)], responses=_documented(*answers, answer=ChatCompletion))
     async def chat_completions(body: ChatRequest):
         return await server.answer(body)
 

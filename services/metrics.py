@@ -24,6 +24,23 @@ class IngressMetrics:
             tag_keys=("endpoint",),
         )
 
+        self.retries = metrics.Counter(
+            "dolly_retried_requests",
+            description="requests sent again after their model replica was lost, by cause (replica_lost, replica_lost_mid_answer)",
+            tag_keys=("cause",),
+        )
+        self.failures = metrics.Counter(
+            "dolly_failed_requests",
+            description="requests that got no whole answer, by cause (overloaded, replica_lost, overloaded_on_resend)",
+            tag_keys=("cause",),
+        )
+
+    def retried(self, cause: str) -> None:
+        self.retries.inc(tags={"cause": cause})
+
+    def failed(self, cause: str) -> None:
+        self.failures.inc(tags={"cause": cause})
+
     def answered(self, endpoint: str, code: int, seconds: float) -> None:
         self.requests.inc(tags={"endpoint": endpoint, "code": str(code)})
         self.latency.observe(seconds, tags={"endpoint": endpoint})

@@ -2,8 +2,10 @@
 
 Dolly was trained single-turn, so a conversation is folded into one prompt: the last user
 message is the instruction, and the system messages and earlier turns become its `Input:`
-context (contract.prompt.fold_turns, as the exports' chat template does). When that does not fit
-with room for the answer, the oldest turns go first.
+context (contract.prompt.fold_turns, as the exports' chat template does). Assistant text after
+the instruction is the start of the answer, which the model continues, as transformers'
+`continue_final_message` renders it. When that does not fit with room for the answer, the oldest
+turns go first.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ class PromptBuilder:
         self.context_limit = context_limit
 
     def completion(self, instruction: str, context: str, max_tokens: int) -> Prompt:
-        return self._fit(self._ids(render_generation_prompt(instruction, context)), max_tokens)
+        return self._fit(self.tokenize(render_generation_prompt(instruction, context)), max_tokens)
 
     def chat(self, messages: list, max_tokens: int) -> Prompt:
-        *history, last = messages
-        history = [(m.role, m.content) for m in history]
+        at = max(i for i, m in enumerate(messages) if m.role == "user")
+        after = messages[at + 1 :]
+        history = [(m.role, m.content) for m in messages[:at]] + [("system", m.content) for m in after if m.role == "system"]
+        begun = "".join(m.content for m in after if m.role == "assistant")
 
         def ids(dropped: int) -> list[int]:
-            return self._ids(render_generation_prompt(last.content, fold_turns(history, dropped)))
+            return self.tokenize(render_generation_prompt(messages[at].content, fold_turns(history, dropped)) + begun)
 
         # The fewest oldest turns to drop so that the answer still has max_tokens of room;
         # dropping more never lengthens the prompt, so a binary search finds it.
@@ -53,7 +57,7 @@ class PromptBuilder:
         prompt = self._fit(ids(low), max_tokens)
         return Prompt(prompt.ids, prompt.max_tokens, trimmed_turns=low)
 
-    def _ids(self, text: str) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
         return self._tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _fit(self, ids: list[int], max_tokens: int) -> Prompt:

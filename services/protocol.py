@@ -3,9 +3,10 @@ client never believes a setting took effect when it did not; each check names it
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import openai
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from contract import RESERVED_MARKERS
 from contract.sampling import SamplingParams
@@ -19,6 +20,19 @@ def _no_reserved_marker(text: str) -> str:
         if marker in text:
             raise ValueError(f"must not contain the prompt marker {marker!r}")
     return text
+
+
+StopString = Annotated[str, Field(min_length=1)]
+# One string or a list of them, as OpenAI takes it; validated as the list, so an error names
+# `stop` (or `stop.2`), not a branch of a union.
+Stops = Annotated[
+    list[StopString],
+    Field(max_length=4),
+    BeforeValidator(
+        lambda stop: [stop] if isinstance(stop, str) else stop,
+        json_schema_input_type=StopString | Annotated[list[StopString], Field(max_length=4)],
+    ),
+]
 
 
 class StreamOptions(BaseModel):
@@ -41,22 +55,14 @@ class _Request(BaseModel):
     presence_penalty: float | None = Field(
         None, ge=-2, le=2, description="lower a token's logit by this once it has been generated"
     )
-    stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: Stops | None = Field(None, description="up to 4 stop strings")
+    # 2^53 - 1 rather than int64's limit: JSON parsers (and FastAPI's /openapi.json, which writes
+    # bounds as floats) keep integers exact only up to there (RFC 8259, section 6).
+    seed: int | None = Field(None, ge=0, le=2**53 - 1)
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop strings")
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return stops
 
     def sampling(self, defaults: SamplingDefaults, max_tokens: int) -> SamplingParams:
         return SamplingParams(
@@ -110,16 +116,49 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(
+        ...,
+        min_length=1,
+        description=(
+            "The last user message is the instruction; the messages before it and every system message "
+            "become its context. Assistant text after it is the beginning of the answer, which the "
+            "model continues (as vLLM's continue_final_message)."
+        ),
+        # JSON Schema cannot point at the last item, so the rule is stated the way it can be: at
+        # least one user message. services/prompts.py gives every such list a meaning.
+        json_schema_extra={"contains": {"type": "object", "properties": {"role": {"const": "user"}}, "required": ["role"]}},
+    )
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
 
     @field_validator("messages")
     @classmethod
-    def _ends_with_user(cls, messages):
-        if messages[-1].role != "user":
-            raise ValueError("the last message must be the user's: it is the instruction the model answers")
+    def _has_user(cls, messages):
+        if not any(m.role == "user" for m in messages):
+            raise ValueError("needs a user message: the last one is the instruction the model answers")
         return messages
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="what went wrong and how to fix it")
+    type: str = Field(..., description="invalid_request_error, authentication_error, not_found_error, overloaded_error, ...")
+    param: str | None = Field(..., description="the request field at fault, as messages.1.content")
+    code: int = Field(..., description="the HTTP status")
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape: the body of every answer that is not a 200."""
+
+    error: ErrorDetail
+
+
+class ServedModel(openai.types.Model):
+    version: str = Field(..., description="the registry version answering, as dolly@3")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ServedModel]

@@ -130,3 +130,14 @@ def test_the_chat_template_folds_a_conversation_as_the_api_does(templated):
     served = PromptBuilder(templated, context_limit=2048).chat([ChatMessage(**m) for m in messages], max_tokens=64)
     assert served.trimmed_turns == 0
     assert served.ids == templated.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+def test_an_answer_the_assistant_has_begun_is_continued_as_transformers_continue_final_message_renders_it(templated):
+    from services.prompts import PromptBuilder
+    from services.protocol import ChatMessage
+
+    messages = [*CONVERSATIONS["a system message as context"], {"role": "assistant", "content": "Cats"}]
+    served = PromptBuilder(templated, context_limit=2048).chat([ChatMessage(**m) for m in messages], max_tokens=64)
+    rendered = templated.apply_chat_template(messages, continue_final_message=True, return_dict=True)["input_ids"]
+    assert served.ids == rendered
+    assert templated.decode(served.ids).endswith("### Response:\nCats")

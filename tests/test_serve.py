@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ import openai
 import pytest
 
 from contract import registry, render_generation_prompt
-from services.config import ServeConfig
+from services.config import ModelDeploymentConfig, ServeConfig
 from services.prompts import PromptBuilder
 from services.protocol import ChatMessage
 from tests.conftest import export_tiny_model, free_port
@@ -277,6 +279,8 @@ def test_every_metric_of_the_grafana_dashboard_reaches_prometheus(served):
     expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     # A histogram is exported as <name>_bucket; the dashboard's rate() of a counter names <name>_total.
     wanted = {m for e in expressions for m in re.findall(r"ray_\w+", e)} | {'code="401"', 'code="422"'}
+    # Counted only once a request is retried or fails: the replica-loss test checks those.
+    wanted -= {"ray_dolly_retried_requests_total", "ray_dolly_failed_requests_total"}
     assert {
         "ray_dolly_requests_total",
         "ray_dolly_time_to_first_token_s_bucket",
@@ -305,6 +309,7 @@ class Load:
     max_tokens: int = 32
     max_requests: int = 60
     max_seconds: float = 90
+    streams: bool = True  # every other request streamed
     stop: threading.Event = field(default_factory=threading.Event)
     results: list = field(default_factory=list)
 
@@ -324,7 +329,7 @@ class Load:
         for n in range(self.max_requests):
             if self.stop.is_set() or time.monotonic() > deadline:
                 return
-            stream = (i + n) % 2 == 1
+            stream = self.streams and (i + n) % 2 == 1
             body = {"model": "dolly", "prompt": f"Question {i}.{n}?", "max_tokens": self.max_tokens, "stream": stream}
             try:
                 response = self.served.post("/v1/completions", body)
@@ -333,7 +338,10 @@ class Load:
                     if response.status_code == 200
                     else None
                 )
-                self.results.append((response.status_code, version, response.headers.get("Retry-After")))
+                status = response.status_code
+                if stream and status == 200 and not response.text.rstrip().endswith("data: [DONE]"):
+                    status = "a stream that did not end"  # an error event, say
+                self.results.append((status, version, response.headers.get("Retry-After")))
             except Exception as e:  # a failed request is a result to report, not a crash of the load
                 self.results.append((repr(e), None, None))
 
@@ -404,3 +412,115 @@ def test_switching_versions_under_load_fails_no_request(served, tokenizer_path, 
     versions = [v for _, v, _ in load.results]
     assert versions[0] == "dolly@1" and versions[-1] == "dolly@2"
     assert served.openai().models.list().data[0].model_extra["version"] == "dolly@2"
+
+
+@pytest.mark.timeout(300)
+def test_the_openapi_document_tells_the_truth_about_every_answer(served, tmp_path):
+    """Schemathesis generates requests from /openapi.json, valid and invalid, and checks each
+    answer against the document (`--checks all`): no 5xx, every status and header documented,
+    every JSON body in its schema, valid requests accepted and invalid ones refused."""
+    run = [str(Path(sys.executable).with_name("st")), "run", f"{served.url}/openapi.json", "--checks", "all"]
+    run += ["--header", f"Authorization: Bearer {KEY}", "--max-examples", "15", "--max-time", "90"]
+    run += ["--seed", "1", "--workers", "1", "--request-timeout", "60", "--no-color", "--report-dir", str(tmp_path)]
+    result = subprocess.run(run, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-6000:]
+
+
+def model_replica_processes() -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:dolly:DollyModel" in " ".join(p.info["cmdline"] or [])]
+
+
+def prometheus_text() -> str:
+    import ray
+
+    return httpx.get(f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics", timeout=10).text
+
+
+def test_a_model_replica_killed_under_load_costs_no_request(served):
+    """SIGKILL one of two model replicas under load: the requests it held, streamed or not, go on
+    on the other, every client gets its whole answer, and Serve brings the lost replica back."""
+    from ray import serve
+
+    from services.app import build_app
+
+    two = served.config.model_copy(deep=True)
+    two.deployment.min_replicas = 2
+    # The module's queues of 4 are there to show overflow; while the router learns of the death,
+    # requests wait for the lost replica, and such a queue would overflow into 503s.
+    two.deployment.max_queued_requests = ModelDeploymentConfig().max_queued_requests
+    serve.run(build_app(two), name="dolly", route_prefix="/")
+    wait_until(lambda: running_replicas() == 2 and len(model_replica_processes()) == 2, 90, "two model replicas")
+    with Load(served, clients=6, max_tokens=32, max_requests=40, max_seconds=150) as load:
+        wait_until(lambda: len(load.results) >= 12, 90, "load before the kill")
+        model_replica_processes()[0].kill()
+        killed_at = len(load.results)
+        wait_until(lambda: len(load.results) >= killed_at + 48, 120, "load after the kill")
+    assert [r for r in load.results if r[0] != 200] == [], "a request failed"
+    wait_until(lambda: running_replicas() == 2, 60, "the lost replica back")
+
+
+def test_a_request_whose_every_replica_dies_is_answered_by_a_replacement(served):
+    """Nothing of the answer had come back when the replicas working on it died: the ingress sends
+    it again, Serve's router holds it until a new replica is up, and the client gets a 200."""
+    done = []
+    body = {"model": "dolly", "prompt": "Go on.", "max_tokens": 400, "temperature": 0}
+    asking = threading.Thread(target=lambda: done.append(served.post("/v1/completions", body)))
+    asking.start()
+    time.sleep(1.5)  # the request is being answered
+    for process in model_replica_processes():
+        process.kill()
+    asking.join(timeout=120)
+    assert done and done[0].status_code == 200, done and done[0].text
+    retried = re.compile(r'ray_dolly_retried_requests_total\{[^}]*cause="replica_lost')
+    wait_until(lambda: retried.search(prometheus_text()), 60, "the retry counted")
+
+
+def streamed_until_the_replicas_die(served, body: dict) -> tuple[str, list[dict]]:
+    """The text that came back before every model replica was killed, and the events after."""
+    wait_until(lambda: running_replicas() >= 1, 90, "a model replica")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, headers=headers, timeout=120) as response:
+        assert response.status_code == 200
+        events = (json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: {"))
+        before = ""
+        while not before:  # the answer has begun
+            before += next(events)["choices"][0]["text"]
+        for process in model_replica_processes():
+            process.kill()
+        return before, list(events)
+
+
+def test_a_stream_cut_by_a_lost_replica_goes_on_where_it_stopped(served):
+    """Part of a streamed answer had left when its replica died: the ingress sends the prompt and
+    that text to a new replica, and the stream goes on to its end, the client none the wiser."""
+    before, after = streamed_until_the_replicas_die(
+        served, {"model": "dolly", "prompt": "Tell a long story.", "max_tokens": 300, "stream": True}
+    )
+    assert before and not any("error" in e for e in after)
+    assert after[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    resumed = re.compile(r'ray_dolly_retried_requests_total\{[^}]*cause="replica_lost_mid_answer"')
+    wait_until(lambda: resumed.search(prometheus_text()), 60, "the resumption counted")
+
+
+def test_a_stream_lost_on_every_try_ends_with_an_error_event_not_a_broken_connection(served):
+    """With no resend left, a begun stream ends with an error event, which OpenAI's clients raise
+    as an APIError; never a bare 500 or a cut connection."""
+    from ray import serve
+
+    from services.app import build_app
+
+    once = served.config.model_copy(deep=True)
+    once.deployment.lost_replica_retries = 0
+    serve.run(build_app(once), name="dolly", route_prefix="/")
+    _, after = streamed_until_the_replicas_die(
+        served, {"model": "dolly", "prompt": "Tell a long story.", "max_tokens": 300, "stream": True}
+    )
+    assert after[-1]["error"]["code"] == 503 and "send the request again" in after[-1]["error"]["message"]
+    wait_until(lambda: running_replicas() >= 1, 90, "a model replica back")
+    with pytest.raises(openai.APIError, match="mid-answer"):
+        for _ in served.openai().completions.create(model="dolly", prompt="Tell a long story.", max_tokens=300, stream=True):
+            for process in model_replica_processes():
+                process.kill()
+    wait_until(lambda: running_replicas() >= 1, 90, "a model replica back")

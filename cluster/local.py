@@ -111,39 +111,23 @@ def up(
     temp_dir = tempfile.mkdtemp(prefix="dolly-ray-", dir="/tmp")
     log_dir = Path(temp_dir) / "logs-dolly"
     log_dir.mkdir()
-    common = ["--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
-    nodes = [
-        [
-            _ray_bin(),
-            "start",
-            "--head",
-            f"--port={port}",
-            f"--temp-dir={temp_dir}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            *common,
-            *_node_ports(head=True),
-        ]
+    head = [
+        _ray_bin(),
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        *_common(cpus_per_node),
+        *_node_ports(head=True),
     ]
-    nodes += [[_ray_bin(), "start", f"--address=127.0.0.1:{port}", *common, *_node_ports()] for _ in range(workers)]
     cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir, [], str(log_dir))
     try:
-        for i, command in enumerate(nodes):
-            with open(log_dir / f"node-{i}.log", "w") as log:
-                # Worker nodes join the head as clients: with token auth on, they need token mode.
-                process = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **client_auth_env()}
-                )
-            cluster.sessions.append(process.pid)
-            # `ray start` prints this once its node has joined; the head must be up before workers start.
-            log_file = log_dir / f"node-{i}.log"
-            _wait(
-                lambda log_file=log_file: "Ray runtime started" in log_file.read_text(),
-                timeout_s,
-                f"node {i} of {cluster.address}",
-                log_dir,
-            )
+        _start_node(cluster, head, timeout_s)
+        for _ in range(workers):
+            add_worker(cluster, cpus_per_node, timeout_s)
         _wait(lambda: _dashboard_up(cluster.dashboard_url), timeout_s, f"the dashboard at {cluster.dashboard_url}", log_dir)
         STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
         STATE_FILE.write_text(json.dumps(asdict(cluster), indent=2))
@@ -151,6 +135,49 @@ def up(
         _stop_sessions(cluster.sessions)
         raise
     return cluster
+
+
+def add_worker(cluster: LocalCluster, cpus_per_node: int = 4, timeout_s: float = 120) -> int:
+    """Start one more worker node in `cluster` (one that was lost, say); returns its session."""
+    command = [_ray_bin(), "start", f"--address={cluster.address}", *_common(cpus_per_node), *_node_ports()]
+    return _start_node(cluster, command, timeout_s)
+
+
+def lose_node(cluster: LocalCluster, session: int) -> None:
+    """SIGKILL every process of one node, its raylet first among them, as a preempted spot
+    node goes: nothing is told, nothing is cleaned up."""
+    _signal_session(session, signal.SIGKILL)
+    cluster.sessions.remove(session)
+    _save_if_current(cluster)
+
+
+def _common(cpus_per_node: int) -> list[str]:
+    return ["--block", f"--num-cpus={cpus_per_node}", "--disable-usage-stats"]
+
+
+def _start_node(cluster: LocalCluster, command: list[str], timeout_s: float) -> int:
+    log_file = Path(cluster.log_dir) / f"node-{len(list(Path(cluster.log_dir).glob('node-*.log')))}.log"
+    with open(log_file, "w") as log:
+        # Worker nodes join the head as clients: with token auth on, they need token mode.
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **client_auth_env()}
+        )
+    cluster.sessions.append(process.pid)
+    # `ray start` prints this once its node has joined; the head must be up before workers start.
+    _wait(
+        lambda: "Ray runtime started" in log_file.read_text(),
+        timeout_s,
+        f"{log_file.stem} of {cluster.address}",
+        Path(cluster.log_dir),
+    )
+    _save_if_current(cluster)
+    return process.pid
+
+
+def _save_if_current(cluster: LocalCluster) -> None:
+    # `down` must know every node of the cluster that `up` recorded, added or lost since.
+    if STATE_FILE.exists() and read_state().address == cluster.address:
+        STATE_FILE.write_text(json.dumps(asdict(cluster), indent=2))
 
 
 def _node_ports(head: bool = False) -> list[str]:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
 from contract import generation
-from pipelines.records import DOLLY_CATEGORIES
+from contract.records import DOLLY_CATEGORIES
 
 Mode = Literal["greedy", "sampled"]
 NGRAM = 4

@@ -9,10 +9,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from contract import generation
+from contract.records import DOLLY_CATEGORIES
 from contract.registry import DEFAULT_ROOT
 from pipelines.behaviour import BehaviourConfig
 from pipelines.presets import PRESETS, PresetName
-from pipelines.records import DOLLY_CATEGORIES
 from pipelines.sources import DOLLY_HUB_ID
 
 AttentionName = Literal["sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "eager"]

@@ -21,10 +21,11 @@ from rich.console import Console
 
 from contract.errors import UserError
 from contract.models import load_tokenizer, max_length_for, special_token_ids
+from contract.records import Reject
 from pipelines import manifest as mf
 from pipelines.configs import PrepareConfig
 from pipelines.packing import pack_batch
-from pipelines.records import Reject, split_records
+from pipelines.records import split_records
 from pipelines.report import plot_token_lengths, print_report
 from pipelines.sources import resolve_source
 from pipelines.tokenize import process_batch

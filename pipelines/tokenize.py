@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from contract import IGNORE_INDEX, RESPONSE_KEY_NL, render_training_example
 from contract.models import load_tokenizer
-from pipelines.records import RecordError, Reject, validate_record
+from contract.records import RecordError, Reject, validate_record
 
 
 def tokenize_examples(tokenizer, records: list[dict[str, str]]) -> list[tuple[list[int], list[int]]]:

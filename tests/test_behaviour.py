@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from contract import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL
+from contract.records import DOLLY_CATEGORIES
 from loop.configs import GateConfig
 from loop.gate import gate
 from pipelines.behaviour import LOOP_THRESHOLD, BehaviourConfig, BehaviourReport, Sample, repetition, rouge_l, summarize
 from pipelines.loss import CategoryLoss, LossReport
-from pipelines.records import DOLLY_CATEGORIES
 
 REFERENCE = "Paris is the capital of France, and it lies on the Seine."
 

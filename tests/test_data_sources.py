@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.records import DOLLY_CATEGORIES
+from contract.records import DOLLY_CATEGORIES
 from pipelines.sources import BUILTIN_SAMPLE, DOLLY_HUB_ID, choose_source
 
 pytestmark = pytest.mark.timeout(300)

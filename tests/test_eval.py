@@ -21,13 +21,13 @@ from cli.eval import eval_command
 from contract import END_KEY, registry
 from contract.errors import UserError
 from contract.models import load_model, load_tokenizer
+from contract.records import DOLLY_CATEGORIES
 from pipelines.answers import sample_generations
 from pipelines.configs import DOLLY_V2_TASKS
 from pipelines.harness import PUBLISHED_DOLLY_V2, HarnessReport, TaskScore, harness_table, lm_eval_harness
 from pipelines.heldout import LoadedModel, read_heldout
 from pipelines.loss import compare, heldout_loss, plot_comparison
 from pipelines.manifest import read_manifest
-from pipelines.records import DOLLY_CATEGORIES
 from tests.conftest import export_tiny_model, prepared
 
 PER_CATEGORY = 3  # records per category in the slice (summarization has only 2 short ones)

@@ -117,7 +117,7 @@ def write_lengths(corpus: Path, tokenizer_path: str, out: Path, records: int | N
     """(tokens, prompt tokens) of every Dolly example that training keeps (shorter than Pythia's
     2048-token context, Dolly's rule), and the ids the check needs from the tokenizer."""
     from contract.models import load_tokenizer
-    from pipelines.records import RecordError, validate_record
+    from contract.records import RecordError, validate_record
     from pipelines.tokenize import tokenize_examples
 
     tokenizer = load_tokenizer(tokenizer_path)

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from cli import cluster, data, k8s, retrain, serve, submit, train, ui, up
+from cli import cluster, data, feedback, k8s, retrain, serve, submit, train, ui, up
 from cli import eval as eval_cli
 from contract.errors import UserError
 
@@ -25,6 +25,7 @@ app.command(name="serve", epilog=serve.EPILOG)(serve.serve)
 app.command(name="ui", epilog=ui.EPILOG)(ui.ui)
 app.command(name="eval", epilog=eval_cli.EPILOG)(eval_cli.eval_command)
 app.command(name="retrain", epilog=retrain.EPILOG)(retrain.retrain)
+app.add_typer(feedback.app, name="feedback")
 app.add_typer(cluster.app, name="cluster")
 app.add_typer(k8s.app, name="k8s")
 

@@ -176,7 +176,10 @@ def train_config(profile: Profile) -> TrainConfig:
 
 
 def serve_config(profile: Profile, model: str = DEFAULT_MODEL) -> ServeConfig:
-    return ServeConfig.model_validate({"model": model, "registry": f"{MOUNT}/registry", **profile.serve})
+    # The feedback store's SQLite file on the shared volume, written by the ingress pods alone; a
+    # profile with several of them on a network filesystem sets feedback.url to Postgres instead.
+    paths = {"model": model, "registry": f"{MOUNT}/registry", "feedback": {"url": f"sqlite:///{MOUNT}/feedback/feedback.db"}}
+    return ServeConfig.model_validate(paths | profile.serve)
 
 
 def serve_config_v2(profile: Profile, model: str = DEFAULT_MODEL) -> dict:

@@ -105,6 +105,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
             registry=config.registry,
             auth={"api_keys_file": key_file.absolute()},
             defaults={"frequency_penalty": config.behaviour.frequency_penalty},
+            feedback={"url": f"sqlite:///{(workdir / 'feedback.db').absolute()}"},
         )
         retrain_file = _write_retrain_config(workdir, source, train_config, serve_config, config)
         try:
@@ -116,6 +117,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
                 "model": model_ref,
                 "api_key_file": str(key_file),
                 "retrain_config": str(retrain_file),
+                "feedback": serve_config.feedback.url,
                 "ray_address": ray.get_runtime_context().gcs_address,
             }
             console.print(_ready_panel(config, urls, key_file.read_text().strip()))
@@ -187,6 +189,9 @@ def _ready_panel(config: UpConfig, urls: dict, key: str) -> Panel:
         f"  curl {urls['api']}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\",
         f'    -d \'{{"model": "{config.model_name}", "messages": [{{"role": "user", "content": "Name three primary colours."}}]}}\'',
         "",
+        "Review the answers people wrote on the page, export the approved ones:",
+        f"  dolly feedback list --db {urls['feedback']}",
+        f"  dolly feedback export NEW.jsonl --db {urls['feedback']}",
         "Retrain on new records and promote only if better (from another terminal, while this runs):",
         f"  dolly retrain --config {urls['retrain_config']} --new-records NEW.jsonl --address {urls['ray_address']}",
         "",

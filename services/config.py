@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contract import generation
 from contract.environment import API_KEYS_ENV
+from contract.feedback import DEFAULT_URL, absolute_url
 from contract.registry import DEFAULT_ROOT
 
 
@@ -108,6 +109,20 @@ class IngressConfig(_Settings):
     )
 
 
+class FeedbackConfig(_Settings):
+    """Where the chat page's ratings and written answers are kept (contract/feedback.py)."""
+
+    url: str = Field(
+        DEFAULT_URL, validate_default=True, description="a SQLAlchemy database URL: SQLite on one machine, Postgres on a cluster"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _absolute(cls, url: str) -> str:
+        # Here, in the process that read the setting: Ray workers have a working directory of their own.
+        return absolute_url(url)
+
+
 class AuthConfig(_Settings):
     api_keys_env: str = Field(API_KEYS_ENV, description="environment variable with comma-separated API keys")
     api_keys_file: Path | None = Field(None, description="file with one API key per line (e.g. a mounted k8s Secret)")
@@ -132,6 +147,7 @@ class ServeConfig(_Settings):
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="the HTTP ingress deployment")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys")
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig, description="the store of ratings and written answers")
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,18 +38,28 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract.feedback import FeedbackStore
 from contract.models import load_tokenizer
+from contract.records import RecordError
 from services.auth import ApiKeys
 from services.config import ServeConfig
 from services.failover import Failover, ReplicaLost
 from services.generator import context_limit
 from services.metrics import IngressMetrics
 from services.prompts import Prompt, PromptBuilder, PromptTooLong
-from services.protocol import ChatRequest, CompletionRequest, ErrorBody, ErrorDetail, ModelList
+from services.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    ErrorBody,
+    ErrorDetail,
+    FeedbackRequest,
+    FeedbackSaved,
+    ModelList,
+)
 
 logger = logging.getLogger("ray.serve")
 
-ENDPOINTS = ("/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions")
+ENDPOINTS = ("/healthz", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/feedback")
 
 
 class ApiError(Exception):
@@ -104,6 +115,7 @@ class OpenAIIngress:
         self._prompts = PromptBuilder(tokenizer, context_limit(Path(folder), tokenizer, config.engine))
         self._keys = ApiKeys(config.auth)
         self.metrics = IngressMetrics()
+        self._feedback = FeedbackStore(config.feedback.url)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return openai_api(self)
@@ -122,6 +134,37 @@ class OpenAIIngress:
             "object": "list",
             "data": [{"id": self.served_name, "object": "model", "created": 0, "owned_by": "dolly-ray", "version": self.version}],
         }
+
+    async def feedback(self, body: FeedbackRequest) -> FeedbackSaved:
+        # An earlier version may have answered (NAME@N); any other name is not ours to record, and
+        # would grow the metric's labels without bound.
+        registry_name = self.version.split("@")[0]
+        if body.model not in self._names and not re.fullmatch(rf"{re.escape(registry_name)}@\d+", body.model):
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here: send the answer's `model`, {registry_name}@N, or {self.served_name!r}",
+                "model",
+                kind="not_found_error",
+            )
+        correction = body.correction
+        try:
+            saved = await asyncio.to_thread(
+                self._feedback.add,
+                model=body.model,
+                answer_id=body.answer_id,
+                instruction=body.instruction,
+                context=body.context,
+                answer=body.answer,
+                rating=body.rating,
+                response=correction and correction.response,
+                category=correction and correction.category,
+                user=body.user,
+            )
+        except RecordError as e:  # what the preparation pipeline would reject: the same reason
+            field = {"response": "correction.response", "category": "correction.category"}.get(e.field, e.field)
+            raise ApiError(422, f"{e.detail} ({e.reason.value}): this record could not train a model", field) from None
+        self.metrics.rated(body.rating, correction is not None, body.model)
+        return FeedbackSaved(id=saved, status="saved for review" if correction else "rating saved")
 
     async def answer(self, body: CompletionRequest | ChatRequest):
         chat = isinstance(body, ChatRequest)
@@ -379,6 +422,16 @@ def openai_api(server: OpenAIIngress) -> FastAPI:
     @api.post("/v1/chat/completions", dependencies=[Depends(authorized)], responses=_documented(*answers, answer=ChatCompletion))
     async def chat_completions(body: ChatRequest):
         return await server.answer(body)
+
+    @api.post(
+        "/v1/feedback",
+        dependencies=[Depends(authorized)],
+        status_code=201,
+        response_model=FeedbackSaved,
+        responses=_documented(400, 401, 404, 422, 500),
+    )
+    async def feedback(body: FeedbackRequest):
+        return await server.feedback(body)
 
     return _Recorded(api, server.metrics)
 

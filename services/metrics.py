@@ -29,11 +29,19 @@ class IngressMetrics:
             description="requests sent again after their model replica was lost, by cause (replica_lost, replica_lost_mid_answer)",
             tag_keys=("cause",),
         )
+        self.feedback = metrics.Counter(
+            "dolly_feedback",
+            description="ratings and written answers sent from the chat page, by rating and model version",
+            tag_keys=("rating", "corrected", "version"),
+        )
         self.failures = metrics.Counter(
             "dolly_failed_requests",
             description="requests that got no whole answer, by cause (overloaded, replica_lost, overloaded_on_resend)",
             tag_keys=("cause",),
         )
+
+    def rated(self, rating: str | None, corrected: bool, version: str) -> None:
+        self.feedback.inc(tags={"rating": rating or "none", "corrected": str(corrected).lower(), "version": version})
 
     def retried(self, cause: str) -> None:
         self.retries.inc(tags={"cause": cause})

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import openai
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from contract import RESERVED_MARKERS
+from contract.records import DOLLY_CATEGORIES
 from contract.sampling import SamplingParams
 from services.config import SamplingDefaults
 
@@ -162,3 +163,52 @@ class ServedModel(openai.types.Model):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ServedModel]
+
+
+# Not blank, as a record's instruction and response must be. The schema says so; the check is the
+# records' own (contract/records.py), which names the reason: "field 'response' is empty".
+Text = Annotated[str, Field(json_schema_extra={"pattern": r"\S"})]
+
+
+class Correction(BaseModel):
+    """A better answer, written by the person who asked: saved for review as a Dolly record."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    response: Text
+    category: Literal[DOLLY_CATEGORIES] = Field(..., description="one of Dolly's eight categories")
+
+
+class FeedbackRequest(BaseModel):
+    """A rating of one answer, a better answer written for it, or both."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        # The rule of _rated_or_corrected, as JSON Schema states it.
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["rating"], "properties": {"rating": {"enum": ["up", "down"]}}},
+                {"required": ["correction"], "properties": {"correction": {"type": "object"}}},
+            ]
+        },
+    )
+
+    model: str = Field(..., min_length=1, max_length=200, description="the version that answered: the answer's `model`")
+    answer_id: str | None = Field(None, max_length=100, description="the answer's `id`")
+    instruction: Text = Field(..., description="what was asked: the prompt, or the chat's last user message")
+    context: str = Field("", description="its context: the completion's `context`, or the chat folded before it")
+    answer: str = Field("", description="what the model answered")
+    rating: Literal["up", "down"] | None = None
+    correction: Correction | None = None
+    user: str | None = Field(None, max_length=200, description="who rated, when the page has a login")
+
+    @model_validator(mode="after")
+    def _rated_or_corrected(self) -> FeedbackRequest:
+        if self.rating is None and self.correction is None:
+            raise ValueError("send a rating ('up' or 'down'), a correction, or both")
+        return self
+
+
+class FeedbackSaved(BaseModel):
+    id: int
+    status: str = Field(..., description="what happens next")

@@ -102,6 +102,7 @@ def served(ray_cluster, tiny_model, tmp_path_factory):
             "graceful_shutdown_timeout_s": 30,
         },
         ingress={"num_cpus": 0.25},
+        feedback={"url": f"sqlite:///{root / 'feedback.db'}"},
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -281,6 +282,7 @@ def test_every_metric_of_the_grafana_dashboard_reaches_prometheus(served):
     wanted = {m for e in expressions for m in re.findall(r"ray_\w+", e)} | {'code="401"', 'code="422"'}
     # Counted only once a request is retried or fails: the replica-loss test checks those.
     wanted -= {"ray_dolly_retried_requests_total", "ray_dolly_failed_requests_total"}
+    wanted -= {"ray_dolly_feedback_total"}  # once feedback is sent: test_many_concurrent_submissions_lose_none checks it
     assert {
         "ray_dolly_requests_total",
         "ray_dolly_time_to_first_token_s_bucket",
@@ -412,6 +414,56 @@ def test_switching_versions_under_load_fails_no_request(served, tokenizer_path, 
     versions = [v for _, v, _ in load.results]
     assert versions[0] == "dolly@1" and versions[-1] == "dolly@2"
     assert served.openai().models.list().data[0].model_extra["version"] == "dolly@2"
+
+
+RATED = {"model": "dolly@1", "answer_id": "chatcmpl-1", "instruction": "Name a colour.", "answer": "Bleu", "rating": "down"}
+
+
+def test_a_rating_and_a_better_answer_are_stored_with_the_version_that_answered(served):
+    from contract.feedback import FeedbackStore
+
+    rated = served.post("/v1/feedback", {**RATED, "rating": "up"})
+    corrected = served.post("/v1/feedback", {**RATED, "correction": {"response": "Blue.", "category": "open_qa"}})
+    assert rated.status_code == 201 and rated.json()["status"] == "rating saved"
+    assert corrected.status_code == 201 and corrected.json()["status"] == "saved for review"
+    rows = {row["id"]: row for row in FeedbackStore(served.config.feedback.url).rows()}
+    up, down = rows[rated.json()["id"]], rows[corrected.json()["id"]]
+    assert (up["rating"], up["status"], up["model"]) == ("up", None, "dolly@1")
+    assert (down["rating"], down["response"], down["category"], down["status"]) == ("down", "Blue.", "open_qa", "pending")
+    assert down["answer"] == "Bleu" and down["created_at"] is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "status", "param", "words"),
+    [
+        (RATED, None, 401, None, "API key"),
+        ({**RATED, "rating": "meh"}, KEY, 422, "rating", "'up' or 'down'"),
+        ({**RATED, "model": "gpt-4"}, KEY, 404, "model", "dolly@N"),
+        ({**RATED, "rating": None}, KEY, 422, "body", "a rating"),
+        ({**RATED, "correction": {"response": "   ", "category": "open_qa"}}, KEY, 422, "correction.response", "empty_response"),
+        ({**RATED, "correction": {"response": "Blue.", "category": "poetry"}}, KEY, 422, "correction.category", "open_qa"),
+    ],
+)
+def test_feedback_without_a_key_or_with_a_bad_field_is_refused_with_its_reason(served, body, key, status, param, words):
+    response = served.post("/v1/feedback", body, key=key)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"]
+
+
+def test_many_concurrent_submissions_lose_none(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from contract.feedback import FeedbackStore
+
+    store = FeedbackStore(served.config.feedback.url)
+    before = len(store.rows())
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: served.post("/v1/feedback", {**RATED, "answer_id": f"c-{i}"}), range(80)))
+    assert [a.status_code for a in answers] == [201] * 80
+    assert len(store.rows()) == before + 80 and len({a.json()["id"] for a in answers}) == 80
+    counted = re.compile(r'ray_dolly_feedback_total\{(?=[^}]*rating="down")(?=[^}]*version="dolly@1")')
+    wait_until(lambda: counted.search(prometheus_text()), 60, "feedback counted by rating and version")
 
 
 @pytest.mark.timeout(300)

@@ -50,6 +50,7 @@ class Backend:
     api_url: str
     key_file: Path
     port: int
+    feedback_url: str
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +67,13 @@ def backend(ray_cluster, tiny_model, tmp_path_factory):
         engine={"max_context": 512},
         deployment={"num_cpus": 0.5},
         ingress={"num_cpus": 0.25},
+        feedback={"url": f"sqlite:///{key_file.parent / 'feedback.db'}"},
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(config), name=config.app_name, route_prefix="/")
-        yield Backend(f"http://127.0.0.1:{port}/v1", key_file, port)
+        yield Backend(f"http://127.0.0.1:{port}/v1", key_file, port, config.feedback.url)
     finally:
         serve.shutdown()
 
@@ -195,6 +197,37 @@ def test_stop_halts_a_streaming_answer(tab):
     assert answer(tab) == stopped, "no more text arrives after Stop"
 
 
+def rate_the_last_answer(tab, verdict: str) -> None:
+    tab.wait_for_function("() => document.querySelectorAll(\"#chatbot [data-testid='bot']\").length >= 1", timeout=60_000)
+    whole = ""
+    while whole != answer(tab) or not whole:  # the answer is whole when it stops growing
+        whole = answer(tab)
+        tab.wait_for_timeout(1500)
+    tab.locator(f"#chatbot button[aria-label='{verdict}']").last.click()
+
+
+def test_a_thumbs_down_then_a_better_answer_are_stored_for_review(tab, backend):
+    from contract.feedback import FeedbackStore
+
+    store = FeedbackStore(backend.feedback_url)
+    send(tab, "Name a colour.")
+    rate_the_last_answer(tab, "Dislike")
+    tab.wait_for_selector("#feedback-status :text('rating saved')", timeout=60_000)
+    # The editor opens on the answer that was rated down.
+    tab.wait_for_function(
+        "() => document.querySelector('#better-instruction textarea').value === 'Name a colour.'", timeout=30_000
+    )
+    shown = tab.input_value("#better-answer textarea")
+    tab.fill("#better-response textarea", "Blue.")
+    tab.click("#better-submit")
+    tab.wait_for_selector("#feedback-status :text('Saved for review')", timeout=60_000)
+    rated, written = store.rows()[-2:]
+    assert (rated["rating"], rated["instruction"], rated["status"]) == ("down", "Name a colour.", None)
+    assert (written["response"], written["category"], written["status"]) == ("Blue.", "open_qa", "pending")
+    assert written["model"] == rated["model"] != "" and written["answer_id"] == rated["answer_id"] != ""
+    assert rated["answer"] == written["answer"] != "" and rated["answer"].split() == shown.split()  # a textarea redoes line ends
+
+
 def test_the_api_key_never_reaches_the_browser(page_url):
     for path in ("", "config", "gradio_api/info"):
         assert KEY not in httpx.get(page_url + path, timeout=30).text
@@ -302,6 +335,21 @@ def test_a_stopped_backend_shows_a_readable_error(tab, backend):
     tab.wait_for_selector("#status :text('not reachable')", timeout=60_000)
     assert backend.api_url in tab.inner_text("#status")
     assert tab.input_value("#message textarea") == "Are you there?", "the message is kept, to send again"
+
+
+def test_a_better_answer_written_while_the_api_is_down_is_kept_as_a_draft(browser, page_url):
+    # The backend is down since the test before: the page must say so and keep what was typed.
+    tab = browser.new_page(viewport={"width": 1280, "height": 1100})
+    try:
+        tab.goto(page_url)
+        tab.get_by_text("Write a better answer").click()
+        tab.fill("#better-instruction textarea", "Name a colour.")
+        tab.fill("#better-response textarea", "Blue, as the sky.")
+        tab.click("#better-submit")
+        tab.wait_for_selector("#feedback-status :text('Your draft is kept')", timeout=60_000)
+        assert tab.input_value("#better-response textarea") == "Blue, as the sky."
+    finally:
+        tab.close()
 
 
 def test_error_messages_for_a_busy_server_say_when_to_retry():

@@ -3,14 +3,20 @@
 The page's Python side calls the API with the key; the browser only ever talks to the page, so
 the key never leaves the server. Dolly's `Input:` context goes to the API as a system message,
 which the API folds into the prompt's `Input:` block.
+
+Every answer can be rated (👍/👎), and after a 👎 the person can write the answer it should have
+given: both go to the API's /v1/feedback, with the version that answered, for review
+(`dolly feedback`). When the API is down, the page says so and keeps the draft.
 """
 
 from __future__ import annotations
 
 import gradio as gr
+import httpx
 import openai
 
 from contract import generation
+from contract.records import DOLLY_CATEGORIES
 from ui.config import UIConfig
 
 # One example per task kind Dolly was trained on: (kind, instruction, context).
@@ -88,14 +94,16 @@ def build_page(config: UIConfig) -> gr.Blocks:
             return "No model is being served."
         return "Serving " + ", ".join(_model_label(m) for m in models)
 
-    async def chat(message: str, history: list[dict], context: str, temperature: float, top_p: float, max_tokens: int):
+    async def chat(
+        message: str, history: list[dict], context: str, temperature: float, top_p: float, max_tokens: int, answers: dict
+    ):
         history = list(history or [])
         if not message.strip():
-            yield history, message, ""
+            yield history, message, "", answers
             return
         messages = to_api_messages(history, message, context)
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-        yield history, "", ""
+        yield history, "", "", answers
         try:
             # Asked each time, so the page follows a version switch without a reload.
             model = (await client.models.list()).data[0].id
@@ -108,18 +116,60 @@ def build_page(config: UIConfig) -> gr.Blocks:
                 max_tokens=int(max_tokens),
             )
             async for chunk in stream:
+                # What feedback on this answer must name: the version that answered, and the answer.
+                asked = {"model": chunk.model, "answer_id": chunk.id, "instruction": message, "context": context}
                 if chunk.choices and chunk.choices[0].delta.content:
                     history[-1]["content"] += chunk.choices[0].delta.content
-                    yield history, "", ""
+                    yield history, "", "", answers
+            answers = answers | {len(history) - 1: asked | {"answer": history[-1]["content"]}}
+            yield history, "", "", answers
         except openai.OpenAIError as e:
             # The failed turn leaves the history, so the next request does not carry it as context.
-            yield history[:-2], message, error_message(e, config.api_url)
+            yield history[:-2], message, error_message(e, config.api_url), answers
+
+    async def send_feedback(body: dict, request: gr.Request | None) -> str | None:
+        """None once stored; else what the person should read."""
+        user = getattr(request, "username", None)
+        try:
+            await client.post("/feedback", cast_to=httpx.Response, body=body | ({"user": user} if user else {}))
+        except openai.OpenAIError as e:
+            return error_message(e, config.api_url)
+        return None
+
+    async def rate(answers: dict, liked: gr.LikeData, request: gr.Request):
+        asked = answers.get(liked.index)
+        if asked is None:  # an answer that failed, or from before a reload
+            return "This answer cannot be rated.", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        up = liked.liked is True
+        failed = await send_feedback(asked | {"rating": "up" if up else "down"}, request)
+        said = failed or ("Thanks: rating saved." if up else "Thanks: rating saved. You can write a better answer below.")
+        if up:
+            return said, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        # A thumbs down opens the editor on that answer.
+        return said, gr.Accordion(open=True), asked["instruction"], asked["context"], asked["answer"], asked
+
+    async def submit_better(
+        instruction: str, context: str, response: str, category: str, asked: dict | None, request: gr.Request
+    ):
+        body = {"instruction": instruction, "context": context, "correction": {"response": response, "category": category}}
+        try:
+            if asked is None:  # written without rating an answer first: it names the version serving now
+                served = (await client.models.list()).data[0]
+                asked = {"model": (served.model_extra or {}).get("version", served.id)}
+        except openai.OpenAIError as e:
+            failed = error_message(e, config.api_url)
+        else:
+            failed = await send_feedback(asked | body, request)
+        if failed:  # the draft stays where it is
+            return f"{failed} Your draft is kept here: submit it again when the server answers.", gr.skip()
+        return "✅ Saved for review. Once a reviewer approves it, it trains the next model.", ""
 
     with gr.Blocks(title=config.title) as page:
         gr.Markdown(f"# {config.title}\nAn instruction-following model, fine-tuned on databricks-dolly-15k.")
         banner = gr.Markdown(elem_id="model-banner")
         chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)
         status = gr.Markdown(elem_id="status")
+        feedback_status = gr.Markdown(elem_id="feedback-status")
         with gr.Row():
             message = gr.Textbox(
                 placeholder="Ask something, or give an instruction", show_label=False, scale=6, elem_id="message"
@@ -142,14 +192,37 @@ def build_page(config: UIConfig) -> gr.Blocks:
             label="Examples, one per task kind",
         )
         clear = gr.Button("New conversation", size="sm")
+        # Per answer, by its index in the conversation: what its feedback must name.
+        answers = gr.State({})
+        corrected = gr.State(None)  # the answer the editor below is about
+        with gr.Accordion("Write a better answer", open=False, elem_id="better") as better:
+            gr.Markdown("Rate an answer with 👍 or 👎; after a 👎, write the answer it should have given.")
+            better_instruction = gr.Textbox(label="Instruction", elem_id="better-instruction")
+            better_context = gr.Textbox(label="Context", lines=2, elem_id="better-context")
+            better_answer = gr.Textbox(label="The model's answer", interactive=False, elem_id="better-answer")
+            better_response = gr.Textbox(label="A better answer", lines=4, elem_id="better-response")
+            category = gr.Dropdown(list(DOLLY_CATEGORIES), value="open_qa", label="Kind of task", elem_id="better-category")
+            submit = gr.Button("Submit for review", elem_id="better-submit")
 
-        inputs = [message, chatbot, context, temperature, top_p, max_tokens]
-        outputs = [chatbot, message, status]
+        inputs = [message, chatbot, context, temperature, top_p, max_tokens, answers]
+        outputs = [chatbot, message, status, answers]
         sent = send.click(chat, inputs, outputs, api_name="chat")
         submitted = message.submit(chat, inputs, outputs, api_visibility="private")
         # Cancelling the event closes the stream, and the API cancels generation on disconnect.
         stop.click(None, cancels=[sent, submitted])
-        clear.click(lambda: ([], "", ""), None, [chatbot, message, status], api_visibility="private")
+        clear.click(lambda: ([], "", "", {}), None, [chatbot, message, status, answers], api_visibility="private")
+        chatbot.like(
+            rate,
+            [answers],
+            [feedback_status, better, better_instruction, better_context, better_answer, corrected],
+            api_visibility="private",
+        )
+        submit.click(
+            submit_better,
+            [better_instruction, better_context, better_response, category, corrected],
+            [feedback_status, better_response],
+            api_visibility="private",
+        )
         page.load(model_banner, None, banner, api_visibility="private")
     return page
 

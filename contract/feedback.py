@@ -1,0 +1,149 @@
+"""What people who chat can teach the model: their ratings of its answers, and the better answers
+they write, kept in a real database until a curator approves or rejects them (`dolly feedback`).
+
+SQLite by default on one machine (a file under runs/, in WAL mode so that several ingress
+replicas write at once); any SQLAlchemy URL (Postgres on a cluster) by setting. A written answer
+is checked as the preparation pipeline checks every corpus record (contract/records.py), so an
+approved record exports as a Dolly-format line that preparation keeps. Prompts and answers are
+stored here only, never in logs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, event, func, select, update
+from sqlalchemy.engine import Engine, make_url
+
+from contract.records import DOLLY_CATEGORIES, FIELDS, validate_record
+
+DEFAULT_URL = "sqlite:///runs/feedback.db"
+STATUSES = ("pending", "approved", "rejected")  # of a written answer; a bare rating has none
+
+_metadata = MetaData()
+FEEDBACK = Table(
+    "feedback",
+    _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("model", String(200), nullable=False),  # the version that answered, as dolly@3
+    Column("answer_id", String(100)),  # the answer's `id` in the API
+    Column("rating", String(4)),  # up, down, or none
+    Column("instruction", Text, nullable=False),
+    Column("context", Text, nullable=False),
+    Column("answer", Text, nullable=False),  # what the model said
+    Column("response", Text),  # the better answer a person wrote
+    Column("category", String(40)),
+    Column("user", String(200)),  # the page's user, when a login is configured
+    Column("status", String(10)),
+)
+
+
+def absolute_url(url: str) -> str:
+    """`url` with a relative SQLite path made absolute against this process's working directory:
+    resolve where the setting is read, since Ray workers have a working directory of their own."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser().resolve()))
+    return parsed.render_as_string(hide_password=False)
+
+
+def engine_for(url: str) -> Engine:
+    """An engine on `url`, its table created (and a SQLite file's folder)."""
+    parsed = make_url(absolute_url(url))
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(parsed)
+    if parsed.get_backend_name() == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _concurrent_writers(connection, _record):
+            # WAL: readers never block the writer; busy_timeout: a writer waits its turn instead of failing.
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA busy_timeout=30000")
+
+    _metadata.create_all(engine)
+    return engine
+
+
+class FeedbackStore:
+    def __init__(self, url: str = DEFAULT_URL):
+        self.url = url
+        self._engine = engine_for(url)
+
+    def add(
+        self,
+        *,
+        model: str,
+        instruction: str,
+        context: str = "",
+        answer: str = "",
+        rating: str | None = None,
+        response: str | None = None,
+        category: str | None = None,
+        user: str | None = None,
+        answer_id: str | None = None,
+    ) -> int:
+        """Store one rating and/or written answer; returns its id. A written answer that the
+        preparation pipeline would reject raises its RecordError, reason and field named."""
+        if rating not in (None, "up", "down"):
+            raise ValueError(f"rating must be 'up' or 'down', not {rating!r}")
+        # A rating's instruction is checked as a record's is; it may become one in a held-out set.
+        written = {"response": "-", "category": "open_qa"} if response is None else {"response": response, "category": category}
+        record = {"instruction": instruction, "context": context, **written}
+        validate_record(json.dumps(record), frozenset(DOLLY_CATEGORIES))
+        row = dict(
+            created_at=datetime.datetime.now(datetime.UTC),
+            model=model,
+            answer_id=answer_id,
+            rating=rating,
+            instruction=instruction,
+            context=context,
+            answer=answer,
+            response=response,
+            category=category,
+            user=user,
+            status="pending" if response is not None else None,
+        )
+        with self._engine.begin() as connection:
+            return connection.execute(FEEDBACK.insert().values(**row)).inserted_primary_key[0]
+
+    def rows(self, status: str | None = None) -> list[dict]:
+        """Every item, oldest first; with `status`, only the written answers in it."""
+        query = select(FEEDBACK).order_by(FEEDBACK.c.id)
+        if status is not None:
+            query = query.where(FEEDBACK.c.status == status)
+        with self._engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(query)]
+
+    def review(self, status: str, ids: list[int] | None = None) -> list[int]:
+        """Approve or reject pending written answers: those of `ids`, or every pending one.
+        Returns the ids changed; an id that is not a pending written answer is refused, named."""
+        if status not in ("approved", "rejected"):
+            raise ValueError(f"a review approves or rejects, not {status!r}")
+        pending = {row["id"] for row in self.rows("pending")}
+        chosen = sorted(pending) if ids is None else sorted(set(ids))
+        unknown = [i for i in chosen if i not in pending]
+        if unknown:
+            raise KeyError(f"not pending written answers: {unknown}; `dolly feedback list` shows the pending ones")
+        with self._engine.begin() as connection:
+            connection.execute(update(FEEDBACK).where(FEEDBACK.c.id.in_(chosen)).values(status=status))
+        return chosen
+
+    def export(self, path: Path) -> int:
+        """The approved written answers as Dolly-format JSON Lines, for `dolly retrain --new-records`."""
+        approved = self.rows("approved")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as out:
+            for row in approved:
+                out.write(json.dumps({field: row[field] for field in FIELDS}, ensure_ascii=False) + "\n")
+        return len(approved)
+
+    def counts(self) -> dict[str, int]:
+        """Ratings up and down, and written answers by status."""
+        with self._engine.connect() as connection:
+            ratings = dict(connection.execute(select(FEEDBACK.c.rating, func.count()).group_by(FEEDBACK.c.rating)).all())
+            statuses = dict(connection.execute(select(FEEDBACK.c.status, func.count()).group_by(FEEDBACK.c.status)).all())
+        return {"up": ratings.get("up", 0), "down": ratings.get("down", 0)} | {s: statuses.get(s, 0) for s in STATUSES}

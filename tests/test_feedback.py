@@ -1,0 +1,63 @@
+"""What people send from the chat page, kept and curated: a written answer is checked as the
+preparation pipeline checks a corpus record, and the approved ones export as a corpus it keeps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from contract.feedback import FeedbackStore
+from contract.records import RecordError, Reject
+from tests.test_cli import dolly
+
+pytestmark = pytest.mark.timeout(300)
+ASKED = {"model": "dolly@2", "instruction": "Name a colour.", "answer": "Bleu"}
+
+
+@pytest.fixture
+def db(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'feedback.db'}"
+
+
+@pytest.mark.parametrize(
+    ("written", "reason"),
+    [
+        ({"response": "  ", "category": "open_qa"}, Reject.EMPTY_RESPONSE),
+        ({"response": "Blue. ### End", "category": "open_qa"}, Reject.RESERVED_MARKER),
+        ({"response": "Blue.", "category": "poetry"}, Reject.UNKNOWN_CATEGORY),
+    ],
+)
+def test_a_written_answer_preparation_would_reject_is_refused_for_the_same_reason(db, written, reason):
+    with pytest.raises(RecordError) as refused:
+        FeedbackStore(db).add(**ASKED, **written)
+    assert refused.value.reason is reason
+    assert FeedbackStore(db).rows() == []
+
+
+def test_curation_approves_and_rejects_and_exports_a_corpus_that_preparation_keeps(db, tmp_path, tokenizer_path):
+    store = FeedbackStore(db)
+    store.add(**ASKED, rating="up")
+    ids = [store.add(**ASKED, rating="down", response=f"Blue, {i}.", category="open_qa", context=f"c{i}") for i in range(4)]
+
+    listed = dolly("feedback", "list", "--db", db)
+    assert listed.returncode == 0, listed.stderr
+    assert "4 pending. In all: 1 up, 4 down; written answers 4 pending, 0 approved, 0 rejected" in listed.stdout
+
+    assert dolly("feedback", "approve", str(ids[0]), str(ids[1]), str(ids[2]), "--db", db).returncode == 0
+    unknown = dolly("feedback", "reject", str(ids[0]), "--db", db)  # approved already: not pending
+    assert unknown.returncode == 1 and f"not pending written answers: [{ids[0]}]" in unknown.stderr
+    assert dolly("feedback", "reject", "--all", "--db", db).returncode == 0
+    assert store.counts() == {"up": 1, "down": 4, "pending": 0, "approved": 3, "rejected": 1}
+
+    corpus = tmp_path / "feedback.jsonl"
+    exported = dolly("feedback", "export", str(corpus), "--db", db)
+    assert exported.returncode == 0 and "Wrote 3 approved record(s)" in exported.stdout
+    records = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert records[0] == {"instruction": "Name a colour.", "context": "c0", "response": "Blue, 0.", "category": "open_qa"}
+
+    prepared = dolly(
+        "data", "prepare", "--source", str(corpus), "--tokenizer", tokenizer_path, "--out", str(tmp_path / "data"), "test_size=1"
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    assert "read 3 = kept 3 + rejected 0 (reconciled)" in prepared.stdout

@@ -20,6 +20,7 @@ def retrain(
     ),
     config: Optional[Path] = config_option("YAML file of settings (`dolly up` writes runs/up/retrain.yaml)"),
     new_records: Optional[list[Path]] = option(RetrainConfig, "new_records", "--new-records"),
+    feedback: Optional[str] = option(RetrainConfig, "feedback"),
     address: Optional[str] = address_option(
         "Ray cluster to train on and whose serving app to swap (default: an embedded local one)"
     ),
@@ -32,7 +33,7 @@ def retrain(
 
     Example: dolly retrain --config runs/up/retrain.yaml --new-records new.jsonl --address 127.0.0.1:6379
     """
-    flags = dict(new_records=new_records or None)
+    flags = dict(new_records=new_records or None, feedback=feedback)
     settings = load_config(RetrainConfig, config, flags, overrides or [])
     from loop.retrain import retrain as run_retrain
 

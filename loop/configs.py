@@ -171,6 +171,9 @@ class RetrainConfig(BaseModel):
 
     corpus: str = Field(..., description="the corpus the serving model was trained on: file, folder, URI or Hub id")
     new_records: list[Path] = Field(default_factory=list, description="files of new records (JSONL, JSON or Parquet) to add")
+    feedback: str | None = Field(
+        None, description="a feedback database (serving's feedback.url): its approved written answers are added too"
+    )
     train: TrainConfig = Field(
         ..., description="`dolly train` settings (base_model, tokenizer, steps...); data and registration are set by retrain"
     )

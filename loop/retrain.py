@@ -20,6 +20,7 @@ from rich.console import Console
 from cluster.connect import ray_session
 from contract import registry
 from contract.errors import UserError
+from contract.feedback import FeedbackStore
 from contract.settings import load_config
 from loop.configs import RetrainConfig
 from loop.deploy import switch_model
@@ -60,6 +61,7 @@ class RetrainReport(BaseModel):
     chart: str  # the loss comparison
     behaviour_chart: str | None
     run_name: str
+    feedback_records: int  # approved answers from the chat page given to preparation
     scores: dict[str, LossReport]  # "serving", "candidate"
     behaviour: dict[str, list[BehaviourReport]]
 
@@ -68,11 +70,17 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
     console = console or Console()
     name, root, workdir = config.model_name, config.train.registry, config.workdir
     serving_folder, serving_name = registry.resolve(config.serving, root)  # fail before any work
-    source = combine_sources(config.corpus, config.new_records, workdir / "source")
+    new_records, feedback_records = list(config.new_records), 0
+    if config.feedback:  # approved answers from the chat page, straight from their database
+        exported = workdir / "feedback" / "approved.jsonl"
+        feedback_records = FeedbackStore(config.feedback).export(exported)
+        new_records += [exported] if feedback_records else []
+        console.print(f"{feedback_records} approved feedback record(s) from {config.feedback}")
+    source = combine_sources(config.corpus, new_records, workdir / "source")
     fingerprint = resolve_source(str(source)).fingerprint
     train_config = config.train.model_copy(update={"source": str(source), "data_dir": workdir / "data", "register_as": None})
     with ray_session(address):
-        console.rule(f"[bold]Retrain {name} on the corpus plus {len(config.new_records)} file(s) of new records")
+        console.rule(f"[bold]Retrain {name} on the corpus plus {len(new_records)} file(s) of new records")
         train_config, export_dir = train_once(train_config, "retrain", fingerprint, console)
         run_name = train_config.run_name
         version = registry.register_once(export_dir, name, root, promote=False)
@@ -109,6 +117,7 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
         chart=charts["loss_plot"],
         behaviour_chart=charts.get("behaviour_plot"),
         run_name=run_name,
+        feedback_records=feedback_records,
         scores={"serving": serving.loss, "candidate": candidate.loss},
         behaviour={"serving": serving.behaviour, "candidate": candidate.behaviour},
     )

@@ -159,6 +159,7 @@ def _write_retrain_config(workdir: Path, source: str, train_config, serve_config
         "corpus": source,
         "serving": f"{config.model_name}@latest",
         "serve_config": str(serve_file),
+        "feedback": serve_config.feedback.url,  # what people approved on the page trains the next model
         "eval_examples": config.eval_examples,
         "behaviour": config.behaviour.model_dump(mode="json"),
         "workdir": str(workdir / "retrain"),

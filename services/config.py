@@ -193,7 +193,7 @@ class ServeConfig(_Settings):
             graceful_shutdown_wait_loop_s=d.graceful_shutdown_wait_loop_s,
             graceful_shutdown_timeout_s=d.graceful_shutdown_timeout_s,
             ray_actor_options=dict(num_cpus=d.num_cpus, num_gpus=d.num_gpus),
-            max_replicas_per_node=d.max_replicas_per_node,
+            **_per_node(d.max_replicas_per_node),
         )
 
     def ingress_deployment_options(self) -> dict:
@@ -207,5 +207,10 @@ class ServeConfig(_Settings):
             # In-flight streams finish before an old ingress goes away in a version switch.
             graceful_shutdown_timeout_s=self.deployment.graceful_shutdown_timeout_s,
             ray_actor_options=dict(num_cpus=i.num_cpus),
-            max_replicas_per_node=i.max_replicas_per_node,
+            **_per_node(i.max_replicas_per_node),
         )
+
+
+def _per_node(limit: int | None) -> dict:
+    # Left out unless set: Serve's deployment schema (serve build, serveConfigV2) refuses null.
+    return {} if limit is None else {"max_replicas_per_node": limit}

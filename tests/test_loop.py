@@ -90,11 +90,22 @@ def test_a_second_up_reuses_every_stage(loop, capsys, monkeypatch):
     assert "Reusing run up-" in out and again["model"] == "dolly@1", "no second training run, no second version"
 
 
-def test_a_retrain_that_misses_the_gate_is_registered_but_neither_promoted_nor_served(loop):
+def test_a_retrain_on_approved_feedback_that_misses_the_gate_is_registered_but_neither_promoted_nor_served(loop):
+    from contract.feedback import FeedbackStore
     from loop.retrain import retrain
 
     folder, config, urls = loop
+    # A person rates an answer down and writes a better one; a curator approves it.
+    key = Path(urls["api_key_file"]).read_text().strip()
+    written = {"response": "Red, yellow and blue.", "category": "open_qa"}
+    body = {"model": "dolly@1", "instruction": "Name three primary colours.", "rating": "down", "correction": written}
+    sent = httpx.post(f"{urls['api']}/feedback", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert sent.status_code == 201, sent.text
+    FeedbackStore(urls["feedback"]).review("approved")
+
     report = retrain(retrain_config(folder, config, min_improvement=1000))
+    assert report.feedback_records == 1, "the approved answer went into the candidate's data"
+    assert json.loads((config.workdir / "retrain" / "report.json").read_text())["feedback_records"] == 1
     assert report.candidate == "dolly@2" and not report.promoted and not report.swapped
     assert "had to be below" in report.decision.reason and report.decision.decided_by == "loss"
     assert (config.registry / "dolly" / "LATEST").read_text().strip() == "1"

@@ -4,7 +4,8 @@ It authenticates, validates, folds the request into a Dolly prompt that fits the
 relays the model's text as one JSON answer or as Server-Sent Events. Bad input is answered with
 OpenAI's error shape and a status that names the problem: 401 without a valid key, 422 for a
 malformed body (naming the field), 400 for a prompt longer than the context, 503 with
-Retry-After when the model replicas' queues are full.
+Retry-After when the model replicas' queues are full. `POST /v1/feedback` keeps the chat page's
+ratings and better answers (contract/feedback.py).
 
 A model replica lost while it works on a request (killed, out of memory, its node gone) costs the
 client nothing: the request goes on on a live replica from the text that had come back
@@ -400,9 +401,8 @@ def openai_api(server: OpenAIIngress) -> FastAPI:
     # itself is ours (auto_error=False), to answer in OpenAI's error shape.
     bearer = HTTPBearer(auto_error=False, description="an API key, one of auth.api_keys_file or DOLLY_API_KEYS")
 
-    def authorized(
-        request: Request, _=Depends(bearer)
-    ) -> None:  # a plain function: FastAPI cannot resolve a bound method's annotations
+    # A plain function: FastAPI cannot resolve a bound method's annotations.
+    def authorized(request: Request, _=Depends(bearer)) -> None:
         server.authorize(request)
 
     @api.get("/healthz")

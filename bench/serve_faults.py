@@ -72,21 +72,16 @@ def restored(lost: set[int]) -> bool:
     return True
 
 
-def wait(condition, timeout_s: float, what: str) -> float:
+def wait(condition, timeout_s: float, what: str) -> None:
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"not within {timeout_s:.0f} s: {what}")
         time.sleep(0.2)
-    return time.monotonic() - started
 
 
 def on_head(deployment: str, worker_session: int) -> psutil.Process:
-    return next(p for p in replica_processes(deployment) if process_session(p) != worker_session)
-
-
-def process_session(process: psutil.Process) -> int:
-    return int(Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+    return next(p for p in replica_processes(deployment) if os.getsid(p.pid) != worker_session)
 
 
 async def load(url: str, args, lost: asyncio.Event) -> collections.Counter:
@@ -131,7 +126,7 @@ def scenario(name: str, cluster: local.LocalCluster, url: str, args) -> dict:
     async def lose():
         await lost.wait()
         if name == "node":
-            gone = {p.pid for d in DEPLOYMENTS for p in replica_processes(d) if process_session(p) == worker}
+            gone = {p.pid for d in DEPLOYMENTS for p in replica_processes(d) if os.getsid(p.pid) == worker}
             local.lose_node(cluster, worker)
             await asyncio.sleep(args.down_s)
             started = time.monotonic()

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, event, func, select, update
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 
 from contract.records import DOLLY_CATEGORIES, FIELDS, validate_record
 
@@ -41,20 +41,27 @@ FEEDBACK = Table(
 )
 
 
+def _sqlite_file(parsed: URL) -> Path | None:
+    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return Path(parsed.database)
+    return None
+
+
 def absolute_url(url: str) -> str:
     """`url` with a relative SQLite path made absolute against this process's working directory:
     resolve where the setting is read, since Ray workers have a working directory of their own."""
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        parsed = parsed.set(database=str(Path(parsed.database).expanduser().resolve()))
+    if (path := _sqlite_file(parsed)) is not None:
+        parsed = parsed.set(database=str(path.expanduser().resolve()))
     return parsed.render_as_string(hide_password=False)
 
 
 def engine_for(url: str) -> Engine:
     """An engine on `url`, its table created (and a SQLite file's folder)."""
     parsed = make_url(absolute_url(url))
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    if (path := _sqlite_file(parsed)) is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed)
     if parsed.get_backend_name() == "sqlite":
 
@@ -70,7 +77,6 @@ def engine_for(url: str) -> Engine:
 
 class FeedbackStore:
     def __init__(self, url: str = DEFAULT_URL):
-        self.url = url
         self._engine = engine_for(url)
 
     def add(

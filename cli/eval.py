@@ -25,12 +25,14 @@ def eval_command(
     tokenizer: Optional[str] = option(EvalConfig, "tokenizer"),
     max_examples: Optional[int] = option(EvalConfig, "max_examples"),
     samples_per_category: Optional[int] = option(EvalConfig, "samples_per_category"),
+    feedback: Optional[str] = option(EvalConfig, "feedback"),
     harness: Optional[bool] = option(EvalConfig, "harness", "--harness/--no-harness"),
     tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks (default: the dolly-v2 table's seven)"),
     config: Optional[Path] = config_option(),
 ) -> None:
     """Score a model on the prepared held-out split, per Dolly category and against a base; write
-    report.json, loss_by_category.png and samples.jsonl.
+    report.json, loss_by_category.png and samples.jsonl. With --feedback, also on the corrections
+    held out there: does the model still make the mistakes people flagged?
 
     Example: dolly eval --model dolly@latest --base EleutherAI/pythia-2.8b --data-dir runs/data
     """
@@ -44,6 +46,7 @@ def eval_command(
         tokenizer=tokenizer,
         max_examples=max_examples,
         samples_per_category=samples_per_category,
+        feedback=feedback,
         harness=harness,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
     )

@@ -1,5 +1,6 @@
-"""`dolly feedback ...`: review the ratings and better answers people sent from the chat page, and
-export the approved ones as a corpus for `dolly retrain --new-records`."""
+"""`dolly feedback ...`: review the ratings and better answers people sent from the chat page;
+export the approved ones as a corpus for `dolly retrain --new-records`, and hold corrections of
+the model's mistakes out of training, for `dolly eval --feedback` to check later models against."""
 
 from __future__ import annotations
 
@@ -55,14 +56,16 @@ def list_items(
     )
 
 
-def _review(status: str, ids: list[int] | None, every: bool, db: str) -> None:
+def _review(status: str, ids: list[int] | None, every: bool, db: str) -> list[int]:
     if bool(ids) == every:
         raise UserError("name the ids to review (see `dolly feedback list`), or pass --all for every pending one")
     try:
         changed = FeedbackStore(db).review(status, None if every else ids)
     except KeyError as e:
         raise UserError(e.args[0]) from None
-    Console().print(f"{status.capitalize()} {len(changed)}: {', '.join(map(str, changed)) or 'none was pending'}")
+    done = {"approved": "Approved", "rejected": "Rejected", "held_out": "Held out"}[status]
+    Console().print(f"{done} {len(changed)}: {', '.join(map(str, changed)) or 'none was pending'}")
+    return changed
 
 
 @app.command()
@@ -83,6 +86,21 @@ def reject(
 ) -> None:
     """Reject written answers: they stay in the database, out of every export."""
     _review("rejected", ids, every, db)
+
+
+@app.command("hold-out")
+def hold_out(
+    ids: Optional[list[int]] = typer.Argument(None, help="ids of pending written answers that correct the model's answer"),
+    every: bool = typer.Option(False, "--all", help="every pending one that corrects an answer of the model"),
+    db: str = typer.Option(DEFAULT_URL, help=DB_HELP),
+) -> None:
+    """Hold corrections out of training, as a test of the mistakes people flagged: `dolly eval
+    --feedback` scores whether a model still makes them. Held-out answers are never exported.
+
+    Example: dolly feedback hold-out 12 15 && dolly eval --model dolly@latest --feedback sqlite:///runs/feedback.db
+    """
+    if _review("held_out", ids, every, db):
+        Console().print(f"Check a model against them: dolly eval --model dolly@latest --feedback {db}")
 
 
 @app.command()

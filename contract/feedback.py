@@ -4,8 +4,9 @@ they write, kept in a real database until a curator approves or rejects them (`d
 SQLite by default on one machine (a file under runs/, in WAL mode so that several ingress
 replicas write at once); any SQLAlchemy URL (Postgres on a cluster) by setting. A written answer
 is checked as the preparation pipeline checks every corpus record (contract/records.py), so an
-approved record exports as a Dolly-format line that preparation keeps. Prompts and answers are
-stored here only, never in logs.
+approved record exports as a Dolly-format line that preparation keeps; a correction of the model's
+answer can instead be held out, to check later models against the mistake (`dolly eval
+--feedback`), and is then never trained on. Prompts and answers are stored here only, never in logs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from sqlalchemy.engine import URL, Engine, make_url
 from contract.records import DOLLY_CATEGORIES, FIELDS, validate_record
 
 DEFAULT_URL = "sqlite:///runs/feedback.db"
-STATUSES = ("pending", "approved", "rejected")  # of a written answer; a bare rating has none
+STATUSES = ("pending", "approved", "rejected", "held_out")  # of a written answer; a bare rating has none
+REVIEWS = STATUSES[1:]
 
 _metadata = MetaData()
 FEEDBACK = Table(
@@ -125,15 +127,24 @@ class FeedbackStore:
             return [dict(row._mapping) for row in connection.execute(query)]
 
     def review(self, status: str, ids: list[int] | None = None) -> list[int]:
-        """Approve or reject pending written answers: those of `ids`, or every pending one.
-        Returns the ids changed; an id that is not a pending written answer is refused, named."""
-        if status not in ("approved", "rejected"):
-            raise ValueError(f"a review approves or rejects, not {status!r}")
-        pending = {row["id"] for row in self.rows("pending")}
+        """Approve, reject or hold out pending written answers: those of `ids`, or every pending
+        one (that corrects an answer of the model, to hold out). Returns the ids changed; an id
+        that is not a pending written answer, or holds out no mistake, is refused, named."""
+        if status not in REVIEWS:
+            raise ValueError(f"a review sets one of {', '.join(REVIEWS)}, not {status!r}")
+        pending = {row["id"]: row for row in self.rows("pending")}
         chosen = sorted(pending) if ids is None else sorted(set(ids))
         unknown = [i for i in chosen if i not in pending]
         if unknown:
             raise KeyError(f"not pending written answers: {unknown}; `dolly feedback list` shows the pending ones")
+        if status == "held_out":
+            correcting = [i for i in chosen if pending[i]["answer"].strip()]
+            if ids is not None and (alone := sorted(set(chosen) - set(correcting))):
+                raise KeyError(
+                    f"written answers {alone} correct no answer of the model, so there is no mistake to check "
+                    "a model against: approve them for training instead"
+                )
+            chosen = correcting
         with self._engine.begin() as connection:
             connection.execute(update(FEEDBACK).where(FEEDBACK.c.id.in_(chosen)).values(status=status))
         return chosen

@@ -62,7 +62,7 @@ def sample_generations(
         data = check_data(source, lm)
         prompts = [_heldout_prompt(row, lm.tokenizer) for row in _first_per_category(read_heldout(data.dir), per_category)]
     else:
-        prompts = [_record_prompt(record, lm.tokenizer) for record in _first_per_category(source, per_category)]
+        prompts = [record_prompt(record, lm.tokenizer) for record in _first_per_category(source, per_category)]
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens)
     return answer(lm, prompts, params, seed, batch_size)
 
@@ -110,7 +110,7 @@ def heldout_prompts(lm: LoadedModel, data_dir: Path | VerifiedData, examples: in
 def answer(
     lm: LoadedModel, prompts: list[dict], params: SamplingParams, seed: int, batch_size: int, progress: str | None = None
 ) -> list[Sample]:
-    """`lm`'s answers to prompts (from `_heldout_prompt` / `_record_prompt`), each with its own
+    """`lm`'s answers to prompts (from `_heldout_prompt` / `record_prompt`), each with its own
     seed (seed + its index) and a budget that fits the model's context; prompts that leave no
     room for an answer are passed over."""
     limit = max_length_for(lm.ref, lm.tokenizer)[0]
@@ -194,7 +194,8 @@ def _heldout_prompt(row: dict, tokenizer) -> dict:
     }
 
 
-def _record_prompt(record: dict, tokenizer) -> dict:
+def record_prompt(record: dict, tokenizer) -> dict:
+    """A record's generation prompt tokens, as serving renders it; the record's response is the reference."""
     context = record.get("context", "")
     ids = tokenizer(render_generation_prompt(record["instruction"], context), add_special_tokens=False)["input_ids"]
     return {

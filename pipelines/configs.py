@@ -340,3 +340,8 @@ class EvalConfig(BaseModel):
         default_factory=BehaviourConfig,
         description="answers to held-out instructions, scored for stop rate, repetition, ROUGE-L and length",
     )
+    feedback: str | None = Field(
+        None,
+        description="feedback database (SQLAlchemy URL, as serving's feedback.url): also score the corrections held out "
+        "there (`dolly feedback hold-out`), i.e. whether the model still makes the mistakes people flagged",
+    )

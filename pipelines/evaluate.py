@@ -5,7 +5,8 @@ next to its base.
   instructions (`pipelines.answers`, scored by `pipelines.behaviour`) of one model;
   `show_scores` shows one model or two side by side, as tables and PNGs.
 - `evaluate`: both models' data checked first, then each model scored in turn, with sample
-  answers and the LM Evaluation Harness (`pipelines.harness`) if asked; the reports written.
+  answers, the mistakes people flagged (`pipelines.flagged`) and the LM Evaluation Harness
+  (`pipelines.harness`) if asked; the reports written.
 
 Its settings, `EvalConfig`, live in `pipelines.configs`, which the CLI imports without torch.
 """
@@ -24,6 +25,7 @@ from contract.registry import DEFAULT_ROOT
 from pipelines.answers import behaviour_on, heldout_prompts, sample_generations, write_samples
 from pipelines.behaviour import BEHAVIOUR_PLOT, BehaviourConfig, BehaviourReport, Mode, Sample, behaviour_table, plot_behaviour
 from pipelines.configs import EvalConfig
+from pipelines.flagged import FLAGGED_ANSWERS, FlaggedReport, flagged_table, read_flagged, score_flagged, write_flagged
 from pipelines.harness import HarnessReport, harness_table, lm_eval_harness, load_harness_tasks
 from pipelines.heldout import LoadedModel, check_data, loaded_model
 from pipelines.loss import LossReport, compare, heldout_loss, loss_table, plot_comparison
@@ -55,6 +57,7 @@ class EvalReport(BaseModel):
     losses: list[LossReport]  # the base first, if there is one
     behaviour: list[BehaviourReport]  # each model's, per mode, in the same order
     harness: list[HarnessReport]
+    flagged: list[FlaggedReport] = []  # with `feedback`: each model on the corrections held out there
     files: dict[str, str]
 
 
@@ -115,10 +118,11 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
         data = check_data(data, lm)  # the shards are hashed for the first; the others check their tokenizer
     if config.harness:
         load_harness_tasks(config.tasks, config.harness_include_path)
+    corrections = read_flagged(config.feedback) if config.feedback else []
     out = config.output_dir / re.sub(r"[^A-Za-z0-9._@-]+", "_", models[-1].name)
     out.mkdir(parents=True, exist_ok=True)
 
-    scores, samples, harness, answers = [], [], [], defaultdict(list)
+    scores, samples, harness, flagged, answers = [], [], [], [], defaultdict(list)
     for lm in models:
         scored, given = score_model(lm, data, config.behaviour, max_examples=config.max_examples, batch_size=config.batch_size)
         scores.append(scored)
@@ -135,6 +139,16 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
                 top_k=config.top_k,
                 seed=config.seed,
                 batch_size=config.batch_size,
+            )
+        if corrections:
+            flagged.append(
+                score_flagged(
+                    lm,
+                    corrections,
+                    batch_size=config.batch_size,
+                    max_new_tokens=config.behaviour.max_new_tokens,
+                    seed=config.seed,
+                )
             )
         if config.harness:
             harness.append(
@@ -155,6 +169,9 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
         files[f"answers_{mode}"] = str(write_samples(given, out / f"answers-{mode}.jsonl"))
     if samples:
         files["samples"] = str(write_samples(samples, out / SAMPLES))
+    if flagged:
+        console.print(flagged_table([report for report, _ in flagged]))
+        files["flagged_answers"] = str(write_flagged([a for _, given in flagged for a in given], out / FLAGGED_ANSWERS))
     if harness:
         console.print(harness_table(harness))
     report = EvalReport(
@@ -162,6 +179,7 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
         losses=[s.loss for s in scores],
         behaviour=[r for s in scores for r in s.behaviour],
         harness=harness,
+        flagged=[report for report, _ in flagged],
         files=files,
     )
     (out / REPORT).write_text(report.model_dump_json(indent=2) + "\n")

@@ -70,16 +70,28 @@ def heldout_loss(
 
 def _score(lm: LoadedModel, rows: list[dict], batch_size: int, progress: bool) -> dict[str, list]:
     """{category: [summed nll, response tokens, examples]}."""
-    model = lm.model
-    # Similar lengths batched together waste less compute on padding; sums do not depend on order.
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    batches = [[rows[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
     sums: dict[str, list] = defaultdict(lambda: [0.0, 0, 0])
+    for row, (nll, tokens) in zip(rows, row_losses(lm, rows, batch_size, f"held-out loss of {lm.name}" if progress else None)):
+        total = sums[row["category"]]
+        total[0] += nll
+        total[1] += tokens
+        total[2] += 1
+    return sums
+
+
+def row_losses(lm: LoadedModel, rows: list[dict], batch_size: int, progress: str | None = None) -> list[tuple[float, int]]:
+    """(summed nll, response tokens) of each row (input_ids, labels), in the order given."""
+    model = lm.model
+    # Similar lengths batched together waste less compute on padding; each row's sum does not depend on order.
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    losses: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     with torch.inference_mode():
-        for batch in track(batches, description=f"held-out loss of {lm.name}", disable=not progress):
+        for batch in track(batches, description=progress or "", disable=progress is None):
             # Right padding with label -100, as training batches: under the causal mask no real token sees a pad.
             tensors = collate(
-                {"input_ids": [r["input_ids"] for r in batch], "labels": [r["labels"] for r in batch]}, lm.tokenizer.pad_token_id
+                {"input_ids": [rows[i]["input_ids"] for i in batch], "labels": [rows[i]["labels"] for i in batch]},
+                lm.tokenizer.pad_token_id,
             )
             logits = model(
                 input_ids=tensors["input_ids"].to(model.device),
@@ -90,12 +102,9 @@ def _score(lm: LoadedModel, rows: list[dict], batch_size: int, progress: bool) -
             nll = F.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
             ).view(labels.shape)
-            for row, row_nll, tokens in zip(batch, nll.double().sum(-1).tolist(), (labels != IGNORE_INDEX).sum(-1).tolist()):
-                total = sums[row["category"]]
-                total[0] += row_nll
-                total[1] += tokens
-                total[2] += 1
-    return sums
+            for i, row_nll, tokens in zip(batch, nll.double().sum(-1).tolist(), (labels != IGNORE_INDEX).sum(-1).tolist()):
+                losses[i] = (row_nll, tokens)
+    return losses
 
 
 def _category_loss(nll: float, tokens: int, examples: int) -> CategoryLoss:

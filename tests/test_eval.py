@@ -20,9 +20,11 @@ from typer.testing import CliRunner
 from cli.eval import eval_command
 from contract import END_KEY, registry
 from contract.errors import UserError
+from contract.feedback import FeedbackStore
 from contract.models import load_model, load_tokenizer
 from contract.records import DOLLY_CATEGORIES
-from pipelines.answers import sample_generations
+from contract.sampling import SamplingParams
+from pipelines.answers import answer, record_prompt, sample_generations
 from pipelines.configs import DOLLY_V2_TASKS
 from pipelines.harness import PUBLISHED_DOLLY_V2, HarnessReport, TaskScore, harness_table, lm_eval_harness
 from pipelines.heldout import LoadedModel, read_heldout
@@ -229,6 +231,56 @@ def test_dolly_eval_end_to_end_against_a_base(tmp_path, tokenizer_path, tiny_mod
     assert (out / "behaviour_by_category.png").read_bytes()[:4] == b"\x89PNG"
     greedy = [json.loads(line) for line in (out / "answers-greedy.jsonl").read_text().splitlines()]
     assert len(greedy) == 2 * TEST_SIZE and {a["model"] for a in greedy} == {"base", "dolly@1"}
+
+
+@pytest.mark.timeout(300)
+def test_dolly_eval_feedback_tells_the_mistakes_a_model_still_makes_from_those_it_no_longer_makes(tmp_path, tiny_model, heldout):
+    # Two corrections held out: of an answer the model still gives (its own greedy answer), and
+    # of one it does not give, corrected to what it now says.
+    lm = LoadedModel(str(tiny_model))
+    asked = [
+        {"instruction": "Who wrote Hamlet?", "context": "A play of 1600.", "category": "closed_qa", "response": "-"},
+        {"instruction": "Name a colour.", "context": "", "category": "open_qa", "response": "-"},
+    ]
+    says = [
+        s.generated
+        for s in answer(lm, [record_prompt(r, lm.tokenizer) for r in asked], SamplingParams(temperature=0.0, max_tokens=16), 0, 2)
+    ]
+    db = f"sqlite:///{tmp_path / 'feedback.db'}"
+    store = FeedbackStore(db)
+    still = store.add(**{**asked[0], "response": "William Shakespeare."}, model="dolly@1", answer=says[0])
+    fixed = store.add(**{**asked[1], "response": says[1]}, model="dolly@1", answer="Cats are the best colour.")
+    store.review("held_out")
+
+    app = Typer()
+    app.command()(eval_command)
+    flags = [
+        "--model",
+        str(tiny_model),
+        "--data-dir",
+        str(heldout),
+        "--out",
+        str(tmp_path / "eval"),
+        "--samples-per-category",
+        "0",
+    ]
+    settings = ["behaviour.modes=[greedy]", "behaviour.examples=2", "behaviour.max_new_tokens=16"]
+    result = CliRunner().invoke(app, [*flags, "--feedback", db, *settings])
+    assert result.exit_code == 0, result.output
+    assert "Flagged mistakes: 2 held-out corrections" in result.output
+    out = tmp_path / "eval" / tiny_model.name
+    flagged = json.loads((out / "report.json").read_text())["flagged"]
+    assert [(f["records"], f["scored"], f["paired"], f["prefers_correction"], f["repeats_mistake"]) for f in flagged] == [
+        (2, 2, 2, 1, 1)
+    ]
+    answers = {a["id"]: a for a in map(json.loads, (out / "flagged-answers.jsonl").read_text().splitlines())}
+    assert answers[still]["repeats_mistake"] and answers[still]["generated"] == says[0]
+    assert answers[still]["flagged_loss"] < answers[still]["correction_loss"]
+    assert not answers[fixed]["repeats_mistake"] and answers[fixed]["generated"] == says[1]
+    assert answers[fixed]["correction_loss"] < answers[fixed]["flagged_loss"]
+
+    nothing = CliRunner().invoke(app, [*flags, "--feedback", f"sqlite:///{tmp_path / 'empty.db'}", *settings])
+    assert isinstance(nothing.exception, UserError) and "dolly feedback hold-out" in str(nothing.exception)
 
 
 @pytest.mark.timeout(60)

@@ -42,13 +42,13 @@ def test_curation_approves_and_rejects_and_exports_a_corpus_that_preparation_kee
 
     listed = dolly("feedback", "list", "--db", db)
     assert listed.returncode == 0, listed.stderr
-    assert "4 pending. In all: 1 up, 4 down; written answers 4 pending, 0 approved, 0 rejected" in listed.stdout
+    assert "4 pending. In all: 1 up, 4 down; written answers 4 pending, 0 approved, 0 rejected, 0 held_out" in listed.stdout
 
     assert dolly("feedback", "approve", str(ids[0]), str(ids[1]), str(ids[2]), "--db", db).returncode == 0
     unknown = dolly("feedback", "reject", str(ids[0]), "--db", db)  # approved already: not pending
     assert unknown.returncode == 1 and f"not pending written answers: [{ids[0]}]" in unknown.stderr
     assert dolly("feedback", "reject", "--all", "--db", db).returncode == 0
-    assert store.counts() == {"up": 1, "down": 4, "pending": 0, "approved": 3, "rejected": 1}
+    assert store.counts() == {"up": 1, "down": 4, "pending": 0, "approved": 3, "rejected": 1, "held_out": 0}
 
     corpus = tmp_path / "feedback.jsonl"
     exported = dolly("feedback", "export", str(corpus), "--db", db)
@@ -61,3 +61,22 @@ def test_curation_approves_and_rejects_and_exports_a_corpus_that_preparation_kee
     )
     assert prepared.returncode == 0, prepared.stderr
     assert "read 3 = kept 3 + rejected 0 (reconciled)" in prepared.stdout
+
+
+def test_corrections_of_the_models_answers_are_held_out_for_evaluation_and_never_trained_on(db, tmp_path):
+    store = FeedbackStore(db)
+    correction = store.add(**ASKED, response="Blue.", category="open_qa")
+    written = store.add(model="dolly@2", instruction="Write a haiku about rain.", response="Rain taps.", category="creative_writing")
+
+    alone = dolly("feedback", "hold-out", str(written), "--db", db)
+    assert alone.returncode == 1 and f"written answers [{written}] correct no answer of the model" in alone.stderr
+    held = dolly("feedback", "hold-out", "--all", "--db", db)  # every pending correction, not the answer written alone
+    assert held.returncode == 0, held.stderr
+    assert f"Held out 1: {correction}" in held.stdout and f"dolly eval --model dolly@latest --feedback {db}" in held.stdout
+    assert [row["id"] for row in store.rows("held_out")] == [correction]
+
+    assert dolly("feedback", "approve", "--all", "--db", db).returncode == 0  # approves only what is still pending
+    assert store.counts() == {"up": 0, "down": 0, "pending": 0, "approved": 1, "rejected": 0, "held_out": 1}
+    corpus = tmp_path / "feedback.jsonl"
+    assert store.export(corpus) == 1
+    assert "Blue." not in corpus.read_text()

@@ -11,12 +11,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from contract.environment import FEEDBACK_URL_ENV
 from contract.errors import UserError
 from contract.feedback import DEFAULT_URL, STATUSES, FeedbackStore
 
 app = typer.Typer(help="Review what people wrote on the chat page, and export it for retraining.", no_args_is_help=True)
 
-DB_HELP = "the feedback database, as serving's feedback.url: a SQLAlchemy URL"
+DB_HELP = f"the feedback database, as serving's feedback.url: a SQLAlchemy URL (default: ${FEEDBACK_URL_ENV}, else {DEFAULT_URL})"
 
 
 def _short(text: str | None, width: int = 60) -> str:
@@ -27,7 +28,7 @@ def _short(text: str | None, width: int = 60) -> str:
 @app.command("list")
 def list_items(
     status: str = typer.Option("pending", help=f"written answers that are {', '.join(STATUSES)}; or 'ratings'"),
-    db: str = typer.Option(DEFAULT_URL, help=DB_HELP),
+    db: str = typer.Option(DEFAULT_URL, envvar=FEEDBACK_URL_ENV, help=DB_HELP, show_default=False),
 ) -> None:
     """List the written answers waiting for review (or in another status, or the bare ratings)."""
     if status not in (*STATUSES, "ratings"):
@@ -72,7 +73,7 @@ def _review(status: str, ids: list[int] | None, every: bool, db: str) -> list[in
 def approve(
     ids: Optional[list[int]] = typer.Argument(None, help="ids of pending written answers"),
     every: bool = typer.Option(False, "--all", help="every pending one"),
-    db: str = typer.Option(DEFAULT_URL, help=DB_HELP),
+    db: str = typer.Option(DEFAULT_URL, envvar=FEEDBACK_URL_ENV, help=DB_HELP, show_default=False),
 ) -> None:
     """Approve written answers: `dolly feedback export` will include them."""
     _review("approved", ids, every, db)
@@ -82,7 +83,7 @@ def approve(
 def reject(
     ids: Optional[list[int]] = typer.Argument(None, help="ids of pending written answers"),
     every: bool = typer.Option(False, "--all", help="every pending one"),
-    db: str = typer.Option(DEFAULT_URL, help=DB_HELP),
+    db: str = typer.Option(DEFAULT_URL, envvar=FEEDBACK_URL_ENV, help=DB_HELP, show_default=False),
 ) -> None:
     """Reject written answers: they stay in the database, out of every export."""
     _review("rejected", ids, every, db)
@@ -92,7 +93,7 @@ def reject(
 def hold_out(
     ids: Optional[list[int]] = typer.Argument(None, help="ids of pending written answers that correct the model's answer"),
     every: bool = typer.Option(False, "--all", help="every pending one that corrects an answer of the model"),
-    db: str = typer.Option(DEFAULT_URL, help=DB_HELP),
+    db: str = typer.Option(DEFAULT_URL, envvar=FEEDBACK_URL_ENV, help=DB_HELP, show_default=False),
 ) -> None:
     """Hold corrections out of training, as a test of the mistakes people flagged: `dolly eval
     --feedback` scores whether a model still makes them. Held-out answers are never exported.
@@ -106,7 +107,7 @@ def hold_out(
 @app.command()
 def export(
     out: Path = typer.Argument(..., help="the JSON Lines file to write"),
-    db: str = typer.Option(DEFAULT_URL, help=DB_HELP),
+    db: str = typer.Option(DEFAULT_URL, envvar=FEEDBACK_URL_ENV, help=DB_HELP, show_default=False),
 ) -> None:
     """Write the approved answers as a Dolly-format corpus (instruction, context, response, category).
 

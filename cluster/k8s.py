@@ -51,6 +51,8 @@ TRAIN_CONFIG_FILE = "train.yaml"
 TOKEN_SECRET = "dolly-ray-token"  # key `auth_token`: KubeRay's authOptions.secretName format
 API_KEYS_SECRET = "dolly-api-keys"
 API_KEYS_KEY = "keys"
+FEEDBACK_SECRET = "dolly-feedback-db"  # key `url`: optional; a Postgres URL for the feedback store
+FEEDBACK_KEY = "url"
 
 CLUSTER, JOB, SERVICE = "dolly", "dolly-train", "dolly-serve"
 API_SERVICE, UI_SERVICE = "dolly-api", "dolly-ui"
@@ -176,8 +178,8 @@ def train_config(profile: Profile) -> TrainConfig:
 
 
 def serve_config(profile: Profile, model: str = DEFAULT_MODEL) -> ServeConfig:
-    # The feedback store's SQLite file on the shared volume, written by the ingress pods alone; a
-    # profile with several of them on a network filesystem sets feedback.url to Postgres instead.
+    # The feedback store's SQLite file on the shared volume, for one ingress pod at a time; the
+    # optional Secret FEEDBACK_SECRET replaces it with Postgres (see rayservice).
     paths = {"model": model, "registry": f"{MOUNT}/registry", "feedback": {"url": f"sqlite:///{MOUNT}/feedback/feedback.db"}}
     return ServeConfig.model_validate(paths | profile.serve)
 
@@ -367,8 +369,15 @@ def rayjob(profile: Profile, name: str = JOB, overrides: Sequence[str] = ()) -> 
 def rayservice(profile: Profile, model: str = DEFAULT_MODEL) -> dict:
     serve = serve_config(profile, model)
     deployment_s, service_s = unhealthy_thresholds_s(profile)
-    # The API keys reach every pod that may run the ingress or the page, never the Serve config.
-    keys = [{"name": serve.auth.api_keys_env, "valueFrom": {"secretKeyRef": {"name": API_KEYS_SECRET, "key": API_KEYS_KEY}}}]
+    # The API keys reach every pod that may run the ingress or the page, never the Serve config;
+    # so does the feedback database's URL, when a Secret gives one: SQLite's locks do not hold on
+    # a network volume, where several ingress pods write (more replicas, or two clusters during
+    # an upgrade), so a cluster that keeps feedback points it at Postgres.
+    secret = {
+        serve.auth.api_keys_env: {"name": API_KEYS_SECRET, "key": API_KEYS_KEY},
+        serve.feedback.url_env: {"name": FEEDBACK_SECRET, "key": FEEDBACK_KEY, "optional": True},
+    }
+    keys = [{"name": name, "valueFrom": {"secretKeyRef": ref}} for name, ref in secret.items()]
     replicas = serve.deployment
     return {
         "apiVersion": "ray.io/v1",

@@ -15,7 +15,7 @@ import datetime
 import json
 from pathlib import Path
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, event, func, select, update
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, event, exc, func, select, update
 from sqlalchemy.engine import URL, Engine, make_url
 
 from contract.records import DOLLY_CATEGORIES, FIELDS, validate_record
@@ -73,7 +73,12 @@ def engine_for(url: str) -> Engine:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA busy_timeout=30000")
 
-    _metadata.create_all(engine)
+    try:
+        _metadata.create_all(engine)
+    except (exc.IntegrityError, exc.ProgrammingError):
+        # Replicas starting together race to create the table (Postgres: a duplicate type or
+        # relation); the loser's second look finds it there. A real fault fails again.
+        _metadata.create_all(engine)
     return engine
 
 

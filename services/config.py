@@ -5,13 +5,14 @@ of the model replicas, so a YAML file, `key=value` overrides, `serve run` args a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contract import generation
-from contract.environment import API_KEYS_ENV
+from contract.environment import API_KEYS_ENV, FEEDBACK_URL_ENV
 from contract.feedback import DEFAULT_URL, absolute_url
 from contract.registry import DEFAULT_ROOT
 
@@ -115,12 +116,21 @@ class FeedbackConfig(_Settings):
     url: str = Field(
         DEFAULT_URL, validate_default=True, description="a SQLAlchemy database URL: SQLite on one machine, Postgres on a cluster"
     )
+    url_env: str = Field(
+        FEEDBACK_URL_ENV,
+        description="environment variable that, set where the ingress runs, replaces url: a URL with a password "
+        "(from a k8s Secret) stays out of the Serve config",
+    )
 
     @field_validator("url")
     @classmethod
     def _absolute(cls, url: str) -> str:
         # Here, in the process that read the setting: Ray workers have a working directory of their own.
         return absolute_url(url)
+
+    def database_url(self) -> str:
+        """The URL to open, read where the store opens (an ingress replica's environment)."""
+        return os.environ.get(self.url_env) or self.url
 
 
 class AuthConfig(_Settings):

@@ -116,7 +116,7 @@ class OpenAIIngress:
         self._prompts = PromptBuilder(tokenizer, context_limit(Path(folder), tokenizer, config.engine))
         self._keys = ApiKeys(config.auth)
         self.metrics = IngressMetrics()
-        self._feedback = FeedbackStore(config.feedback.url)
+        self._feedback = FeedbackStore(config.feedback.database_url())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return openai_api(self)

@@ -66,7 +66,9 @@ def test_curation_approves_and_rejects_and_exports_a_corpus_that_preparation_kee
 def test_corrections_of_the_models_answers_are_held_out_for_evaluation_and_never_trained_on(db, tmp_path):
     store = FeedbackStore(db)
     correction = store.add(**ASKED, response="Blue.", category="open_qa")
-    written = store.add(model="dolly@2", instruction="Write a haiku about rain.", response="Rain taps.", category="creative_writing")
+    written = store.add(
+        model="dolly@2", instruction="Write a haiku about rain.", response="Rain taps.", category="creative_writing"
+    )
 
     alone = dolly("feedback", "hold-out", str(written), "--db", db)
     assert alone.returncode == 1 and f"written answers [{written}] correct no answer of the model" in alone.stderr
@@ -80,3 +82,35 @@ def test_corrections_of_the_models_answers_are_held_out_for_evaluation_and_never
     corpus = tmp_path / "feedback.jsonl"
     assert store.export(corpus) == 1
     assert "Blue." not in corpus.read_text()
+
+
+@pytest.fixture
+def postgres(tmp_path) -> str:
+    """A real Postgres server (pgserver's own binaries) for this test, as a SQLAlchemy URL."""
+    pgserver = pytest.importorskip("pgserver", reason="pgserver is a dev dependency: pip install -e '.[dev]'")
+    server = pgserver.get_server(tmp_path / "pg", cleanup_mode="stop")
+    yield server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    server.cleanup()
+
+
+def test_on_postgres_concurrent_writers_lose_nothing_and_curation_works_alike(postgres, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def submit(i: int) -> int:  # each writer with a store of its own, as each ingress replica has
+        written = {"response": f"Blue, {i}.", "category": "open_qa"} if i % 2 else {}
+        return FeedbackStore(postgres).add(**ASKED, rating="down", user=f"user-{i % 5}", **written)
+
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(submit, range(80)))
+    store = FeedbackStore(postgres)
+    assert len(set(ids)) == 80 and sorted(r["id"] for r in store.rows()) == sorted(ids)
+    assert store.counts() == {"up": 0, "down": 80, "pending": 40, "approved": 0, "rejected": 0, "held_out": 0}
+    assert all(r["created_at"].tzinfo is not None for r in store.rows())
+
+    listed = dolly("feedback", "list", "--db", postgres)
+    assert listed.returncode == 0 and "40 pending." in listed.stdout, listed.stderr
+    pending = [r["id"] for r in store.rows("pending")]
+    store.review("held_out", pending[:10])
+    store.review("approved")
+    assert store.counts() == {"up": 0, "down": 80, "pending": 0, "approved": 30, "rejected": 0, "held_out": 10}
+    assert store.export(tmp_path / "approved.jsonl") == 30

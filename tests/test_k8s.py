@@ -427,3 +427,18 @@ def test_the_image_holds_every_package_the_project_installs():
     packages = {name.split(".")[0] for name in installed}  # a folder's COPY brings its sub-packages
     copied = set(re.findall(r"^COPY --chown=\S+ (\w+) \1$", (REPO / "Dockerfile").read_text(), re.M))
     assert packages == copied
+
+
+@pytest.mark.timeout(60)
+def test_a_feedback_database_secret_if_there_is_one_replaces_sqlite_on_the_network_volume(monkeypatch):
+    spec = overlay("gpu-a100")["RayService"]["spec"]
+    serve = k8s.serve_config(k8s.PROFILES["gpu-a100"])
+    assert serve.feedback.url == "sqlite:////mnt/dolly/feedback/feedback.db"
+    for group in [spec["rayClusterConfig"]["headGroupSpec"], *spec["rayClusterConfig"]["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        ref = env[serve.feedback.url_env]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": k8s.FEEDBACK_SECRET, "key": k8s.FEEDBACK_KEY, "optional": True}  # pods start without it
+    monkeypatch.delenv(serve.feedback.url_env, raising=False)
+    assert serve.feedback.database_url() == serve.feedback.url
+    monkeypatch.setenv(serve.feedback.url_env, "postgresql+psycopg://dolly:secret@postgres:5432/dolly")
+    assert serve.feedback.database_url() == "postgresql+psycopg://dolly:secret@postgres:5432/dolly"

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from cli.configs import address_option, config_option, load_config, option, settings_help
+from cli.screen import log_to_file
 from pipelines.configs import PrepareConfig
 
 app = typer.Typer(help="Prepare and inspect training data.", no_args_is_help=True)
@@ -31,13 +32,14 @@ def prepare(
 
     Example: dolly data prepare --source ../shared/data/databricks-dolly-15k.jsonl --tokenizer ../shared/tokenizer/pythia
     """
-    from cluster.connect import ray_session
-    from pipelines.prepare import prepare as run_prepare
-
     flags = dict(
         source=source, output_dir=out, tokenizer=tokenizer, max_length=max_length, test_size=test_size, on_bad=on_bad, pack=pack
     )
     settings = load_config(PrepareConfig, config, flags, overrides or [])
+    log_to_file("prepare")
+    from cluster.connect import ray_session
+    from pipelines.prepare import prepare as run_prepare
+
     with ray_session(address):
         run_prepare(settings)
 

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from cli.configs import config_option, load_config, option, settings_help
+from cli.screen import log_to_file
 from pipelines.configs import EvalConfig
 
 EPILOG = settings_help(EvalConfig)
@@ -36,8 +37,6 @@ def eval_command(
 
     Example: dolly eval --model dolly@latest --base EleutherAI/pythia-2.8b --data-dir runs/data
     """
-    from pipelines.evaluate import evaluate  # torch and transformers: imported here, so `dolly --help` stays instant
-
     flags = dict(
         model=model,
         base=base,
@@ -50,4 +49,8 @@ def eval_command(
         harness=harness,
         tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
     )
-    evaluate(load_config(EvalConfig, config, flags, overrides or []))
+    settings = load_config(EvalConfig, config, flags, overrides or [])
+    log_to_file("eval")
+    from pipelines.evaluate import evaluate  # torch and transformers: imported here, so `dolly --help` stays instant
+
+    evaluate(settings)

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from cli.configs import address_option, config_option, load_config, option, settings_help
+from cli.screen import log_to_file
 from loop.configs import RetrainConfig
 
 EPILOG = settings_help(RetrainConfig)
@@ -35,6 +36,7 @@ def retrain(
     """
     flags = dict(new_records=new_records or None, feedback=feedback)
     settings = load_config(RetrainConfig, config, flags, overrides or [])
+    log_to_file("retrain")
     from loop.retrain import retrain as run_retrain
 
     run_retrain(settings, address=address)

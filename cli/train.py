@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from cli.configs import address_option, config_option, load_config, settings_help
+from cli.screen import log_to_file
 from pipelines.configs import TrainConfig
 
 EPILOG = settings_help(TrainConfig)
@@ -26,6 +27,7 @@ def train(
     Example: dolly train --config train.yaml preset=a100 num_workers=8
     """
     settings = load_config(TrainConfig, config, {}, overrides or [])  # a bad setting fails before heavy imports
+    log_to_file("train")
     from cluster.connect import ray_session
     from pipelines.train import train as run_train
 

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from cli.configs import address_option, config_option, load_config, option, settings_help
+from cli.screen import log_to_file
 from loop.configs import UpConfig
 
 EPILOG = settings_help(UpConfig)
@@ -51,6 +52,7 @@ def up(
         ),
     )
     settings = load_config(UpConfig, config, flags, overrides or [])
+    log_to_file("up")
     from loop.up import up as run_up
 
     run_up(settings, address=address)

@@ -32,6 +32,7 @@ from typing import Literal
 
 import ray
 
+from contract import logs
 from contract.errors import UserError
 
 # Enough logical slots for a data pipeline and two training workers on 2 cores.
@@ -107,7 +108,10 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         return
     target = resolve_address(address)
     init_address = target.for_ray_init()  # a dashboard URL fails here, before anything starts
-    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+    # The workers' output stays in Ray's log files (on the head, session_latest/logs): forwarded,
+    # every worker's library warnings would interleave with the screen. What a person reads of
+    # them comes through Ray itself: training's progress (pipelines/progress.py), errors as exceptions.
+    kwargs = {"logging_level": logging.WARNING, "log_to_driver": False}
     state_api = {}
     if target.kind == "local":
         # The dashboard serves Ray's State API, which Ray Train's PlacementGroupCleaner queries once
@@ -126,7 +130,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         )
     else:
         os.environ.update(client_auth_env())
+    logs.reroute()  # Ray's loggers got console handlers at import; ray.init logs through them
     ray.init(address=init_address, **kwargs)
+    logs.reroute()  # and ray.init adds more
+    node = ray._private.worker._global_node  # no public accessor; None when joined through Ray Client
+    where = node.get_logs_dir_path() if node else "session_latest/logs in the head node's Ray temp folder"
+    logs.logger.info("Ray's own logs (workers, Serve replicas): %s", where)
     before = {name: os.environ.get(name) for name in state_api}
     os.environ.update(state_api)
     try:

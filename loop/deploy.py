@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from contract import logs
 from services.app import build_app
 from services.config import ServeConfig
 from ui.config import PAGE_APP, PAGE_ROUTE, UIConfig
@@ -32,6 +33,7 @@ def deploy(
     logging_config = {"log_level": log_level}
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
     serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, logging_config=logging_config)
+    logs.reroute()  # Serve's own loggers, now configured
     api_url = f"http://127.0.0.1:{port}{settings.route_prefix.rstrip('/')}/v1"
     page_url = None
     if ui:

@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt
 import psutil
 import torch
 
+from pipelines.progress import ProgressFeed
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
 
@@ -43,17 +45,17 @@ def memory_gib() -> float:
 
 
 class MetricsSink:
-    """Rank 0's writer: console bar, metrics.jsonl, TensorBoard, and MLflow when configured."""
+    """Rank 0's writer: the driver's screen (`pipelines.progress`), metrics.jsonl, TensorBoard, and
+    MLflow when configured."""
 
-    def __init__(self, log_dir: Path, total_steps: int, start_step: int, params: dict, mlflow_uri: str | None):
-        from ray.experimental.tqdm_ray import tqdm  # renders on the driver's console, from a worker
+    def __init__(self, log_dir: Path, feed: ProgressFeed, start_step: int, params: dict, mlflow_uri: str | None):
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(log_dir / METRICS_FILE, "a")  # noqa: SIM115 (open for the run, closed by close())
         self.tensorboard = SummaryWriter(str(log_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, desc="train")
-        self.bar.update(start_step)
+        self.feed = feed
+        feed.start(start_step)
         self.mlflow = None
         if mlflow_uri:
             import mlflow
@@ -67,18 +69,11 @@ class MetricsSink:
             mlflow.log_params({k: str(v) for k, v in params.items()})
             self.mlflow = mlflow
 
-    def progress(self, steps: int, loss: float) -> None:
-        self.bar.set_description(f"train loss {loss:.3f}")
-        self.bar.update(steps)
-        if self.bar.n >= self.bar.total:
-            # Done at the last step: left open, its clock and rate would run on through the
-            # final evaluation, checkpoint and export.
-            self._close_bar()
+    def progress(self, step: int, loss: float) -> None:
+        self.feed.step(step, loss)
 
-    def _close_bar(self) -> None:
-        if self.bar is not None:  # closing twice would draw it again, with the time since
-            self.bar.close()
-            self.bar = None
+    def say(self, text: str) -> None:
+        self.feed.say(text)
 
     def write(self, step: int, metrics: dict) -> None:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -88,10 +83,9 @@ class MetricsSink:
         self.tensorboard.flush()
         if self.mlflow:
             self.mlflow.log_metrics(metrics, step=step)
-        print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        self.feed.metrics(step, metrics)
 
     def close(self, artifacts: list[Path]) -> None:
-        self._close_bar()
         self.tensorboard.close()
         self.jsonl.close()
         if self.mlflow:

@@ -84,11 +84,22 @@ def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareRes
     out.mkdir(parents=True, exist_ok=True)
 
     display = {f: source.display_name(f) for f in source.files}
-    records = (
-        ray.data.read_binary_files(source.files, include_paths=True, filesystem=source.filesystem)
-        .flat_map(lambda row: split_records(display[row["path"]], row["bytes"]), num_cpus=config.cpus_per_task)
-        .repartition(target_num_rows_per_block=config.block_rows)
-        .map_batches(
+    context = ray.data.DataContext.get_current()
+    # A status line per stage instead of Ray Data's bars: a preparation runs several small
+    # datasets, and each would draw bars (or, off a terminal, log lines) of its own. Every
+    # dataset below derives from this one, and keeps the context it was made with.
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        read = ray.data.read_binary_files(source.files, include_paths=True, filesystem=source.filesystem)
+    finally:
+        context.enable_progress_bars = bars
+    with console.status("Reading, validating and tokenizing the records"):
+        blocks = (
+            read.flat_map(lambda row: split_records(display[row["path"]], row["bytes"]), num_cpus=config.cpus_per_task)
+            .repartition(target_num_rows_per_block=config.block_rows)
+            .materialize()
+        )
+        records = blocks.map_batches(
             process_batch,
             fn_kwargs=dict(
                 tokenizer_name=config.tokenizer,
@@ -99,11 +110,10 @@ def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareRes
             ),
             batch_format="numpy",
             num_cpus=config.cpus_per_task,
-            compute=ray.data.TaskPoolStrategy(size=config.concurrency or os.cpu_count()),
-        )
-        .materialize()
-    )
-    summary = records.drop_columns(["raw", "input_ids", "labels"]).to_pandas()
+            # No more tasks than blocks: Ray Data warns of a pool larger than its input.
+            compute=ray.data.TaskPoolStrategy(size=min(config.concurrency or os.cpu_count(), blocks.num_blocks())),
+        ).materialize()
+        summary = records.drop_columns(["raw", "input_ids", "labels"]).to_pandas()
     counts = _count(summary)
 
     reject_columns = ["source", "line", "reason", "detail", "raw"]
@@ -133,8 +143,11 @@ def prepare(config: PrepareConfig, console: Console | None = None) -> PrepareRes
     summary.loc[kept.sort_values("split_key").index, "split"] = ["test"] * config.test_size + ["train"] * (
         len(kept) - config.test_size
     )
-    ordered = _sort_by_split_key(records.filter(expr="reason == ''").materialize()).select_columns(SHARD_COLUMNS).materialize()
-    test, train = ordered.split_at_indices([config.test_size])
+    with console.status("Splitting"):
+        ordered = (
+            _sort_by_split_key(records.filter(expr="reason == ''").materialize()).select_columns(SHARD_COLUMNS).materialize()
+        )
+        test, train = ordered.split_at_indices([config.test_size])
     if config.pack:
         train = train.map_batches(
             pack_batch,

@@ -31,6 +31,7 @@ from pipelines.manifest import MANIFEST_NAME, VerifiedData, verified
 from pipelines.plan import DataFacts, TrainPlan
 from pipelines.prepare import prepare
 from pipelines.presets import PRESETS
+from pipelines.progress import TrainProgress
 from pipelines.train_worker import train_loop
 
 IN_MEMORY_BYTES = 512 * 1024**2
@@ -118,9 +119,14 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
     finally:
         context.enable_progress_bars = bars
     storage_path = run_uri.rsplit("/", 1)[0]
+    progress = TrainProgress(console, plan.total_steps)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "plan": plan.model_dump(mode="json")},
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "plan": plan.model_dump(mode="json"),
+            "progress": progress.feed,
+        },
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker={"CPU": config.cpus_per_worker}
@@ -134,7 +140,8 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     metrics = result.return_value or {}
     checkpoint = result.checkpoint.path if result.checkpoint else None
     console.print(

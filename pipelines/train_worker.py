@@ -55,15 +55,13 @@ def train_loop(loop_config: dict) -> dict:
     if start is not None:
         state = TrainState.model_validate(checkpoints.load(engine, start, universal))
         state.resumes.append(Resume(checkpoint=start.path, step=state.step, workers=writers))
-        if rank == 0:
-            print(f"resumed from verified checkpoint {start.path} at step {state.step} ({writers} workers wrote it)", flush=True)
     rows_per_micro_batch = config.micro_batch_size * config.num_workers  # all workers together
 
     log_dir = Path(config.output_dir) / config.run_name
     sink = (
         MetricsSink(
             log_dir,
-            total_steps,
+            loop_config["progress"],
             state.step,
             {"run_name": config.run_name, **plan.hyperparameters},
             config.mlflow_tracking_uri if config.mlflow else None,
@@ -71,6 +69,8 @@ def train_loop(loop_config: dict) -> dict:
         if rank == 0
         else None
     )
+    if sink and start is not None:
+        sink.say(f"resumed from verified checkpoint {start.path} at step {state.step} ({writers} workers wrote it)")
     eval_batches = _held_out(config, tokenizer)
     batches = _micro_batches(config, tokenizer, state.rows // rows_per_micro_batch, plan.micro_batches_per_epoch)
     window = _new_window()
@@ -99,7 +99,7 @@ def train_loop(loop_config: dict) -> dict:
         step = state.step
         last = step == total_steps
         if rank == 0:
-            sink.progress(1, window["loss"] / max(1, window["label_tokens"]))
+            sink.progress(step, window["loss"] / max(1, window["label_tokens"]))
         if not (step % config.log_every == 0 or step % config.eval_every == 0 or step % config.checkpoint_every == 0 or last):
             continue
 

@@ -83,6 +83,13 @@ def test_the_main_job_runs_on_a_fresh_clone_with_its_own_fresh_venv(tmp_path):
         assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"], answer.text
         assert httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=60).status_code == 200
         assert f"http://127.0.0.1:{port}/ui/" in output and "Ctrl-C stops it" in output
+        # The screen reads cleanly: dolly's own lines, the library logs in the file it names first.
+        screen = output[output.index("Library logs: ") :]
+        log_file = Path(re.search(r"Library logs: (\S+)", screen).group(1))
+        assert "ray.data" in log_file.read_text(), "Ray Data's log lines went to the file"
+        for noise in ("Traceback", "logging_progress", "(RayTrainWorker", "(TrainController", "[WARNING]", "Loading weights"):
+            assert noise not in screen, f"{noise!r} reached the screen"
+        assert re.search(r"train .* 2/2 steps +loss [0-9.]+", screen), "one training bar, with the loss"
     finally:
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
         try:

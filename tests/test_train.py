@@ -3,9 +3,12 @@ of the corpus, and the export is a plain Hugging Face folder that generates and 
 
 from __future__ import annotations
 
+import io
 import json
+import re
 
 import pytest
+from rich.console import Console
 
 from contract import END_KEY, extract_response
 from pipelines.configs import TrainConfig
@@ -49,11 +52,14 @@ def overfit_config(tmp_path, data_dir, tokenizer_path, **settings) -> TrainConfi
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def overfit_run(request, tmp_path_factory, train_data, tokenizer_path):
     config = overfit_config(tmp_path_factory.mktemp(f"zero{request.param}"), train_data, tokenizer_path, zero_stage=request.param)
-    return config, train(config)
+    # What a person would read: a console as a pipe gives it (plain lines, the bar's last state).
+    console = Console(record=True, file=io.StringIO(), width=200)
+    result = train(config, console)
+    return config, result, console.export_text()
 
 
 def test_two_workers_overfit_a_small_slice(overfit_run):
-    config, result = overfit_run
+    config, result, _ = overfit_run
     history = read_history(config.output_dir / config.run_name)
     losses = [row["train_loss"] for row in history if "train_loss" in row]
     assert losses[0] > 9.0, "a random model starts near ln(vocabulary) ~ 10.8"
@@ -66,7 +72,7 @@ def test_export_loads_with_a_pipeline_and_generation_stops_at_end(overfit_run, t
     import pyarrow.parquet as pq
     from transformers import pipeline
 
-    config, result = overfit_run
+    config, result, _ = overfit_run
     generator = pipeline("text-generation", model=result.metrics["export_dir"])
     end_id = tokenizer.convert_tokens_to_ids(END_KEY)
     assert generator.model.generation_config.eos_token_id == end_id
@@ -98,7 +104,7 @@ def test_export_loads_with_a_pipeline_and_generation_stops_at_end(overfit_run, t
 def test_export_carries_a_model_card_and_is_registered(overfit_run):
     from contract import registry
 
-    config, result = overfit_run
+    config, result, _ = overfit_run
     assert result.metrics["registered"] == f"{config.register_as}@1"
     folder, _ = registry.resolve(f"{config.register_as}@latest", config.registry)
     facts = json.loads((folder / "training.json").read_text())
@@ -113,7 +119,7 @@ def test_metrics_reach_the_console_log_tensorboard_mlflow_and_a_loss_curve(overf
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config, result = overfit_run
+    config, result, screen = overfit_run
     run_dir = config.output_dir / config.run_name
     logged = read_history(run_dir)
     assert [row["step"] for row in logged] == list(range(5, config.max_steps + 1, 5))
@@ -131,6 +137,11 @@ def test_metrics_reach_the_console_log_tensorboard_mlflow_and_a_loss_curve(overf
     assert run.data.params["zero_stage"] == str(config.zero_stage)
     assert run.data.metrics["train_loss"] == pytest.approx(logged[-1]["train_loss"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"loss_curve.png", "README.md"}
+
+    # The screen: rank 0's rows reach the driver through Ray (the workers' own output stays in
+    # Ray's log files), and one bar ends at the last step with the loss.
+    assert [int(n) for n in re.findall(r"^step (\d+): train_loss", screen, re.M)] == [row["step"] for row in logged]
+    assert re.search(rf"train .* {config.max_steps}/{config.max_steps} steps +loss [0-9.]+ +[0-9,]+ tokens/s", screen), screen
 
     curve = run_dir / "loss_curve.png"
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and result.metrics["loss_curve"] == str(curve)

@@ -42,7 +42,16 @@ def deepspeed_config(config: TrainConfig, universal: bool = False) -> dict:
         "fp16": {"enabled": config.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": config.lr, "betas": list(config.betas), "eps": 1e-8, "weight_decay": config.weight_decay},
+            "params": {
+                "lr": config.lr,
+                "betas": list(config.betas),
+                "eps": 1e-8,
+                "weight_decay": config.weight_decay,
+                # On CPU workers DeepSpeed's FusedAdam is a C++ op JIT-compiled on first use
+                # (minutes on a small machine); torch's AdamW needs no build. An offloaded
+                # optimizer keeps DeepSpeed's CPU Adam, which ZeRO-Offload requires.
+                "torch_adam": not config.use_gpu and not config.offload_optimizer,
+            },
         },
         "checkpoint": {"load_universal": universal},
         "steps_per_print": 10**9,  # progress is ours to report

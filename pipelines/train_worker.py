@@ -16,6 +16,7 @@ import deepspeed
 import ray.train
 import torch
 import torch.distributed as dist
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 from ray.data.collate_fn import NumpyBatchCollateFn
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -39,6 +40,11 @@ def train_loop(loop_config: dict) -> dict:
     total_steps, n_params = plan.total_steps, plan.n_params
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(config.seed)
+    if not config.use_gpu:
+        # DeepSpeed's CPU backend would JIT-compile its shared-memory all-reduce here (minutes on
+        # a small machine, on first use) for its inference path alone: training's collectives
+        # are gloo's. Its table of compatible ops is meant to be edited, and is read right here.
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
     deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
     tokenizer = load_tokenizer(config.tokenizer_path)
     start = _resume_point(config, plan.run_uri)

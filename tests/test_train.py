@@ -193,3 +193,13 @@ def test_a_step_weighs_every_label_token_alike_across_micro_batches_and_workers(
     # padding_free: the four examples flattened into one row, no pad computed, the same step.
     assert c["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
     assert c["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+
+
+def test_training_on_cpu_builds_no_deepspeed_op_on_first_use(tmp_path, uneven_data, tokenizer_path, monkeypatch):
+    """A newcomer's first run pays no JIT compile (DeepSpeed's shm all-reduce took ~3 min on 2 cores)."""
+    extensions = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))  # reaches the workers (train.WORKER_ENV)
+    config = overfit_config(tmp_path, uneven_data, tokenizer_path, num_workers=2, max_steps=1, log_every=1, mlflow=False)
+    assert train(config).metrics["step"] == 1
+    built = sorted(p.name for p in extensions.rglob("*.so")) if extensions.exists() else []
+    assert built == [], f"training on CPU JIT-built DeepSpeed ops: {built}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
 import webbrowser
 from pathlib import Path
 
@@ -42,6 +43,7 @@ STAGES = 6
 def up(config: UpConfig, console: Console | None = None, address: str | None = None, block: bool = True) -> dict:
     """Run the loop; with `block`, serve until Ctrl-C. Returns what a caller needs to reach the result."""
     console = console or Console()
+    stages = Stages(console)
     workdir = config.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     if config.base_model == SMOLLM2:
@@ -50,7 +52,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
             "fine-tunes EleutherAI Pythia: --base-model EleutherAI/pythia-2.8b --preset a100 with a GPU cluster's --address.[/]"
         )
     with ray_session(address):
-        _stage(console, 1, "Data")
+        stages.start("data", "Data")
         source, why = choose_source(config.data)
         console.print(f"Corpus: {source} ({why})")
         data_dir = workdir / "data"
@@ -67,14 +69,14 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         ).data
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
-        _stage(console, 2, f"Score the base model ({config.base_model}): held-out loss and answers")
+        stages.start("base scoring", f"Score the base model ({config.base_model}): held-out loss and answers")
         base = _cached_scores(config.base_model, config.tokenizer, data, data_sha, config, console)
 
-        _stage(console, 3, f"Fine-tune with Ray Train + DeepSpeed ZeRO-{train_config.zero_stage}")
+        stages.start("fine-tuning", f"Fine-tune with Ray Train + DeepSpeed ZeRO-{train_config.zero_stage}")
         train_config, export_dir = train_once(train_config, "up", data_sha, console, data)
         run_name = train_config.run_name
 
-        _stage(console, 4, "Score the tuned model: held-out loss and answers")
+        stages.start("tuned scoring", "Score the tuned model: held-out loss and answers")
         tuned = _cached_scores(str(export_dir), None, data, data_sha, config, console).named(f"tuned ({run_name})")
         charts = show_scores([base, tuned], workdir, console)
         report = workdir / "report.json"
@@ -84,7 +86,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         )
         console.print(f"Charts: {', '.join(charts.values())}; scores: {report}")
 
-        _stage(console, 5, "Export and register")
+        stages.start("registry", "Export and register")
         name, root = config.model_name, config.registry
         version = registry.find_registered(export_dir, name, root)
         if version is None:
@@ -97,7 +99,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         if model_ref != f"{name}@{version}":
             console.print(f"Serving {model_ref}, the registry's latest, promoted since this run")
 
-        _stage(console, 6, "Serve the API and the chat page on Ray Serve")
+        stages.start("serving", "Serve the API and the chat page on Ray Serve")
         key_file = _api_key_file(workdir)
         # The API decodes as the answers were scored.
         serve_config = ServeConfig(
@@ -120,7 +122,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
                 "feedback": serve_config.feedback.url,
                 "ray_address": ray.get_runtime_context().gcs_address,
             }
-            console.print(_ready_panel(config, urls, key_file.read_text().strip()))
+            console.print(_ready_panel(config, urls, key_file.read_text().strip(), stages.summary()))
             if config.open_browser and block:
                 webbrowser.open(deployed.page_url)
             if block:
@@ -132,8 +134,34 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
                 console.print("Stopped serving.")
 
 
-def _stage(console: Console, number: int, title: str) -> None:
-    console.rule(f"[bold]{number}/{STAGES} {title}")
+class Stages:
+    """The stage headers, and how long each stage took: the final panel says, so a slow stage is
+    plain to see (bench/RESULTS.md records them for a newcomer's first run)."""
+
+    def __init__(self, console: Console):
+        self._console, self._started = console, time.monotonic()
+        self._current: tuple[str, float] | None = None
+        self.took: dict[str, float] = {}
+
+    def start(self, name: str, title: str) -> None:
+        self._end()
+        self._console.rule(f"[bold]{len(self.took) + 1}/{STAGES} {title}")
+        self._current = (name, time.monotonic())
+
+    def summary(self) -> str:
+        self._end()
+        stages = ", ".join(f"{name} {_duration(seconds)}" for name, seconds in self.took.items())
+        return f"Up in {_duration(time.monotonic() - self._started)} ({stages})"
+
+    def _end(self) -> None:
+        if self._current is not None:
+            name, started = self._current
+            self.took[name] = time.monotonic() - started
+            self._current = None
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
 def _cached_scores(model: str, tokenizer: str | None, data: VerifiedData, data_sha: str, config: UpConfig, console: Console):
@@ -179,7 +207,7 @@ def _api_key_file(workdir: Path) -> Path:
     return path
 
 
-def _ready_panel(config: UpConfig, urls: dict, key: str) -> Panel:
+def _ready_panel(config: UpConfig, urls: dict, key: str, took: str) -> Panel:
     api = urls["api"].replace("127.0.0.1", config.host) if config.host != "0.0.0.0" else urls["api"]
     lines = [
         f"[bold]Chat page[/]   {urls['page']}",
@@ -197,6 +225,7 @@ def _ready_panel(config: UpConfig, urls: dict, key: str) -> Panel:
         "Retrain on new records and promote only if better (from another terminal, while this runs):",
         f"  dolly retrain --config {urls['retrain_config']} --new-records NEW.jsonl --address {urls['ray_address']}",
         "",
+        f"[dim]{took}[/]",
         "[bold]Ctrl-C stops it.[/]",
     ]
     return Panel("\n".join(lines), title="dolly is up", border_style="green")

@@ -23,7 +23,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,12 +32,19 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a plain script, without relying on the editable install
+
+from cluster.connect import free_port  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def newcomer_env(also_drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """A newcomer's shell: no venv, no pytest or Ray settings, and no outer make (a nested make
+    under `make test` would print otherwise, by its MAKELEVEL); variables starting with
+    `also_drop` go too."""
+    drop = ("VIRTUAL_ENV", "PYTEST", "RAY_", "MAKE", "MFLAGS", *also_drop)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
+    return env
 
 
 def main() -> None:
@@ -53,12 +59,7 @@ def main() -> None:
         clone = root / "dolly-ray"
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
         (root / "shared").symlink_to(args.shared.resolve())
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("VIRTUAL_ENV", "PYTEST", "RAY_", "MAKE", "MFLAGS", "DOLLY_", "TORCH_EXTENSIONS", "HF_"))
-        }
-        env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
+        env = newcomer_env(also_drop=("DOLLY_", "TORCH_EXTENSIONS", "HF_"))  # and cold caches:
         env.update(PIP_NO_CACHE_DIR="1", DOLLY_CACHE=str(root / "dolly-cache"), HF_HOME=str(root / "hf"), COLUMNS="200")
         port = free_port()
         up_args = f"--no-browser --port {port}" + (" --smoke" if args.smoke else "")

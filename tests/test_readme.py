@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.first_run import newcomer_env
 from tests.conftest import REPO, SHARED, free_port, require_shared
 
 
@@ -43,12 +44,7 @@ def test_the_main_job_runs_on_a_fresh_clone_with_its_own_fresh_venv(tmp_path):
     serves an API that answers with the printed key and a page; Ctrl-C stops it cleanly."""
     require_shared(SHARED / "data")
     clone = fresh_clone(tmp_path)
-    # A newcomer's shell: no venv, no pytest or Ray settings, and no outer make (CI runs this test
-    # under `make test`, whose MAKELEVEL would change what a nested make prints).
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTEST", "RAY_", "MAKE", "MFLAGS", "DOLLY_DATA"))
-    }
-    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if ".venv" not in p)
+    env = newcomer_env(also_drop=("DOLLY_DATA",))
     env["COLUMNS"] = "200"  # one line per message, for the checks below
     port = free_port()
     log = tmp_path / "make-run.log"

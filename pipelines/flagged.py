@@ -79,17 +79,26 @@ def score_flagged(
     """`lm` on the held-out corrections: the likelihood of each correction and of its flagged
     answer (same prompt, same category), and its greedy answer to the instruction."""
     limit = max_length_for(lm.ref, lm.tokenizer)[0]
-    prompts = [record_prompt(_record(row, row["response"]), lm.tokenizer) for row in rows]
-    fits = [row for row, prompt in zip(rows, prompts) if len(prompt["ids"]) < limit]
-    corrections = _rows(lm, [_record(row, row["response"]) for row in fits], limit)
+    asked = [(row, _record(row, row["response"])) for row in rows]
+    # Prompts that leave the model no room for an answer are not scored (`answer` passes them over too).
+    fitting = [
+        (row, record, prompt) for row, record in asked if len((prompt := record_prompt(record, lm.tokenizer))["ids"]) < limit
+    ]
+    fits = [row for row, _, _ in fitting]
     flagged = [(i, record) for i, row in enumerate(fits) if _valid(record := _record(row, row["answer"]))]
-    losses = row_losses(lm, corrections + _rows(lm, [r for _, r in flagged], limit), batch_size, f"flagged mistakes of {lm.name}")
-    flagged_loss = {i: nll / max(tokens, 1) for (i, _), (nll, tokens) in zip(flagged, losses[len(fits) :])}
+    losses = row_losses(
+        lm,
+        _rows(lm, [record for _, record, _ in fitting] + [r for _, r in flagged], limit),
+        batch_size,
+        f"flagged mistakes of {lm.name}",
+    )
+    corrected, of_flagged = losses[: len(fits)], losses[len(fits) :]
+    flagged_loss = {i: nll / max(tokens, 1) for (i, _), (nll, tokens) in zip(flagged, of_flagged)}
     greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
-    generated = answer(lm, [p for p in prompts if len(p["ids"]) < limit], greedy, seed, batch_size)
+    generated = answer(lm, [prompt for _, _, prompt in fitting], greedy, seed, batch_size)
 
     answers = []
-    for i, (row, (nll, tokens), said) in enumerate(zip(fits, losses, generated)):
+    for i, (row, (nll, tokens), said) in enumerate(zip(fits, corrected, generated)):
         answers.append(
             FlaggedAnswer(
                 id=row["id"],
@@ -106,13 +115,13 @@ def score_flagged(
                 repeats_mistake=rouge_l(said.generated, row["answer"]) > rouge_l(said.generated, row["response"]),
             )
         )
-    tokens = sum(t for _, t in losses[: len(fits)])
+    tokens = sum(t for _, t in corrected)
     report = FlaggedReport(
         model=lm.name,
         records=len(rows),
         scored=len(fits),
         too_long=len(rows) - len(fits),
-        correction_loss=sum(nll for nll, _ in losses[: len(fits)]) / max(tokens, 1),
+        correction_loss=sum(nll for nll, _ in corrected) / max(tokens, 1),
         paired=len(flagged_loss),
         prefers_correction=sum(a.correction_loss < a.flagged_loss for a in answers if a.flagged_loss is not None),
         repeats_mistake=sum(a.repeats_mistake for a in answers),

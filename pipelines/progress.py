@@ -50,7 +50,6 @@ class TrainProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,
-            transient=False,
         )
         self._task = self._progress.add_task(description, total=total_steps, loss="-", rate="-")
         self._total = total_steps

@@ -79,9 +79,10 @@ def test_ray_client_gets_token_mode_when_a_token_is_at_hand(ray_calls, env):
     env.setenv("RAY_AUTH_TOKEN", "secret")  # e.g. read from the KubeRay cluster's Secret
     with ray_session("ray://dolly-head-svc:10001"):
         assert connect.os.environ["RAY_AUTH_MODE"] == "token"
+    # Workers' output stays in Ray's logs, never on the user's screen (see cli/screen.py).
     assert ray_calls[0] == (
         "init",
-        {"address": "ray://dolly-head-svc:10001", "logging_level": connect.logging.WARNING, "log_to_driver": True},
+        {"address": "ray://dolly-head-svc:10001", "logging_level": connect.logging.WARNING, "log_to_driver": False},
     )
 
 

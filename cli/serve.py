@@ -34,15 +34,17 @@ def serve(
     Deploying another version under the same app_name onto a running cluster (--address, --detach) replaces the replicas in place, without failing requests.
 
     Example: DOLLY_API_KEYS=secret dolly serve --model dolly@latest
+
+    LoRA adapters side by side on their base, picked by each request's `model`: dolly serve adapters=[dolly-support,dolly-legal]
     """
-    from contract.registry import resolve
     from services.auth import INSECURE_BANNER, ApiKeys
+    from services.config import what_to_serve
 
     flags = dict(model=model, registry=registry, auth={"insecure_no_auth": True} if insecure_no_auth else None)
     settings = load_config(ServeConfig, config, flags, overrides or [])
     if detach and not address:
         raise UserError("--detach needs --address (or RAY_ADDRESS): an embedded cluster ends with this command")
-    resolve(settings.model, settings.registry)  # fail before the heavy imports and Ray's start
+    served = what_to_serve(settings)  # fail before the heavy imports and Ray's start
     if not settings.auth.insecure_no_auth and not address:
         ApiKeys(settings.auth)  # the replicas read the keys where they run: here, on an embedded cluster
 
@@ -57,7 +59,8 @@ def serve(
     with ray_session(address):
         try:
             deployed = deploy(settings, host, port, ui=ui)
-            console.print(f"[green]Serving[/] {settings.model} at {deployed.api_url.replace('127.0.0.1', host)}")
+            what = f"{', '.join(settings.adapters)} (LoRA adapters) on {served.version}" if settings.adapters else settings.model
+            console.print(f"[green]Serving[/] {what} at {deployed.api_url.replace('127.0.0.1', host)}")
             if deployed.page_url:
                 console.print(f"[green]Chat page[/] at {deployed.page_url.replace('127.0.0.1', host)}")
             if not detach:

@@ -6,6 +6,9 @@ only real tokens, so a padded row computes exactly what it would alone. A group 
 prefilled on its own and then joins the running rows (both sides left-padded to one length);
 finished rows leave at once, so they cost nothing while the others go on. Each row counts the
 tokens it has generated, for the frequency and presence penalties.
+
+On a PEFT model holding several LoRA adapters, each row names its own (None: the base alone), and
+every step computes each row with its adapter (PEFT's mixed-adapter batches).
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ def finish_reason(token: int, generated: int, stop_ids: set[int], max_tokens: in
     return "length" if generated + 1 >= max_tokens else None
 
 
+# PEFT's name for "no adapter" in a mixed-adapter batch.
+BASE_ROWS = "__base__"
+
+
 class BatchDecoder:
     def __init__(self, model, pad_id: int):
         self._model, self._pad_id = model, pad_id
         self._device = model.device
+        self._peft = hasattr(model, "peft_config")  # a PeftModel: every row says which adapter it runs
         self._next_id = 0
         self._clear()
 
@@ -36,14 +44,21 @@ class BatchDecoder:
         self.rows: list[int] = []  # the id `add` gave each row, in batch order
         self._params: list[SamplingParams] = []
         self._generators: list[torch.Generator | None] = []
+        self._adapters: list[str] = []
         self._cache = None
         self._mask = None  # [rows, cache length]: 1 where a row has a real token
         self._last = None  # [rows, 1]: each row's newest token, not in the cache yet
         self._counts = None  # [rows, vocab]: how often each row has generated each token
 
+    def _adapter_names(self, adapters: list[str]) -> dict:
+        return {"adapter_names": adapters} if self._peft else {}
+
     @torch.inference_mode()
-    def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[list[int], list[int]]:
-        """Prefill new rows; their ids and first tokens."""
+    def add(
+        self, prompts: list[list[int]], params: list[SamplingParams], adapters: list[str | None] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """Prefill new rows (each on its adapter, if any); their ids and first tokens."""
+        adapters = [a or BASE_ROWS for a in adapters or [None] * len(prompts)]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long, device=self._device)
         mask = torch.zeros_like(ids)
@@ -51,7 +66,12 @@ class BatchDecoder:
             ids[row, width - len(prompt) :] = torch.tensor(prompt, device=self._device)
             mask[row, width - len(prompt) :] = 1
         out = self._model(
-            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+            **self._adapter_names(adapters),
         )
         generators = generators_for(params, self._device)
         tokens = sample(out.logits[:, -1], params, generators)
@@ -67,6 +87,7 @@ class BatchDecoder:
         self.rows += new_ids
         self._params += params
         self._generators += generators
+        self._adapters += adapters
         return new_ids, tokens.tolist()
 
     @torch.inference_mode()
@@ -75,7 +96,12 @@ class BatchDecoder:
         positions = self._mask.sum(-1, keepdim=True)
         self._mask = torch.cat([self._mask, torch.ones_like(positions)], dim=-1)
         out = self._model(
-            input_ids=self._last, attention_mask=self._mask, position_ids=positions, past_key_values=self._cache, use_cache=True
+            input_ids=self._last,
+            attention_mask=self._mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+            **self._adapter_names(self._adapters),
         )
         self._cache = out.past_key_values
         tokens = sample(penalize(out.logits[:, -1], self._counts, self._params), self._params, self._generators)
@@ -99,6 +125,7 @@ class BatchDecoder:
         self._mask, self._last, self._counts = self._mask[selected, start:], self._last[selected], self._counts[selected]
         self._params = [self._params[i] for i in index]
         self._generators = [self._generators[i] for i in index]
+        self._adapters = [self._adapters[i] for i in index]
         self.rows = list(rows)
 
     def _join(self, cache, mask: torch.Tensor, last: torch.Tensor) -> None:

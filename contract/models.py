@@ -7,7 +7,6 @@ cannot differ between the model that was trained and the one that is served.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from contract.errors import UserError
 from contract.prompt import END_KEY, INSTRUCTION_KEY, SPECIAL_TOKENS
-from contract.registry import ADAPTER_CONFIG
+from contract.registry import adapter_base
 
 # hidden / layers / heads of EleutherAI's Pythia suite; every model uses rotary_pct 0.25,
 # parallel residual, 2048 positions, an MLP four times the hidden size (14m: 512) and untied
@@ -222,12 +221,6 @@ def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenize
     if limit and limit < 1_000_000:  # transformers uses a huge sentinel for "unknown"
         return int(limit), "tokenizer model_max_length"
     return DEFAULT_MAX_LENGTH, "Dolly's default (no length in the model or tokenizer config)"
-
-
-def adapter_base(name_or_path: str | None) -> str | None:
-    """The base that a LoRA adapter folder (PEFT's adapter_config.json) names, else None."""
-    config = Path(name_or_path or "") / ADAPTER_CONFIG
-    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
 
 
 def load_model(name_or_path: str, tokenizer: PreTrainedTokenizerBase, **kwargs):

@@ -10,6 +10,7 @@ Serving refers to `NAME@latest` or `NAME@N`; a plain folder path works everywher
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,41 @@ MODEL_CONFIGS = ("config.json", ADAPTER_CONFIG)
 
 def is_model_folder(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in MODEL_CONFIGS)
+
+
+def check_servable(folder: Path) -> None:
+    """Serving loads an exported folder strictly: safetensors only."""
+    if not is_model_folder(folder):
+        raise UserError(f"{folder} is not an exported model folder (no {' or '.join(MODEL_CONFIGS)})")
+    if not any(Path(folder).glob("*.safetensors")):
+        raise UserError(
+            f"{folder} has no .safetensors weights: serving loads safetensors only; "
+            "export with save_pretrained(safe_serialization=True)"
+        )
+
+
+def adapter_base(name_or_path: str | Path | None) -> str | None:
+    """The base that a LoRA adapter folder (PEFT's adapter_config.json) names, else None."""
+    config = Path(name_or_path or "") / ADAPTER_CONFIG
+    return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
+
+
+def check_base(folder: Path, version: str, base: str) -> None:
+    """Refuse to serve `version` (in `folder`) as an adapter on `base` unless it was trained on
+    that very base: its weights mean nothing on another."""
+    trained_on = adapter_base(folder)
+    if trained_on is None:
+        raise UserError(f"{version} is not a LoRA adapter (no {ADAPTER_CONFIG}): serve it as model={version}, not among adapters")
+    if not same_model(trained_on, base):
+        raise UserError(
+            f"{version} is an adapter trained on {trained_on!r}, not on {base!r}, the base served here: "
+            "serve it in an application of its own base"
+        )
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two names of one model: equal Hub ids or names, or the same folder however it is spelt."""
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
 
 
 def versions(name: str, root: Path = DEFAULT_ROOT) -> list[int]:

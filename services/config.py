@@ -6,12 +6,13 @@ of the model replicas, so a YAML file, `key=value` overrides, `serve run` args a
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from contract import generation
+from contract import generation, registry
 from contract.environment import API_KEYS_ENV, FEEDBACK_URL_ENV
 from contract.feedback import DEFAULT_URL, absolute_url
 from contract.registry import DEFAULT_ROOT
@@ -86,6 +87,9 @@ class ModelDeploymentConfig(_Settings):
     lost_replica_retries: int = Field(
         2, ge=0, description="times a request is sent again when its replica is lost before any of its answer has left"
     )
+    max_adapters_per_replica: int = Field(
+        4, ge=1, description="with adapters: LoRA adapters one replica holds at once; the least recently used makes room"
+    )
     health_check_period_s: float = Field(10, gt=0, description="how often Serve checks a replica")
     health_check_timeout_s: float = Field(30, gt=0, description="a replica that does not answer its check this fast is replaced")
     graceful_shutdown_wait_loop_s: float = Field(
@@ -142,7 +146,16 @@ class AuthConfig(_Settings):
 class ServeConfig(_Settings):
     """`dolly serve`: a model behind an OpenAI-compatible API on Ray Serve."""
 
-    model: str = Field(..., description="exported model: a folder, or NAME@latest / NAME@N from the registry")
+    model: str | None = Field(
+        None,
+        description="exported model: a folder, or NAME@latest / NAME@N from the registry; with adapters, their base "
+        "(default: the base they name)",
+    )
+    adapters: list[str] = Field(
+        [],
+        description="LoRA adapters in the registry (names) served side by side on one base: a request's `model` picks "
+        "one as NAME, NAME@latest or NAME@N, loaded on demand; a newly promoted version answers without a restart",
+    )
     registry: Path = Field(DEFAULT_ROOT, description="model registry root that NAME@version resolves in")
     served_model_name: str | None = Field(
         None, description="the id clients send as `model` (default: the registry name or folder name)"
@@ -162,6 +175,13 @@ class ServeConfig(_Settings):
     @model_validator(mode="after")
     def _consistent(self) -> ServeConfig:
         d = self.deployment
+        if self.model is None and not self.adapters:
+            raise ValueError("model is required: a folder, or NAME@latest / NAME@N from the registry (or adapters=[...])")
+        if self.adapters and self.engine.batching == "continuous":
+            raise ValueError(
+                "adapters need engine.batching=dynamic: transformers' continuous batching runs one model for every row, "
+                "while dynamic batching runs each row on its own adapter"
+            )
         if d.min_replicas > d.max_replicas:
             raise ValueError(f"deployment.min_replicas ({d.min_replicas}) is above deployment.max_replicas ({d.max_replicas})")
         if d.max_ongoing_requests < self.engine.max_batch_size:
@@ -224,3 +244,31 @@ class ServeConfig(_Settings):
 def _per_node(limit: int | None) -> dict:
     # Left out unless set: Serve's deployment schema (serve build, serveConfigV2) refuses null.
     return {} if limit is None else {"max_replicas_per_node": limit}
+
+
+@dataclass(frozen=True)
+class Served:
+    folder: Path  # the model's, or the first adapter's: tokenizer, generation config, and what loads first
+    version: str  # what answers for the served name: dolly@3, or with adapters their base's name
+    adapter: str | None = None  # with adapters: the first one's version (NAME@N), loaded with the base
+    base: str | None = None  # with adapters: the base that every one of them was trained on
+
+
+def what_to_serve(config: ServeConfig) -> Served:
+    """The config's model, or its adapters and their common base; a version that cannot be
+    served is refused here, before any replica starts."""
+    if not config.adapters:
+        folder, version = registry.resolve(config.model, config.registry)
+        registry.check_servable(folder)
+        return Served(folder.resolve(), version)  # absolute: replicas run in other working directories
+    adapters = [registry.resolve(f"{name}@latest", config.registry) for name in config.adapters]
+    base = config.model
+    if base is None:
+        base = registry.adapter_base(adapters[0][0]) or adapters[0][1]  # not an adapter: check_base says so
+    elif "@" in base or Path(base).is_dir():
+        base = str(registry.resolve(base, config.registry)[0].resolve())
+    for folder, version in adapters:
+        registry.check_base(folder, version, base)
+        registry.check_servable(folder)
+    (folder, version), name = adapters[0], Path(base).name
+    return Served(folder.resolve(), name, version, base)

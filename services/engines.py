@@ -32,6 +32,7 @@ logger = logging.getLogger("ray.serve")
 class Job:
     prompt_ids: list[int]
     params: SamplingParams
+    adapter: str | None = None  # the LoRA adapter this request runs on (services/adapters.py); None: the base
     done: bool = False  # set when the consumer stops listening or the request ends; the engine then drops it
     started: bool = False
     produced: int = 0
@@ -61,6 +62,8 @@ class DynamicBatchingEngine:
         self._failure: Exception | None = None
         self.waiting = 0
         self.last_batch_size = 0
+        # Held by every model call, and by whoever changes the model between two of them (adapters).
+        self.model_lock = asyncio.Lock()
 
     @property
     def running(self) -> int:
@@ -107,9 +110,13 @@ class DynamicBatchingEngine:
                     for job in group:  # before the prefill, which a client may leave during
                         job.started = True
                     self.waiting -= len(group)
-                    rows, tokens = await asyncio.to_thread(
-                        self._decoder.add, [j.prompt_ids for j in group], [j.params for j in group]
-                    )
+                    async with self.model_lock:
+                        rows, tokens = await asyncio.to_thread(
+                            self._decoder.add,
+                            [j.prompt_ids for j in group],
+                            [j.params for j in group],
+                            [j.adapter for j in group],
+                        )
                     jobs.update(zip(rows, group))
                     self._deliver(jobs, rows, tokens)
                 for row in [r for r, j in jobs.items() if j.done]:
@@ -120,7 +127,9 @@ class DynamicBatchingEngine:
                         continue
                     return
                 self.last_batch_size = len(jobs)
-                self._deliver(jobs, self._decoder.rows, await asyncio.to_thread(self._decoder.step))
+                async with self.model_lock:
+                    tokens = await asyncio.to_thread(self._decoder.step)
+                self._deliver(jobs, self._decoder.rows, tokens)
         except Exception as e:  # every waiting consumer is told; the health check then replaces the replica
             logger.exception("the decode loop failed")
             self._failure = e

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from contract import registry
 from contract.errors import UserError
@@ -24,16 +25,6 @@ from services.engines import Job, make_engine
 from services.text import TextStream
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_export(folder: Path) -> None:
-    if not registry.is_model_folder(folder):
-        raise UserError(f"{folder} is not an exported model folder (no {' or '.join(registry.MODEL_CONFIGS)})")
-    if not any(folder.glob("*.safetensors")):
-        raise UserError(
-            f"{folder} has no .safetensors weights: serving loads safetensors only; "
-            "export with save_pretrained(safe_serialization=True)"
-        )
 
 
 def device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -60,21 +51,31 @@ class Usage:
 class TextGenerator:
     """One replica's model and batching engine."""
 
-    def __init__(self, folder: Path, config: EngineConfig):
-        check_export(folder)
+    def __init__(self, folder: Path, config: EngineConfig, adapter: str | None = None):
+        """`folder`'s model; or with `adapter`, the LoRA adapter in `folder` kept apart from its
+        base under that name, so that others can join it (services/adapters.py)."""
+        registry.check_servable(folder)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         device, dtype = device_and_dtype(config)
         self.tokenizer = load_tokenizer(str(folder))
-        model = load_model(str(folder), self.tokenizer, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        strict = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        if adapter is None:
+            model = load_model(str(folder), self.tokenizer, **strict)
+        else:
+            base = load_model(registry.adapter_base(folder), self.tokenizer, **strict)
+            model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter)
         self.model = model.to(device).eval()
         self.context_limit = context_limit(folder, self.tokenizer, config)
         self.engine = make_engine(
             self.model, stop_token_ids(folder, self.tokenizer), self.tokenizer.pad_token_id, config, self.context_limit
         )
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, usage: Usage) -> AsyncIterator[str]:
-        """The response as text deltas; `usage` is filled in as it goes (finish_reason last)."""
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, usage: Usage, adapter: str | None = None
+    ) -> AsyncIterator[str]:
+        """The response as text deltas (on `adapter`, if given); `usage` is filled in as it goes
+        (finish_reason last)."""
         if len(prompt_ids) + params.max_tokens > self.context_limit:
             raise UserError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed the "
@@ -82,7 +83,7 @@ class TextGenerator:
             )
         text = TextStream(self.tokenizer, params.stop)
         started = time.perf_counter()
-        job = Job(prompt_ids, params)
+        job = Job(prompt_ids, params, adapter)
         async with aclosing(self.engine.steps(job)) as steps:
             async for step in steps:
                 if step.token is not None:

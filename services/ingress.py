@@ -7,6 +7,10 @@ malformed body (naming the field), 400 for a prompt longer than the context, 503
 Retry-After when the model replicas' queues are full. `POST /v1/feedback` keeps the chat page's
 ratings and better answers (contract/feedback.py).
 
+With `adapters`, the request's `model` picks a LoRA adapter on the served base (NAME, NAME@latest or
+NAME@N); `/v1/models` lists the base and every adapter, and a name that is neither gets 404 naming
+those there are (services/adapters.py).
+
 A model replica lost while it works on a request (killed, out of memory, its node gone) costs the
 client nothing: the request goes on on a live replica from the text that had come back
 (services/failover.py). Only when every try is lost does it fail: 503 with Retry-After before
@@ -39,6 +43,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract import registry
+from contract.errors import UserError
 from contract.feedback import FeedbackStore
 from contract.models import load_tokenizer
 from contract.records import RecordError
@@ -106,12 +112,16 @@ def _documented(*statuses: int, answer: type[BaseModel] | None = None) -> dict:
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress()
 class OpenAIIngress:
-    def __init__(self, model: DeploymentHandle, folder: str, version: str, config: ServeConfig):
+    def __init__(self, model: DeploymentHandle, folder: str, version: str, config: ServeConfig, base: str | None = None):
+        """`version` answers requests for the served name; with `config.adapters`, `base` is the
+        model they run on, and `version` its display name."""
         self._model = model
         self.version = version
         self.served_name = config.served_model_name or version.split("@")[0]
         self._names = {self.served_name, version}
         self._config = config
+        self._base = base
+        self._on_base: set[str] = set()  # adapter versions checked to be on the base (versions never change)
         tokenizer = load_tokenizer(folder)
         self._prompts = PromptBuilder(tokenizer, context_limit(Path(folder), tokenizer, config.engine))
         self._keys = ApiKeys(config.auth)
@@ -131,19 +141,50 @@ class OpenAIIngress:
             )
 
     def models(self) -> dict:
-        return {
-            "object": "list",
-            "data": [{"id": self.served_name, "object": "model", "created": 0, "owned_by": "dolly-ray", "version": self.version}],
-        }
+        served = [{"id": self.served_name, "object": "model", "created": 0, "owned_by": "dolly-ray", "version": self.version}]
+        for name in self._config.adapters:
+            if registry.versions(name, self._config.registry):
+                version = f"{name}@{registry.latest(name, self._config.registry)}"
+                served.append({**served[0], "id": name, "version": version, "parent": self.served_name})
+        return {"object": "list", "data": served}
+
+    def _served_ids(self) -> str:
+        adapters = ", ".join(self._config.adapters)
+        return repr(self.served_name) + (f" and the adapters {adapters} (as NAME, NAME@latest or NAME@N)" if adapters else "")
+
+    def _target(self, requested: str) -> tuple[str, str]:
+        """(the multiplexed model id, the version that answers) for a request's `model`; the id is
+        "" for the served model itself."""
+        if requested in self._names:
+            return "", self.version
+        name, _, number = requested.partition("@")
+        if name not in self._config.adapters:
+            raise ApiError(
+                404, f"model {requested!r} is not served here; these are: {self._served_ids()}", "model", kind="not_found_error"
+            )
+        try:
+            folder, version = registry.resolve(f"{name}@{number or 'latest'}", self._config.registry)
+        except UserError as e:
+            raise ApiError(404, str(e), "model", kind="not_found_error") from None
+        if version not in self._on_base:
+            try:
+                registry.check_base(folder, version, self._base)
+            except UserError as e:
+                raise ApiError(400, str(e), "model") from None
+            self._on_base.add(version)
+        return version, version
 
     async def feedback(self, body: FeedbackRequest) -> FeedbackSaved:
         # An earlier version may have answered (NAME@N); any other name is not ours to record, and
         # would grow the metric's labels without bound.
-        registry_name = self.version.split("@")[0]
-        if body.model not in self._names and not re.fullmatch(rf"{re.escape(registry_name)}@\d+", body.model):
+        names = [self.version.split("@")[0], *self._config.adapters]
+        if body.model not in self._names | set(self._config.adapters) and not re.fullmatch(
+            rf"({'|'.join(map(re.escape, names))})@\d+", body.model
+        ):
             raise ApiError(
                 404,
-                f"model {body.model!r} is not served here: send the answer's `model`, {registry_name}@N, or {self.served_name!r}",
+                f"model {body.model!r} is not served here: send the answer's `model` "
+                f"({' or '.join(f'{name}@N' for name in names)}), or {self._served_ids()}",
                 "model",
                 kind="not_found_error",
             )
@@ -169,10 +210,7 @@ class OpenAIIngress:
 
     async def answer(self, body: CompletionRequest | ChatRequest):
         chat = isinstance(body, ChatRequest)
-        if body.model not in self._names:
-            raise ApiError(
-                404, f"model {body.model!r} is not served here; it is {self.served_name!r}", "model", kind="not_found_error"
-            )
+        adapter, version = self._target(body.model)
         if body.seed is not None and self._config.engine.batching == "continuous":
             raise ApiError(
                 400, "seed needs engine.batching=dynamic: continuous batching has one random stream for all requests", "seed"
@@ -206,9 +244,9 @@ class OpenAIIngress:
         # A whole answer needs no intermediate events: only the first, which shows the request was admitted.
         interval_s = self._config.engine.stream_interval_s if body.stream else math.inf
         params = body.sampling(self._config.defaults, prompt.max_tokens)
-        reply = _Reply(body, prompt, chat, self.version, limit, self._config.log_content)
+        reply = _Reply(body, prompt, chat, version, limit, self._config.log_content)
         events = Failover(
-            self._model,
+            self._model.options(multiplexed_model_id=adapter) if adapter else self._model,
             self._prompts.tokenize,
             prompt.ids,
             params,

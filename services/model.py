@@ -1,16 +1,18 @@
-"""The model deployment: replicas that each hold the model and batch what they are sent."""
+"""The model deployment: replicas that each hold the model and batch what they are sent; with
+`adapters`, the base and the LoRA adapters that requests name (services/adapters.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from pathlib import Path
 
 from ray import serve
 
 from contract.sampling import SamplingParams
+from services.adapters import AdapterPool
 from services.config import ServeConfig
 from services.generator import TextGenerator, Usage
 from services.metrics import ModelMetrics
@@ -18,10 +20,22 @@ from services.metrics import ModelMetrics
 
 @serve.deployment(name="DollyModel")
 class DollyModel:
-    def __init__(self, folder: str, config: ServeConfig):
-        self._generator = TextGenerator(Path(folder), config.engine)
+    def __init__(self, folder: str, config: ServeConfig, adapter: str | None = None, base: str | None = None):
+        """`folder`'s model; with `adapter` (its version) and `base`, the adapter in `folder` on
+        that base, which other adapters on the same base then join as requests name them."""
+        self._generator = TextGenerator(Path(folder), config.engine, adapter)
         self._metrics = ModelMetrics()
         self._cancelled = 0
+        self._pool = None
+        if adapter is not None:
+            engine = self._generator.engine
+            self._pool = AdapterPool(self._generator.model, engine.model_lock, config.registry, base)
+
+            async def load_adapter(version: str):
+                return await self._pool.load(version)
+
+            # Wired here, not as a decorated method: the bound on adapters is a setting.
+            self._adapter = serve.multiplexed(max_num_models_per_replica=config.deployment.max_adapters_per_replica)(load_adapter)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, interval_s: float) -> AsyncIterator[dict]:
         """{"text"} events, then {"text", "finish_reason", "completion_tokens"}. The first text goes
@@ -30,14 +44,17 @@ class DollyModel:
         usage = Usage()
         pending, sent_at = "", None
         self._observe_load()
+        version = serve.get_multiplexed_model_id()  # an adapter's, set by the ingress; "" for the base
+        adapter = await self._adapter(version) if version else None
         try:
-            async with aclosing(self._generator.generate(prompt_ids, params, usage)) as deltas:
-                async for delta in deltas:
-                    pending += delta
-                    now = time.perf_counter()
-                    if pending and (sent_at is None or now - sent_at >= interval_s):
-                        yield {"text": pending}
-                        pending, sent_at = "", now
+            with adapter.in_use() if adapter else nullcontext():
+                async with aclosing(self._generator.generate(prompt_ids, params, usage, version or None)) as deltas:
+                    async for delta in deltas:
+                        pending += delta
+                        now = time.perf_counter()
+                        if pending and (sent_at is None or now - sent_at >= interval_s):
+                            yield {"text": pending}
+                            pending, sent_at = "", now
         except (asyncio.CancelledError, GeneratorExit):
             self._cancelled += 1
             self._metrics.cancelled.inc()
@@ -51,9 +68,11 @@ class DollyModel:
         yield {"text": pending, "finish_reason": usage.finish_reason, "completion_tokens": usage.completion_tokens}
 
     def stats(self) -> dict:
-        """Requests waiting for a batch, being decoded, and cancelled by their client so far."""
+        """Requests waiting for a batch, being decoded, and cancelled by their client so far; the
+        adapters held."""
         engine = self._generator.engine
-        return {"waiting": engine.waiting, "running": engine.running, "cancelled": self._cancelled}
+        held = self._pool.held if self._pool else []
+        return {"waiting": engine.waiting, "running": engine.running, "cancelled": self._cancelled, "adapters": held}
 
     def check_health(self) -> None:
         if not self._generator.engine.alive():

@@ -158,6 +158,7 @@ class ErrorBody(BaseModel):
 
 class ServedModel(openai.types.Model):
     version: str = Field(..., description="the registry version answering, as dolly@3")
+    parent: str | None = Field(None, description="a LoRA adapter's: the served base model it runs on")
 
 
 class ModelList(BaseModel):

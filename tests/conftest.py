@@ -1,8 +1,11 @@
-"""Shared fixtures: where ../shared is, and one local Ray cluster per test session."""
+"""Shared fixtures: where ../shared is, one local Ray cluster per test session, a tiny exported
+model, and a real browser for the chat page."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,39 @@ def prepared(folder: Path, records: list[dict], tokenizer_path: str, **settings)
     (folder / "slice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     prepare(PrepareConfig(source=str(folder / "slice.jsonl"), output_dir=folder / "shards", tokenizer=tokenizer_path, **settings))
     return folder / "shards"
+
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the networking flags, this machine's closed network floods Chromium with refused connections.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed if missing (Playwright's own browser download cannot work here)."""
+    if not Path(CHROMIUM).exists():
+        if shutil.which("apt-get") is None:
+            pytest.skip("no chromium and no apt-get to install it")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=900)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -62,10 +62,10 @@ def running_replicas(app: str = "dolly", deployment: str = "DollyModel") -> int:
     return serve.status().applications[app].deployments[deployment].replica_states.get("RUNNING", 0)
 
 
-def model_stats() -> dict:
+def model_stats(app: str = "dolly") -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("DollyModel", "dolly").stats.remote().result(timeout_s=30)
+    return serve.get_deployment_handle("DollyModel", app).stats.remote().result(timeout_s=30)
 
 
 @pytest.fixture(scope="module")

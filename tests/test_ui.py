@@ -1,11 +1,11 @@
-"""The chat page as a person meets it: headless Chromium (Debian's) driven by Playwright, against
-a real Ray Serve backend serving a tiny model. Screenshots land in tests/artifacts/.
+"""The chat page as a person meets it: headless Chromium (Debian's) driven by Playwright (the
+`browser` fixture, tests/conftest.py), against a real Ray Serve backend serving a tiny model.
+Screenshots land in tests/artifacts/.
 
 Tests run in file order and share one backend; the last one stops it."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,28 +21,6 @@ from ui.config import UIConfig
 pytestmark = pytest.mark.timeout(300)
 ARTIFACTS = Path(__file__).parent / "artifacts"
 KEY = "ui-test-key"
-CHROMIUM = "/usr/bin/chromium"
-# Without the networking flags, this machine's closed network floods Chromium with refused connections.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """Debian's chromium, installed if missing (Playwright's own browser download cannot work here)."""
-    if not Path(CHROMIUM).exists():
-        if shutil.which("apt-get") is None:
-            pytest.skip("no chromium and no apt-get to install it")
-        subprocess.run(["apt-get", "update", "-qq"], check=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, timeout=900)
-    return CHROMIUM
 
 
 @dataclass
@@ -92,18 +70,6 @@ def page_url(backend):
         yield url
     finally:
         page.close()
-
-
-@pytest.fixture(scope="module")
-def browser(chromium):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture

@@ -69,6 +69,11 @@ def _model_label(model) -> str:
     return f"**{model.id}**" + (f" (version {version})" if version and version != model.id else "")
 
 
+def _picker_label(model) -> str:
+    parent = (model.model_extra or {}).get("parent")
+    return f"{model.id} (adapter on {parent})" if parent else model.id
+
+
 def as_text(content) -> str:
     """Gradio hands the chat history back with content as typed parts; the API wants plain text."""
     if isinstance(content, str):
@@ -85,17 +90,30 @@ def to_api_messages(history: list[dict], message: str, context: str) -> list[dic
 def build_page(config: UIConfig) -> gr.Blocks:
     client = openai.AsyncOpenAI(base_url=config.api_url, api_key=config.api_key(), timeout=config.timeout_s, max_retries=0)
 
-    async def model_banner() -> str:
+    async def model_banner():
+        """The banner, and the picker of the models served (shown when there is a choice: the
+        base and its LoRA adapters)."""
         try:
             models = (await client.models.list()).data
         except openai.OpenAIError as e:
-            return error_message(e, config.api_url)
+            return error_message(e, config.api_url), gr.Dropdown(visible=False), None
         if not models:
-            return "No model is being served."
-        return "Serving " + ", ".join(_model_label(m) for m in models)
+            return "No model is being served.", gr.Dropdown(visible=False), None
+        choices = [(_picker_label(m), m.id) for m in models]
+        # The first after the base: an adapter someone tuned, rather than the base it runs on.
+        first = models[1].id if len(models) > 1 and (models[1].model_extra or {}).get("parent") else models[0].id
+        picker = gr.Dropdown(choices=choices, value=first, visible=len(models) > 1)
+        return "Serving " + ", ".join(_model_label(m) for m in models), picker, first
 
     async def chat(
-        message: str, history: list[dict], context: str, temperature: float, top_p: float, max_tokens: int, answers: dict
+        message: str,
+        history: list[dict],
+        context: str,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        answers: dict,
+        picked: str | None,
     ):
         history = list(history or [])
         if not message.strip():
@@ -105,8 +123,8 @@ def build_page(config: UIConfig) -> gr.Blocks:
         history += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield history, "", "", answers
         try:
-            # Asked each time, so the page follows a version switch without a reload.
-            model = (await client.models.list()).data[0].id
+            # A name, not a version: the page follows a version switch without a reload.
+            model = picked or (await client.models.list()).data[0].id
             stream = await client.chat.completions.create(
                 model=model,
                 messages=messages,
@@ -149,12 +167,19 @@ def build_page(config: UIConfig) -> gr.Blocks:
         return said, gr.Accordion(open=True), asked["instruction"], asked["context"], asked["answer"], asked
 
     async def submit_better(
-        instruction: str, context: str, response: str, category: str, asked: dict | None, request: gr.Request
+        instruction: str,
+        context: str,
+        response: str,
+        category: str,
+        asked: dict | None,
+        picked: str | None,
+        request: gr.Request,
     ):
         body = {"instruction": instruction, "context": context, "correction": {"response": response, "category": category}}
         try:
             if asked is None:  # written without rating an answer first: it names the version serving now
-                served = (await client.models.list()).data[0]
+                models = (await client.models.list()).data
+                served = next((m for m in models if m.id == picked), models[0])
                 asked = {"model": (served.model_extra or {}).get("version", served.id)}
         except openai.OpenAIError as e:
             failed = error_message(e, config.api_url)
@@ -167,6 +192,8 @@ def build_page(config: UIConfig) -> gr.Blocks:
     with gr.Blocks(title=config.title) as page:
         gr.Markdown(f"# {config.title}\nAn instruction-following model, fine-tuned on databricks-dolly-15k.")
         banner = gr.Markdown(elem_id="model-banner")
+        picker = gr.Dropdown(label="Model", visible=False, elem_id="model-picker")
+        picked = gr.State(None)  # the picker's choice, kept out of the /chat API (None: the first served)
         chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=420)
         status = gr.Markdown(elem_id="status")
         feedback_status = gr.Markdown(elem_id="feedback-status")
@@ -204,7 +231,7 @@ def build_page(config: UIConfig) -> gr.Blocks:
             category = gr.Dropdown(list(DOLLY_CATEGORIES), value="open_qa", label="Kind of task", elem_id="better-category")
             submit = gr.Button("Submit for review", elem_id="better-submit")
 
-        inputs = [message, chatbot, context, temperature, top_p, max_tokens, answers]
+        inputs = [message, chatbot, context, temperature, top_p, max_tokens, answers, picked]
         outputs = [chatbot, message, status, answers]
         sent = send.click(chat, inputs, outputs, api_name="chat")
         submitted = message.submit(chat, inputs, outputs, api_visibility="private")
@@ -219,11 +246,12 @@ def build_page(config: UIConfig) -> gr.Blocks:
         )
         submit.click(
             submit_better,
-            [better_instruction, better_context, better_response, category, corrected],
+            [better_instruction, better_context, better_response, category, corrected, picked],
             [feedback_status, better_response],
             api_visibility="private",
         )
-        page.load(model_banner, None, banner, api_visibility="private")
+        picker.change(lambda model: model, picker, picked, api_visibility="private")
+        page.load(model_banner, None, [banner, picker, picked], api_visibility="private")
     return page
 
 

@@ -51,6 +51,7 @@ def serve(
     from ray import serve as ray_serve
 
     from cluster.connect import ray_session
+    from contract import logs
     from loop.deploy import deploy, wait_forever
 
     console = Console(stderr=True)
@@ -68,4 +69,5 @@ def serve(
                 wait_forever()
         finally:
             if not detach:
-                ray_serve.shutdown()
+                with logs.off_screen():
+                    ray_serve.shutdown()

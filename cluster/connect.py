@@ -141,7 +141,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     try:
         yield
     finally:
-        ray.shutdown()
+        with logs.off_screen():
+            ray.shutdown()
         for name, value in before.items():
             if value is None:
                 os.environ.pop(name, None)

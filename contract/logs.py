@@ -9,9 +9,11 @@ Libraries attach console handlers of their own, at import or when they start (ra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger("dolly")
@@ -51,6 +53,18 @@ def reroute() -> None:
             found.removeHandler(handler)
         if console:
             found.propagate = True
+
+
+@contextlib.contextmanager
+def off_screen() -> Iterator[None]:
+    """While this runs, what is printed to stdout goes to the log file: Ray's driver prints Ray's
+    notices there directly, not through logging (as Serve shuts down: "(raylet) Task
+    ServeController.graceful_shutdown failed ... will be retried"), which no one needs to act on."""
+    if _file is None:
+        yield
+        return
+    with contextlib.redirect_stdout(_file.stream):
+        yield
 
 
 def _prints(handler: logging.Handler) -> bool:

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from cluster.connect import ray_session
-from contract import registry
+from contract import logs, registry
 from contract.models import SMOLLM2, resolve_base
 from loop.configs import UpConfig
 from loop.deploy import deploy, wait_forever
@@ -130,7 +130,8 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
             return urls
         finally:
             if block:
-                serve.shutdown()
+                with logs.off_screen():
+                    serve.shutdown()
                 console.print("Stopped serving.")
 
 

@@ -34,7 +34,8 @@ class DollyModel:
             async def load_adapter(version: str):
                 return await self._pool.load(version)
 
-            # Wired here, not as a decorated method: the bound on adapters is a setting.
+            # Wired here, not as a decorated method, since the bound is a setting; on a plain function,
+            # where Serve keeps its cache (a bound method cannot hold it).
             self._adapter = serve.multiplexed(max_num_models_per_replica=config.deployment.max_adapters_per_replica)(load_adapter)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, interval_s: float) -> AsyncIterator[dict]:

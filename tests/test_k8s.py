@@ -236,9 +236,8 @@ def test_the_api_application_builds_from_its_args(profile, tiny_model, tmp_path)
 
     register(tiny_model, "dolly", tmp_path)  # the registry the training job fills, on the volume
     api = build(serve_applications(profile)[0], registry=str(tmp_path))
-    config = api._bound_deployment.init_args[-1]
-    expected = k8s.serve_config(k8s.PROFILES[profile]).model_copy(update={"registry": tmp_path})
-    assert isinstance(config, ServeConfig) and config == expected
+    [config] = [arg for arg in api._bound_deployment.init_args if isinstance(arg, ServeConfig)]
+    assert config == k8s.serve_config(k8s.PROFILES[profile]).model_copy(update={"registry": tmp_path})
 
 
 @pytest.mark.timeout(120)

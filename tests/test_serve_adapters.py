@@ -118,7 +118,7 @@ def test_models_lists_the_base_and_every_adapter_on_it(served):
     }
 
 
-def test_two_adapters_answer_each_its_own_side_by_side_while_one_replica_holds_at_most_one(served):
+def test_two_adapters_answer_each_its_own_side_by_side_on_one_replica_within_its_bound(served):
     asked = ["dolly-alpha", "dolly-beta@1", "dolly-alpha@latest", "dolly-beta"] * 4
     most, done = [], threading.Event()
 

@@ -5,7 +5,8 @@ Prompts are left-padded so every row's next token sits in the last column; posit
 only real tokens, so a padded row computes exactly what it would alone. A group of new prompts is
 prefilled on its own and then joins the running rows (both sides left-padded to one length);
 finished rows leave at once, so they cost nothing while the others go on. Each row counts the
-tokens it has generated, for the frequency and presence penalties.
+tokens it has generated, for the frequency and presence penalties and for holding its stop tokens
+back until it has `min_tokens`.
 
 On a PEFT model holding several LoRA adapters, each row names its own (None: the base alone), and
 every step computes each row with its adapter (PEFT's mixed-adapter batches).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from contract.sampling import SamplingParams, generators_for, penalize, sample
+from contract.sampling import SamplingParams, generators_for, hold_back_stops, penalize, sample
 
 
 def finish_reason(token: int, generated: int, stop_ids: set[int], max_tokens: int) -> str | None:
@@ -33,8 +34,8 @@ BASE_ROWS = "__base__"
 
 
 class BatchDecoder:
-    def __init__(self, model, pad_id: int):
-        self._model, self._pad_id = model, pad_id
+    def __init__(self, model, pad_id: int, stop_ids: set[int] | frozenset[int] = frozenset()):
+        self._model, self._pad_id, self._stop_ids = model, pad_id, frozenset(stop_ids)
         self._device = model.device
         self._peft = hasattr(model, "peft_config")  # a PeftModel: every row says which adapter it runs
         self._next_id = 0
@@ -74,7 +75,8 @@ class BatchDecoder:
             **self._adapter_names(adapters),
         )
         generators = generators_for(params, self._device)
-        tokens = sample(out.logits[:, -1], params, generators)
+        nothing_yet = torch.zeros(len(prompts), device=self._device)
+        tokens = sample(hold_back_stops(out.logits[:, -1], nothing_yet, params, self._stop_ids), params, generators)
         counts = torch.zeros(len(prompts), out.logits.shape[-1], device=self._device)
         counts.scatter_add_(1, tokens[:, None], torch.ones_like(counts[:, :1]))
         new_ids = list(range(self._next_id, self._next_id + len(prompts)))
@@ -104,7 +106,9 @@ class BatchDecoder:
             **self._adapter_names(self._adapters),
         )
         self._cache = out.past_key_values
-        tokens = sample(penalize(out.logits[:, -1], self._counts, self._params), self._params, self._generators)
+        logits = penalize(out.logits[:, -1], self._counts, self._params)
+        logits = hold_back_stops(logits, self._counts.sum(-1), self._params, self._stop_ids)
+        tokens = sample(logits, self._params, self._generators)
         self._last = tokens[:, None]
         self._counts.scatter_add_(1, self._last, torch.ones_like(self._counts[:, :1]))
         return tokens.tolist()

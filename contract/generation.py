@@ -7,3 +7,7 @@ TEMPERATURE = 1.0  # 0 is greedy
 TOP_P = 0.92  # nucleus sampling mass
 TOP_K = 0  # 0: top-k off
 MAX_NEW_TOKENS = 256
+# Ours, not Dolly's: a stop token is held back until an answer has this many tokens (vLLM's
+# min_tokens). An answer of nothing is never what a person asked for, and a lightly tuned model
+# sometimes samples `### End` first (seen on `dolly up --smoke`'s model).
+MIN_TOKENS = 1

@@ -1,7 +1,8 @@
 """Next-token sampling for a batch whose rows each have their own parameters, with Dolly's
 semantics per row: temperature, then top-k (0 = off), then nucleus top-p, as transformers'
 warpers apply them; temperature 0 is greedy. OpenAI's frequency and presence penalties, where a
-request sets them, lower the logits of the tokens the row has generated before any of these.
+request sets them, lower the logits of the tokens the row has generated before any of these, and
+a row's stop tokens are held back until it has `min_tokens` (vLLM's extension).
 
 Nucleus sampling is done by rejection instead of sorting the vocabulary. Sorting 50k logits per
 row per token costs more than the forward pass of a small model on a CPU; a draw from the full
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from contract.generation import MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P
+from contract.generation import MAX_NEW_TOKENS, MIN_TOKENS, TEMPERATURE, TOP_K, TOP_P
 
 # Rows still rejected after this many draws (possible only with a tiny top_p) fall back to a sort.
 _MAX_DRAWS = 8
@@ -27,6 +28,7 @@ class SamplingParams:
     top_p: float = TOP_P
     top_k: int = TOP_K
     max_tokens: int = MAX_NEW_TOKENS
+    min_tokens: int = MIN_TOKENS  # stop tokens cannot end the answer before it has this many tokens
     seed: int | None = None
     stop: tuple[str, ...] = ()
     frequency_penalty: float = 0.0  # OpenAI's: minus this times the times a token was generated already
@@ -42,6 +44,22 @@ def penalize(logits: torch.Tensor, counts: torch.Tensor, params: list[SamplingPa
     frequency = torch.tensor([p.frequency_penalty for p in params], device=logits.device)[:, None]
     presence = torch.tensor([p.presence_penalty for p in params], device=logits.device)[:, None]
     return logits.float() - frequency * counts - presence * (counts > 0)
+
+
+def hold_back_stops(
+    logits: torch.Tensor, generated: torch.Tensor, params: list[SamplingParams], stop_ids: frozenset[int]
+) -> torch.Tensor:
+    """vLLM's min_tokens: the stop tokens of each row that has generated (`generated` [rows]) fewer
+    than its min_tokens cannot be drawn."""
+    if not stop_ids or not any(p.min_tokens for p in params):
+        return logits
+    early = generated < torch.tensor([p.min_tokens for p in params], device=logits.device)
+    if not early.any():
+        return logits
+    stops = torch.tensor(sorted(stop_ids), device=logits.device)
+    held = logits.float().clone()
+    held[:, stops] = torch.where(early[:, None], -torch.inf, held[:, stops])
+    return held
 
 
 def generators_for(params: list[SamplingParams], device: torch.device) -> list[torch.Generator | None]:

@@ -145,7 +145,7 @@ def _generate(
 ) -> list[tuple[list[int], str]]:
     """(generated ids, finish reason) per prompt, decoded with serving's batch decoder and ended by
     serving's rule (`finish_reason`)."""
-    decoder = BatchDecoder(lm.model, lm.tokenizer.pad_token_id)
+    decoder = BatchDecoder(lm.model, lm.tokenizer.pad_token_id, stop_ids)
     results = []
     starts = range(0, len(prompts), batch_size)
     for start in track(starts, description=progress or "", disable=progress is None):

@@ -17,6 +17,13 @@ from contract.environment import API_KEYS_ENV, FEEDBACK_URL_ENV
 from contract.feedback import DEFAULT_URL, absolute_url
 from contract.registry import DEFAULT_ROOT
 
+# Sampling settings that transformers' continuous batching cannot apply per request, and why.
+CONTINUOUS_LACKS = {
+    "frequency_penalty": "no per-request penalties",
+    "presence_penalty": "no per-request penalties",
+    "min_tokens": "no way to hold a request's stop tokens back",
+}
+
 
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -34,6 +41,12 @@ class SamplingDefaults(_Settings):
     )
     presence_penalty: float = Field(
         0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this once it was generated (0: off, as Dolly)"
+    )
+    min_tokens: int | None = Field(
+        None,
+        ge=0,
+        description=f"vLLM's: an answer cannot stop before it has this many tokens, so no one is answered with nothing "
+        f"(default: {generation.MIN_TOKENS} with engine.batching=dynamic; 0 with continuous, which cannot hold a stop back)",
     )
 
 
@@ -189,11 +202,11 @@ class ServeConfig(_Settings):
                 f"deployment.max_ongoing_requests ({d.max_ongoing_requests}) is below engine.max_batch_size "
                 f"({self.engine.max_batch_size}): a replica would never see a full batch; raise the first or lower the second"
             )
-        for penalty in ("frequency_penalty", "presence_penalty"):
-            if getattr(self.defaults, penalty) and self.engine.batching == "continuous":
+        for setting, lacking in CONTINUOUS_LACKS.items():
+            if getattr(self.defaults, setting) and self.engine.batching == "continuous":
                 raise ValueError(
-                    f"defaults.{penalty} needs engine.batching=dynamic (transformers' continuous batching has "
-                    f"no per-request penalties): set engine.batching=dynamic or defaults.{penalty}=0"
+                    f"defaults.{setting} needs engine.batching=dynamic (transformers' continuous batching has "
+                    f"{lacking}): set engine.batching=dynamic or defaults.{setting}=0"
                 )
         if self.defaults.top_k and not self.engine.has_top_k:
             raise ValueError(
@@ -202,6 +215,13 @@ class ServeConfig(_Settings):
                 "engine.batching=dynamic or defaults.top_k=0"
             )
         return self
+
+    @property
+    def min_tokens(self) -> int:
+        """defaults.min_tokens, or where it is left out, what the engine can hold back."""
+        if self.defaults.min_tokens is not None:
+            return self.defaults.min_tokens
+        return generation.MIN_TOKENS if self.engine.batching == "dynamic" else 0
 
     def model_deployment_options(self) -> dict:
         d = self.deployment

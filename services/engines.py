@@ -52,7 +52,7 @@ class DynamicBatchingEngine:
     whole batch to finish, only for room and the next step."""
 
     def __init__(self, model, stop_ids: set[int], pad_id: int, config: EngineConfig):
-        self._decoder = BatchDecoder(model, pad_id)
+        self._decoder = BatchDecoder(model, pad_id, stop_ids)
         self._stop_ids = stop_ids
         self._max_rows = config.max_batch_size
         self._admit.set_max_batch_size(config.max_batch_size)

@@ -66,7 +66,11 @@ class Failover:
     async def _run(self) -> AsyncIterator[dict]:
         text, begun = "", []  # what has come back, and its tokens once a resend needs them
         for attempt in range(self._retries + 1):
-            params = dataclasses.replace(self._params, max_tokens=self._params.max_tokens - len(begun))
+            params = dataclasses.replace(
+                self._params,
+                max_tokens=self._params.max_tokens - len(begun),
+                min_tokens=max(self._params.min_tokens - len(begun), 0),
+            )
             if params.max_tokens <= 0:  # lost just as the budget ran out
                 yield {"text": "", "finish_reason": "length", "completion_tokens": len(begun)}
                 return

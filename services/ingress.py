@@ -49,7 +49,7 @@ from contract.feedback import FeedbackStore
 from contract.models import load_tokenizer
 from contract.records import RecordError
 from services.auth import ApiKeys
-from services.config import ServeConfig
+from services.config import CONTINUOUS_LACKS, ServeConfig
 from services.failover import Failover, ReplicaLost
 from services.generator import context_limit
 from services.metrics import IngressMetrics
@@ -215,12 +215,10 @@ class OpenAIIngress:
             raise ApiError(
                 400, "seed needs engine.batching=dynamic: continuous batching has one random stream for all requests", "seed"
             )
-        for penalty in ("frequency_penalty", "presence_penalty"):
-            if getattr(body, penalty) and self._config.engine.batching == "continuous":
+        for setting, lacking in CONTINUOUS_LACKS.items():
+            if getattr(body, setting) and self._config.engine.batching == "continuous":
                 raise ApiError(
-                    400,
-                    f"{penalty} needs engine.batching=dynamic: transformers' continuous batching has no per-request penalties",
-                    penalty,
+                    400, f"{setting} needs engine.batching=dynamic: transformers' continuous batching has {lacking}", setting
                 )
         if body.top_k and not self._config.engine.has_top_k:
             raise ApiError(
@@ -233,6 +231,8 @@ class OpenAIIngress:
         if (body.requested_max_tokens or 0) >= limit:
             raise ApiError(422, f"max_tokens must be below the model's context of {limit} tokens", "max_tokens")
         max_tokens = body.requested_max_tokens or self._config.defaults.max_tokens
+        if (body.min_tokens or 0) > max_tokens:
+            raise ApiError(422, f"min_tokens ({body.min_tokens}) is above max_tokens ({max_tokens})", "min_tokens")
         try:
             prompt = (
                 self._prompts.chat(body.messages, max_tokens)
@@ -243,7 +243,7 @@ class OpenAIIngress:
             raise ApiError(400, str(e), "messages" if chat else "prompt") from None
         # A whole answer needs no intermediate events: only the first, which shows the request was admitted.
         interval_s = self._config.engine.stream_interval_s if body.stream else math.inf
-        params = body.sampling(self._config.defaults, prompt.max_tokens)
+        params = body.sampling(self._config.defaults, prompt.max_tokens, self._config.min_tokens)
         reply = _Reply(body, prompt, chat, version, limit, self._config.log_content)
         events = Failover(
             self._model.options(multiplexed_model_id=adapter) if adapter else self._model,

@@ -56,6 +56,9 @@ class _Request(BaseModel):
     presence_penalty: float | None = Field(
         None, ge=-2, le=2, description="lower a token's logit by this once it has been generated"
     )
+    min_tokens: int | None = Field(
+        None, ge=0, description="extension (vLLM's): the answer cannot stop before it has this many tokens"
+    )
     stop: Stops | None = Field(None, description="up to 4 stop strings")
     # 2^53 - 1 rather than int64's limit: JSON parsers (and FastAPI's /openapi.json, which writes
     # bounds as floats) keep integers exact only up to there (RFC 8259, section 6).
@@ -65,7 +68,8 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    def sampling(self, defaults: SamplingDefaults, max_tokens: int) -> SamplingParams:
+    def sampling(self, defaults: SamplingDefaults, max_tokens: int, min_tokens: int) -> SamplingParams:
+        """This request's parameters; those it leaves out are `defaults` (and `min_tokens`)."""
         return SamplingParams(
             temperature=defaults.temperature if self.temperature is None else self.temperature,
             top_p=defaults.top_p if self.top_p is None else self.top_p,
@@ -73,6 +77,7 @@ class _Request(BaseModel):
             frequency_penalty=defaults.frequency_penalty if self.frequency_penalty is None else self.frequency_penalty,
             presence_penalty=defaults.presence_penalty if self.presence_penalty is None else self.presence_penalty,
             max_tokens=max_tokens,
+            min_tokens=min(min_tokens if self.min_tokens is None else self.min_tokens, max_tokens),
             seed=self.seed,
             stop=tuple(self.stop or ()),
         )

@@ -88,6 +88,28 @@ def test_a_penalized_row_stops_repeating_itself_and_its_neighbours_are_untouched
     assert len(set(penalized)) == len(penalized) and neighbour == plain
 
 
+def test_a_stop_token_is_held_back_until_the_answer_has_min_tokens(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    prompt = list(range(1000, 1010))
+    first = BatchDecoder(model, pad_id=0).add([prompt], [SamplingParams(temperature=0)])[1][0]
+    decoder = BatchDecoder(model, pad_id=0, stop_ids={first})  # the greedy answer's first token now ends it
+    held, free = SamplingParams(temperature=0, min_tokens=3), SamplingParams(temperature=0, min_tokens=0)
+    rows = [[t] for t in decoder.add([prompt, prompt], [held, free])[1]]
+    for _ in range(3):
+        for row, token in zip(rows, decoder.step()):
+            row.append(token)
+    assert rows[1][0] == first, "a row that asks for no minimum would answer with nothing"
+    assert first not in rows[0][:3], "the stop is never drawn before the third token"
+
+
+def test_serving_holds_back_a_first_stop_where_its_engine_can():
+    assert ServeConfig(model="m").min_tokens == 1
+    assert ServeConfig(model="m", engine={"batching": "continuous"}).min_tokens == 0
+    assert ServeConfig(model="m", defaults={"min_tokens": 4}).min_tokens == 4
+
+
 def stream_in_pieces(tokenizer, text: str, stop=(), seed=0) -> tuple[str, list[str], bool]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     stream, deltas, rng, i = TextStream(tokenizer, stop), [], random.Random(seed), 0
@@ -177,6 +199,10 @@ def test_serve_config_compiles_into_serve_deployment_options():
         (
             {"engine": {"batching": "continuous"}, "defaults": {"frequency_penalty": 0.3}},
             "defaults.frequency_penalty needs engine.batching=dynamic",
+        ),
+        (
+            {"engine": {"batching": "continuous"}, "defaults": {"min_tokens": 1}},
+            "defaults.min_tokens needs engine.batching=dynamic",
         ),
         (
             {"engine": {"batching": "continuous"}, "defaults": {"top_k": 40}},

@@ -284,7 +284,7 @@ class Sample:
 
 
 def our_burst(model, prompts: list[list[int]], params: SamplingParams, stop_ids: set[int], pad_id: int) -> list[Sample]:
-    decoder = BatchDecoder(model, pad_id)
+    decoder = BatchDecoder(model, pad_id, stop_ids)
     sync(model.device)
     started = time.perf_counter()
     rows, tokens = decoder.add(prompts, [params] * len(prompts))

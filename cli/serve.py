@@ -59,7 +59,7 @@ def serve(
         console.print(f"[bold red]{INSECURE_BANNER}[/]", highlight=False)
     with ray_session(address):
         try:
-            deployed = deploy(settings, host, port, ui=ui)
+            deployed = deploy(settings, host, port, ui=ui, console=console)
             what = f"{', '.join(settings.adapters)} (LoRA adapters) on {served.version}" if settings.adapters else settings.model
             console.print(f"[green]Serving[/] {what} at {deployed.api_url.replace('127.0.0.1', host)}")
             if deployed.page_url:

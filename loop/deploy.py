@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ray import serve
+from rich.console import Console
 
 from contract import logs
 from services.app import build_app
@@ -26,13 +29,20 @@ class Deployed:
 
 
 def deploy(
-    settings: ServeConfig, host: str = "127.0.0.1", port: int = 8000, ui: bool = False, log_level: str = "INFO"
+    settings: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ui: bool = False,
+    log_level: str = "INFO",
+    console: Console | None = None,
 ) -> Deployed:
     """Start Serve's HTTP proxy (if it is not running yet) and deploy; returns once replicas answer.
-    `log_level` is what reaches this console (Serve's log files keep everything)."""
+    `log_level` is what reaches this console (Serve's log files keep everything); with `console`,
+    a live line says how many replicas are up while the model loads."""
     logging_config = {"log_level": log_level}
     serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
-    serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, logging_config=logging_config)
+    with replicas_shown(console, settings.app_name, f"Loading {settings.model or ', '.join(settings.adapters)}"):
+        serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, logging_config=logging_config)
     logs.reroute()  # Serve's own loggers, now configured
     api_url = f"http://127.0.0.1:{port}{settings.route_prefix.rstrip('/')}/v1"
     page_url = None
@@ -41,6 +51,43 @@ def deploy(
         serve.run(build_page_app(page), name=PAGE_APP, route_prefix=PAGE_ROUTE, logging_config=logging_config)
         page_url = f"http://127.0.0.1:{port}{PAGE_ROUTE}/"
     return Deployed(api_url, page_url)
+
+
+@contextmanager
+def replicas_shown(console: Console | None, app: str, what: str, every_s: float = 1.0):
+    """While the block deploys `app`, a live line of its replicas running, per deployment, and the
+    time so far; then one line with the time it took (the only line off a terminal, where rich
+    draws no live status). Loading a model's weights is most of a deployment's wait."""
+    if console is None:
+        yield
+        return
+    started, done = time.monotonic(), threading.Event()
+    with console.status(f"{what}: deploying") as status:
+
+        def watch() -> None:
+            while not done.wait(every_s):
+                status.update(f"{what}: {_replicas(app)} ({time.monotonic() - started:.0f} s)")
+
+        watcher = threading.Thread(target=watch, name="replicas-shown", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+    console.print(f"{what}: {_replicas(app)} in {time.monotonic() - started:.0f} s")
+
+
+def _replicas(app: str) -> str:
+    """E.g. "DollyModel 0/1, OpenAIIngress 1/1 replicas running"."""
+    application = serve.status().applications.get(app)
+    if application is None or not application.deployments:
+        return "deploying"
+    counts = []
+    for name, deployment in application.deployments.items():
+        states = {getattr(state, "value", state): n for state, n in deployment.replica_states.items()}
+        counts.append(f"{name} {states.get('RUNNING', 0)}/{sum(states.values())}")
+    return ", ".join(counts) + " replicas running"
 
 
 def switch_model(settings: ServeConfig, model: str) -> None:

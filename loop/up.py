@@ -112,7 +112,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         retrain_file = _write_retrain_config(workdir, source, train_config, serve_config, config)
         try:
             # Quiet: request logs would scroll the URLs and the key off the screen.
-            deployed = deploy(serve_config, config.host, config.port, ui=True, log_level="WARNING")
+            deployed = deploy(serve_config, config.host, config.port, ui=True, log_level="WARNING", console=console)
             urls = {
                 "api": deployed.api_url,
                 "page": deployed.page_url,

@@ -86,6 +86,7 @@ def test_the_main_job_runs_on_a_fresh_clone_with_its_own_fresh_venv(tmp_path):
         for noise in ("Traceback", "logging_progress", "(RayTrainWorker", "(TrainController", "[WARNING]", "Loading weights"):
             assert noise not in screen, f"{noise!r} reached the screen"
         assert re.search(r"train .* 2/2 steps +loss [0-9.]+", screen), "one training bar, with the loss"
+        assert re.search(r"Loading dolly@1: DollyModel 1/1, OpenAIIngress 1/1 replicas running in \d+ s", screen)
     finally:
         os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
         try:

@@ -104,7 +104,7 @@ async def load(url: str, args, lost: asyncio.Event) -> collections.Counter:
         except openai.APIStatusError as e:
             return f"HTTP {e.status_code}"
         except openai.APIConnectionError:
-            return "connection cut"
+            return f"connection cut ({'a stream' if i % 2 else 'not streamed'})"
         except openai.APIError:
             return "error event mid-stream"
 

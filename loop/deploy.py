@@ -85,7 +85,7 @@ def _replicas(app: str) -> str:
         return "deploying"
     counts = []
     for name, deployment in application.deployments.items():
-        states = {getattr(state, "value", state): n for state, n in deployment.replica_states.items()}
+        states = deployment.replica_states  # ReplicaState is a str enum: "RUNNING" finds it
         counts.append(f"{name} {states.get('RUNNING', 0)}/{sum(states.values())}")
     return ", ".join(counts) + " replicas running"
 

@@ -34,8 +34,9 @@ class ReplicaLost(Exception):
 
 
 class Failover:
-    """The model's events for one request ({"text"} ..., then one with "finish_reason"), resent
-    on a lost replica: an async iterator with cancel(), like the handle's own response."""
+    """The model's events for one request ({"text", "completion_tokens"} ..., then one with
+    "finish_reason"), the tokens counted across resends on a lost replica: an async iterator with
+    cancel(), like the handle's own response."""
 
     def __init__(
         self,
@@ -78,10 +79,9 @@ class Failover:
             try:
                 async for event in self._current:
                     text += event["text"]
+                    yield event | {"completion_tokens": len(begun) + event["completion_tokens"]}
                     if "finish_reason" in event:
-                        yield event | {"completion_tokens": len(begun) + event["completion_tokens"]}
                         return
-                    yield event
             except BackPressureError:
                 if attempt == 0:
                     raise  # nothing was admitted: the ingress answers 503, overloaded

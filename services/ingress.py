@@ -62,6 +62,7 @@ from services.protocol import (
     FeedbackRequest,
     FeedbackSaved,
     ModelList,
+    StreamOptions,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -344,12 +345,18 @@ class _Reply:
 
     async def sse(self, first: dict, events, retry_after: str) -> AsyncIterator[str]:
         parts, event = [], first
+        options = self._body.stream_options or StreamOptions()
+        running = options.include_usage and options.continuous_usage_stats
+
+        def so_far(event: dict) -> dict:
+            return {"usage": self._usage(event["completion_tokens"])} if running else {}
+
         async with _cancelled_unless_done(events):
-            yield _sse(self._envelope([self._choice("", None, first=True)], dolly=self._meta))
+            yield _sse(self._envelope([self._choice("", None, first=True)], dolly=self._meta, **so_far({"completion_tokens": 0})))
             while True:
                 if event.get("text"):
                     parts.append(event["text"])
-                    yield _sse(self._envelope([self._choice(event["text"], None)]))
+                    yield _sse(self._envelope([self._choice(event["text"], None)], **so_far(event)))
                 if "finish_reason" in event:
                     break
                 try:
@@ -359,9 +366,8 @@ class _Reply:
                     message = f"{e}, mid-answer: send the request again in {retry_after} s"
                     yield _sse({"error": {"message": message, "type": "service_unavailable_error", "param": None, "code": 503}})
                     return
-        yield _sse(self._envelope([self._choice(None, event["finish_reason"])]))
-        options = self._body.stream_options
-        if options is not None and options.include_usage:
+        yield _sse(self._envelope([self._choice(None, event["finish_reason"])], **so_far(event)))
+        if options.include_usage:
             yield _sse(self._envelope([], usage=self._usage(event["completion_tokens"])))
         yield "data: [DONE]\n\n"
         self._log("".join(parts), event)

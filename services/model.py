@@ -39,7 +39,7 @@ class DollyModel:
             self._adapter = serve.multiplexed(max_num_models_per_replica=config.deployment.max_adapters_per_replica)(load_adapter)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, interval_s: float) -> AsyncIterator[dict]:
-        """{"text"} events, then {"text", "finish_reason", "completion_tokens"}. The first text goes
+        """{"text", "completion_tokens"} events (tokens so far), then one with "finish_reason". The first text goes
         out at once, later text at most every interval_s: each event is a Ray round trip, and one
         per token for a whole batch would take the CPU from decoding."""
         usage = Usage()
@@ -54,7 +54,7 @@ class DollyModel:
                         pending += delta
                         now = time.perf_counter()
                         if pending and (sent_at is None or now - sent_at >= interval_s):
-                            yield {"text": pending}
+                            yield {"text": pending, "completion_tokens": usage.completion_tokens}
                             pending, sent_at = "", now
         except (asyncio.CancelledError, GeneratorExit):
             self._cancelled += 1

@@ -40,6 +40,11 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False,
+        description="extension (vLLM's): with include_usage, every chunk carries the usage so far, so a client "
+        "whose stream was cut knows the tokens left of its max_tokens when it asks for the rest",
+    )
 
 
 class _Request(BaseModel):

@@ -153,6 +153,17 @@ def test_a_streamed_chat_adds_up_to_the_whole_one_and_reports_usage(served):
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.completion_tokens == 16
+    # With continuous_usage_stats (vLLM's), every chunk of text tells the tokens so far.
+    running = client.chat.completions.create(
+        model="dolly",
+        messages=messages,
+        max_tokens=16,
+        seed=9,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
+    counts = [c.usage.completion_tokens for c in running if c.choices]  # each text, then the finish
+    assert len(counts) > 2 and counts == sorted(counts) and counts[-1] == 16
 
 
 def test_a_long_conversation_loses_its_oldest_turns_and_says_so(served, tokenizer):
@@ -581,3 +592,41 @@ def test_a_stream_lost_on_every_try_ends_with_an_error_event_not_a_broken_connec
             for process in model_replica_processes():
                 process.kill()
     wait_until(lambda: running_replicas() >= 1, 90, "a model replica back")
+
+
+def ingress_processes() -> list:
+    import psutil
+
+    return [
+        p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:dolly:OpenAIIngress" in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+def test_a_chat_cut_by_a_lost_ingress_goes_on_through_the_pages_client(served):
+    """SIGKILL the ingress replica streaming an answer: no proxy can replay a begun stream, so the
+    page's client (ui/resume.py) asks for the rest, from the text that came back and within the
+    tokens left, and reads one whole answer of max_tokens."""
+    import asyncio
+
+    from ui.resume import resumed_chat
+
+    client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Tell a long story."}]
+
+    async def chat() -> tuple[str, str, list]:
+        before, text, chunks = "", "", []
+        stream = resumed_chat(client, model="dolly", messages=messages, max_tokens=300, retries=3, retry_wait_s=1)
+        async for chunk in stream:
+            chunks.append(chunk)
+            text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+            if text and not before:  # the answer has begun: its ingress goes
+                before = text
+                for process in ingress_processes():
+                    process.kill()
+        return before, text, chunks
+
+    wait_until(lambda: running_replicas() >= 1 and running_replicas(deployment="OpenAIIngress") >= 1, 90, "replicas")
+    before, text, chunks = asyncio.run(chat())
+    assert before and text.startswith(before) and len(text) > len(before)
+    assert chunks[-1].usage.completion_tokens == 300 or chunks[-2].choices[0].finish_reason == "stop"
+    assert sum(c.choices[0].delta.role == "assistant" for c in chunks if c.choices) == 2, "asked for once more"

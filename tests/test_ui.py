@@ -328,6 +328,26 @@ def test_error_messages_for_a_busy_server_say_when_to_retry():
     assert error_message(busy, "http://x/v1") == "⚠️ The model is busy with other requests. Try again in 2 s."
 
 
+def test_only_a_lost_replicas_failures_are_asked_for_again():
+    import openai
+
+    from ui.resume import lost_replica
+
+    request = httpx.Request("POST", "http://x/v1/chat/completions")
+
+    def status(code: int, kind: str | None = None) -> openai.APIStatusError:
+        body = {"type": kind} if kind else None
+        return openai.APIStatusError("failed", response=httpx.Response(code, request=request), body=body)
+
+    assert lost_replica(openai.APIConnectionError(request=request)), "a cut stream"
+    assert lost_replica(status(500)) and lost_replica(status(502)), "the front's answer for a lost ingress"
+    assert lost_replica(status(503, "service_unavailable_error")), "every model replica tried was lost"
+    assert lost_replica(openai.APIError("lost mid-answer", request=request, body={"code": 503}))
+    assert not lost_replica(status(503, "overloaded_error")), "busy: the page says when to try again"
+    assert not lost_replica(status(400)) and not lost_replica(status(401))
+    assert not lost_replica(openai.APITimeoutError(request=request)), "as slow again"
+
+
 def test_dolly_serve_with_ui_starts_the_api_and_the_page_in_one_command(tiny_model, tmp_path):
     import os
     import sys

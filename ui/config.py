@@ -27,6 +27,10 @@ class UIConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address the standalone page listens on")
     port: int = Field(7860, ge=1, le=65535, description="port of the standalone page")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for an answer")
+    retries: int = Field(
+        2, ge=0, description="times an answer cut by a lost server replica is asked for again, from where it stopped"
+    )
+    retry_wait_s: float = Field(1.0, ge=0, description="pause before asking again, while the front learns of the loss")
 
     def api_key(self) -> str:
         if self.api_key_file is not None:

@@ -6,7 +6,8 @@ which the API folds into the prompt's `Input:` block.
 
 Every answer can be rated (👍/👎), and after a 👎 the person can write the answer it should have
 given: both go to the API's /v1/feedback, with the version that answered, for review
-(`dolly feedback`). When the API is down, the page says so and keeps the draft.
+(`dolly feedback`). An answer cut by a lost server replica goes on where it stopped
+(ui/resume.py). When the API is down, the page says so and keeps the draft.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import openai
 from contract import generation
 from contract.records import DOLLY_CATEGORIES
 from ui.config import UIConfig
+from ui.resume import resumed_chat
 
 # One example per task kind Dolly was trained on: (kind, instruction, context).
 EXAMPLES = [
@@ -125,13 +127,15 @@ def build_page(config: UIConfig) -> gr.Blocks:
         try:
             # A name, not a version: the page follows a version switch without a reload.
             model = picked or (await client.models.list()).data[0].id
-            stream = await client.chat.completions.create(
+            stream = resumed_chat(
+                client,
                 model=model,
                 messages=messages,
-                stream=True,
                 temperature=temperature,
                 top_p=top_p,
                 max_tokens=int(max_tokens),
+                retries=config.retries,
+                retry_wait_s=config.retry_wait_s,
             )
             async for chunk in stream:
                 # What feedback on this answer must name: the version that answered, and the answer.

@@ -95,13 +95,13 @@ async def load(url: str, args, lost: asyncio.Event) -> collections.Counter:
     async def one(i: int) -> str:
         messages = [{"role": "user", "content": f"Question {i}: what is Ray?"}]
         try:
-            if i % 2 and args.resume:
-                stream = resumed_chat(client, model="dolly", messages=messages, max_tokens=max_tokens, retries=2, retry_wait_s=1)
-                async for _ in stream:
-                    pass
-            elif i % 2:
-                stream = await client.chat.completions.create(
-                    model="dolly", messages=messages, max_tokens=max_tokens, stream=True
+            if i % 2:
+                stream = (
+                    resumed_chat(client, model="dolly", messages=messages, max_tokens=max_tokens, retries=2, retry_wait_s=1)
+                    if args.resume
+                    else await client.chat.completions.create(
+                        model="dolly", messages=messages, max_tokens=max_tokens, stream=True
+                    )
                 )
                 async for _ in stream:
                     pass

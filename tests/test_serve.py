@@ -494,10 +494,12 @@ def test_the_openapi_document_tells_the_truth_about_every_answer(served, tmp_pat
     assert result.returncode == 0, result.stdout[-6000:]
 
 
-def model_replica_processes() -> list:
+def replica_processes(deployment: str = "DollyModel") -> list:
     import psutil
 
-    return [p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:dolly:DollyModel" in " ".join(p.info["cmdline"] or [])]
+    return [
+        p for p in psutil.process_iter(["cmdline"]) if f"ServeReplica:dolly:{deployment}" in " ".join(p.info["cmdline"] or [])
+    ]
 
 
 def prometheus_text() -> str:
@@ -519,10 +521,10 @@ def test_a_model_replica_killed_under_load_costs_no_request(served):
     # requests wait for the lost replica, and such a queue would overflow into 503s.
     two.deployment.max_queued_requests = ModelDeploymentConfig().max_queued_requests
     serve.run(build_app(two), name="dolly", route_prefix="/")
-    wait_until(lambda: running_replicas() == 2 and len(model_replica_processes()) == 2, 90, "two model replicas")
+    wait_until(lambda: running_replicas() == 2 and len(replica_processes()) == 2, 90, "two model replicas")
     with Load(served, clients=6, max_tokens=32, max_requests=40, max_seconds=150) as load:
         wait_until(lambda: len(load.results) >= 12, 90, "load before the kill")
-        model_replica_processes()[0].kill()
+        replica_processes()[0].kill()
         killed_at = len(load.results)
         wait_until(lambda: len(load.results) >= killed_at + 48, 120, "load after the kill")
     assert [r for r in load.results if r[0] != 200] == [], "a request failed"
@@ -537,7 +539,7 @@ def test_a_request_whose_every_replica_dies_is_answered_by_a_replacement(served)
     asking = threading.Thread(target=lambda: done.append(served.post("/v1/completions", body)))
     asking.start()
     time.sleep(1.5)  # the request is being answered
-    for process in model_replica_processes():
+    for process in replica_processes():
         process.kill()
     asking.join(timeout=120)
     assert done and done[0].status_code == 200, done and done[0].text
@@ -555,7 +557,7 @@ def streamed_until_the_replicas_die(served, body: dict) -> tuple[str, list[dict]
         before = ""
         while not before:  # the answer has begun
             before += next(events)["choices"][0]["text"]
-        for process in model_replica_processes():
+        for process in replica_processes():
             process.kill()
         return before, list(events)
 
@@ -589,17 +591,9 @@ def test_a_stream_lost_on_every_try_ends_with_an_error_event_not_a_broken_connec
     wait_until(lambda: running_replicas() >= 1, 90, "a model replica back")
     with pytest.raises(openai.APIError, match="mid-answer"):
         for _ in served.openai().completions.create(model="dolly", prompt="Tell a long story.", max_tokens=300, stream=True):
-            for process in model_replica_processes():
+            for process in replica_processes():
                 process.kill()
     wait_until(lambda: running_replicas() >= 1, 90, "a model replica back")
-
-
-def ingress_processes() -> list:
-    import psutil
-
-    return [
-        p for p in psutil.process_iter(["cmdline"]) if "ServeReplica:dolly:OpenAIIngress" in " ".join(p.info["cmdline"] or [])
-    ]
 
 
 def test_a_chat_cut_by_a_lost_ingress_goes_on_through_the_pages_client(served):
@@ -621,7 +615,7 @@ def test_a_chat_cut_by_a_lost_ingress_goes_on_through_the_pages_client(served):
             text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
             if text and not before:  # the answer has begun: its ingress goes
                 before = text
-                for process in ingress_processes():
+                for process in replica_processes("OpenAIIngress"):
                     process.kill()
         return before, text, chunks
 

@@ -13,8 +13,8 @@ them streamed, and a quarter of the way in loses:
 
 The client runs with --client-retries (default 0: every failure the server gives is counted; at
 its own default of 2, the openai client sends a request that got a 5xx again, and hides some).
-With --resume, the streams go through the chat page's client (ui/resume.py), which asks for the
-rest of a stream that was cut, twice at most, a second apart.
+With --resume, the openai client runs on the chat page's HTTP client (ui/resume.py), which asks
+for the rest of a stream that was cut, twice at most, a second apart.
 Reported per scenario: requests, answered, failures by cause (HTTP status, an error event in a
 stream, a cut connection), and the seconds from the loss (node: from the new node's start) until
 two replicas of each deployment run again, in Serve's eyes and as live processes.
@@ -52,7 +52,7 @@ from cluster import local  # noqa: E402
 from cluster.connect import free_port  # noqa: E402
 from services.app import build_app  # noqa: E402
 from services.config import ServeConfig  # noqa: E402
-from ui.resume import resumed_chat  # noqa: E402
+from ui.resume import resuming_http_client  # noqa: E402
 
 KEY = "bench-key"
 SCENARIOS = ("model", "ingress", "node")
@@ -88,7 +88,8 @@ def on_head(deployment: str, worker_session: int) -> psutil.Process:
 
 
 async def load(url: str, args, lost: asyncio.Event) -> collections.Counter:
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=args.client_retries, timeout=120)
+    resuming = {"http_client": resuming_http_client(retries=2, retry_wait_s=1)} if args.resume else {}
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=args.client_retries, timeout=120, **resuming)
     requests, max_tokens = args.requests, args.max_tokens
     outcomes, sent = collections.Counter(), iter(range(requests))
 
@@ -96,12 +97,8 @@ async def load(url: str, args, lost: asyncio.Event) -> collections.Counter:
         messages = [{"role": "user", "content": f"Question {i}: what is Ray?"}]
         try:
             if i % 2:
-                stream = (
-                    resumed_chat(client, model="dolly", messages=messages, max_tokens=max_tokens, retries=2, retry_wait_s=1)
-                    if args.resume
-                    else await client.chat.completions.create(
-                        model="dolly", messages=messages, max_tokens=max_tokens, stream=True
-                    )
+                stream = await client.chat.completions.create(
+                    model="dolly", messages=messages, max_tokens=max_tokens, stream=True
                 )
                 async for _ in stream:
                     pass
@@ -173,7 +170,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--client-retries", type=int, default=0, help="the openai client's max_retries (its default: 2)")
     parser.add_argument(
-        "--resume", action="store_true", help="streams through the chat page's client, which asks for the rest of a cut one"
+        "--resume",
+        action="store_true",
+        help="the openai client on ui/resume.py's HTTP client, which asks for the rest of a cut stream",
     )
     parser.add_argument("--down-s", type=float, default=10, help="node: seconds before a new worker node starts")
     parser.add_argument("--cpus-per-node", type=int, default=4, help="logical CPUs of each node")
@@ -217,7 +216,7 @@ def main() -> None:
     columns = list(results[0])
     print(f"\n## Losing a replica or a node (bench/serve_faults.py, {platform.node()})\n")
     print(f"{args.requests} chat requests at concurrency {args.concurrency}, {args.max_tokens} tokens, half streamed;")
-    resumed = ", streams through ui/resume.py" if args.resume else ""
+    resumed = ", on ui/resume.py's HTTP client" if args.resume else ""
     print(f"openai client with max_retries={args.client_retries}{resumed}. Lost a quarter of the way in.\n")
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

@@ -299,7 +299,14 @@ class _Reply:
 
     @property
     def _meta(self) -> dict:
-        return {"model_version": self.version, "trimmed_turns": self._prompt.trimmed_turns, "context_limit": self._context_limit}
+        # max_tokens: the budget the answer runs under, so that a client resuming a cut stream
+        # (ui/resume.py) knows what is left of it when the request named none.
+        return {
+            "model_version": self.version,
+            "trimmed_turns": self._prompt.trimmed_turns,
+            "context_limit": self._context_limit,
+            "max_tokens": self._prompt.max_tokens,
+        }
 
     def _usage(self, completion_tokens: int) -> dict:
         prompt_tokens = len(self._prompt.ids)

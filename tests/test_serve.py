@@ -596,31 +596,46 @@ def test_a_stream_lost_on_every_try_ends_with_an_error_event_not_a_broken_connec
     wait_until(lambda: running_replicas() >= 1, 90, "a model replica back")
 
 
-def test_a_chat_cut_by_a_lost_ingress_goes_on_through_the_pages_client(served):
+@pytest.mark.parametrize("sync", [False, True], ids=["AsyncOpenAI", "OpenAI"])
+def test_a_chat_cut_by_a_lost_ingress_goes_on_through_the_resuming_http_client(served, sync):
     """SIGKILL the ingress replica streaming an answer: no proxy can replay a begun stream, so the
-    page's client (ui/resume.py) asks for the rest, from the text that came back and within the
-    tokens left, and reads one whole answer of max_tokens."""
+    openai client, on the chat page's HTTP client (ui/resume.py), asks for the rest from the text
+    that came back and within the tokens left, and reads one whole answer of max_tokens."""
     import asyncio
 
-    from ui.resume import resumed_chat
+    from ui.resume import resuming_http_client, resuming_sync_http_client
 
-    client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key=KEY, max_retries=0, timeout=120)
-    messages = [{"role": "user", "content": "Tell a long story."}]
+    url, request = f"{served.url}/v1", {"model": "dolly", "max_tokens": 300, "stream": True}
+    request |= {"messages": [{"role": "user", "content": "Tell a long story."}], "stream_options": {"include_usage": True}}
+    chunks = []
 
-    async def chat() -> tuple[str, str, list]:
-        before, text, chunks = "", "", []
-        stream = resumed_chat(client, model="dolly", messages=messages, max_tokens=300, retries=3, retry_wait_s=1)
-        async for chunk in stream:
-            chunks.append(chunk)
-            text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
-            if text and not before:  # the answer has begun: its ingress goes
-                before = text
-                for process in replica_processes("OpenAIIngress"):
-                    process.kill()
-        return before, text, chunks
+    def take(chunk) -> None:
+        begun = any(c.choices and c.choices[0].delta.content for c in chunks)
+        chunks.append(chunk)
+        if not begun and chunk.choices and chunk.choices[0].delta.content:  # the answer has begun: its ingress goes
+            for process in replica_processes("OpenAIIngress"):
+                process.kill()
+
+    async def chat_async() -> None:
+        http_client = resuming_http_client(retries=3, retry_wait_s=1)
+        client = openai.AsyncOpenAI(base_url=url, api_key=KEY, timeout=120, http_client=http_client)
+        async for chunk in await client.chat.completions.create(**request):
+            take(chunk)
 
     wait_until(lambda: running_replicas() >= 1 and running_replicas(deployment="OpenAIIngress") >= 1, 90, "replicas")
-    before, text, chunks = asyncio.run(chat())
-    assert before and text.startswith(before) and len(text) > len(before)
-    assert chunks[-1].usage.completion_tokens == 300 or chunks[-2].choices[0].finish_reason == "stop"
-    assert sum(c.choices[0].delta.role == "assistant" for c in chunks if c.choices) == 2, "asked for once more"
+    if sync:
+        http_client = resuming_sync_http_client(retries=3, retry_wait_s=1)
+        for chunk in openai.OpenAI(base_url=url, api_key=KEY, timeout=120, http_client=http_client).chat.completions.create(
+            **request
+        ):
+            take(chunk)
+    else:
+        asyncio.run(chat_async())
+    *answer, last = chunks
+    before = next(c.choices[0].delta.content for c in answer if c.choices[0].delta.content)
+    text = "".join(c.choices[0].delta.content or "" for c in answer)
+    assert text.startswith(before) and len(text) > len(before)
+    assert last.choices == [] and last.usage.completion_tokens <= 300, "usage once, at the end, as asked"
+    assert last.usage.completion_tokens == 300 or answer[-1].choices[0].finish_reason == "stop"
+    assert all(c.usage is None for c in answer), "no running usage, which was not asked for"
+    assert sum(c.choices[0].delta.role == "assistant" for c in answer) == 1, "one answer, opened once"

@@ -328,24 +328,47 @@ def test_error_messages_for_a_busy_server_say_when_to_retry():
     assert error_message(busy, "http://x/v1") == "⚠️ The model is busy with other requests. Try again in 2 s."
 
 
-def test_only_a_lost_replicas_failures_are_asked_for_again():
-    import openai
+def test_a_resumed_answer_asks_for_the_rest_and_reads_as_one():
+    """ui/resume.py's bookkeeping, event by event as the API streams them: the rest is asked for
+    with the text so far and the tokens left, and the caller reads one answer with the usage it
+    asked for (here: at the end only), counted over the whole answer."""
+    from ui.resume import Answer
 
-    from ui.resume import lost_replica
+    def chunk(content, tokens, role=False, **extra):
+        delta = {"role": "assistant", "content": content} if role else {"content": content}
+        usage = {"prompt_tokens": 7, "completion_tokens": tokens, "total_tokens": 7 + tokens}
+        return {"id": "c", "choices": [{"index": 0, "delta": delta, "finish_reason": None}], "usage": usage, **extra}
 
-    request = httpx.Request("POST", "http://x/v1/chat/completions")
+    messages = [{"role": "user", "content": "Tell a story."}]
+    answer = Answer({"model": "dolly", "messages": messages, "stream": True, "stream_options": {"include_usage": True}})
+    first = answer.request()
+    assert first["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert "max_tokens" not in first, "the server's default budget, which its first chunk names"
 
-    def status(code: int, kind: str | None = None) -> openai.APIStatusError:
-        body = {"type": kind} if kind else None
-        return openai.APIStatusError("failed", response=httpx.Response(code, request=request), body=body)
+    assert answer.read(chunk("", 0, role=True, dolly={"max_tokens": 10})) is not None
+    read = answer.read(chunk("Once", 1))
+    assert read["choices"][0]["delta"]["content"] == "Once" and "usage" not in read, "no running usage unasked"
+    answer.read(chunk(" upon", 2))
 
-    assert lost_replica(openai.APIConnectionError(request=request)), "a cut stream"
-    assert lost_replica(status(500)) and lost_replica(status(502)), "the front's answer for a lost ingress"
-    assert lost_replica(status(503, "service_unavailable_error")), "every model replica tried was lost"
-    assert lost_replica(openai.APIError("lost mid-answer", request=request, body={"code": 503}))
-    assert not lost_replica(status(503, "overloaded_error")), "busy: the page says when to try again"
-    assert not lost_replica(status(400)) and not lost_replica(status(401))
-    assert not lost_replica(openai.APITimeoutError(request=request)), "as slow again"
+    rest = answer.request()  # the stream was cut here
+    assert rest["messages"] == messages + [{"role": "assistant", "content": "Once upon"}] and rest["max_tokens"] == 8
+    assert answer.read(chunk("", 0, role=True, dolly={"max_tokens": 8})) is None, "the answer opened already"
+    answer.read(chunk(" a time", 3))
+    closing = answer.read({"id": "d", "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 3}})
+    assert closing["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+    assert answer.text == "Once upon a time" and not answer.spent
+
+
+def test_an_answer_cut_as_its_budget_ran_out_ends_without_asking_again():
+    from ui.resume import Answer
+
+    answer = Answer({"messages": [], "stream": True, "max_tokens": 2})
+    answer.request()
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    answer.read({"id": "c", "choices": [{"index": 0, "delta": {"content": "ab"}, "finish_reason": None}], "usage": usage})
+    assert answer.spent
+    (finish,) = answer.ending()
+    assert finish["choices"][0]["finish_reason"] == "length" and "usage" not in finish
 
 
 def test_dolly_serve_with_ui_starts_the_api_and_the_page_in_one_command(tiny_model, tmp_path):

@@ -28,7 +28,10 @@ class UIConfig(BaseModel):
     port: int = Field(7860, ge=1, le=65535, description="port of the standalone page")
     timeout_s: float = Field(120.0, gt=0, description="longest wait for an answer")
     retries: int = Field(
-        2, ge=0, description="times an answer cut by a lost server replica is asked for again, from where it stopped"
+        2,
+        ge=0,
+        description="times a request is sent again when a server replica is lost: before its answer began "
+        "(the openai client's max_retries) or after (from where it stopped, ui/resume.py)",
     )
     retry_wait_s: float = Field(1.0, ge=0, description="pause before asking again, while the front learns of the loss")
 

@@ -19,7 +19,7 @@ import openai
 from contract import generation
 from contract.records import DOLLY_CATEGORIES
 from ui.config import UIConfig
-from ui.resume import resumed_chat
+from ui.resume import resuming_http_client
 
 # One example per task kind Dolly was trained on: (kind, instruction, context).
 EXAMPLES = [
@@ -90,7 +90,13 @@ def to_api_messages(history: list[dict], message: str, context: str) -> list[dic
 
 
 def build_page(config: UIConfig) -> gr.Blocks:
-    client = openai.AsyncOpenAI(base_url=config.api_url, api_key=config.api_key(), timeout=config.timeout_s, max_retries=0)
+    client = openai.AsyncOpenAI(
+        base_url=config.api_url,
+        api_key=config.api_key(),
+        timeout=config.timeout_s,
+        max_retries=config.retries,
+        http_client=resuming_http_client(config.retries, config.retry_wait_s),
+    )
 
     async def model_banner():
         """The banner, and the picker of the models served (shown when there is a choice: the
@@ -127,15 +133,8 @@ def build_page(config: UIConfig) -> gr.Blocks:
         try:
             # A name, not a version: the page follows a version switch without a reload.
             model = picked or (await client.models.list()).data[0].id
-            stream = resumed_chat(
-                client,
-                model=model,
-                messages=messages,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=int(max_tokens),
-                retries=config.retries,
-                retry_wait_s=config.retry_wait_s,
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, temperature=temperature, top_p=top_p, max_tokens=int(max_tokens), stream=True
             )
             async for chunk in stream:
                 # What feedback on this answer must name: the version that answered, and the answer.

@@ -16,7 +16,7 @@ its own default of 2, the openai client sends a request that got a 5xx again, an
 With --resume, the openai client runs on the chat page's HTTP client (ui/resume.py), which asks
 for the rest of a stream that was cut, twice at most, a second apart.
 Reported per scenario: requests, answered, failures by cause (HTTP status, an error event in a
-stream, a cut connection), and the seconds from the loss (node: from the new node's start) until
+stream, a cut connection), how often ui/resume.py asked for the rest of a cut answer, and the seconds from the loss (node: from the new node's start) until
 two replicas of each deployment run again, in Serve's eyes and as live processes.
 
     .venv/bin/python bench/serve_faults.py --tokenizer ../shared/tokenizer/pythia
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import logging
 import os
 import platform
 import sys
@@ -148,7 +149,13 @@ def scenario(name: str, cluster: local.LocalCluster, url: str, args) -> dict:
         await killer
         return outcomes
 
-    outcomes = asyncio.run(run())
+    asked = _Counted()  # ui/resume.py logs each time it asks for the rest of a cut answer
+    logging.getLogger("ui.resume").addHandler(asked)
+    logging.getLogger("ui.resume").setLevel(logging.INFO)
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        logging.getLogger("ui.resume").removeHandler(asked)
     failed = args.requests - outcomes["answered"]
     return {
         "scenario": name,
@@ -156,8 +163,18 @@ def scenario(name: str, cluster: local.LocalCluster, url: str, args) -> dict:
         "answered": outcomes["answered"],
         "failed %": 100 * failed / args.requests,
         "failures": ", ".join(f"{cause}: {n}" for cause, n in outcomes.items() if cause != "answered") or "none",
+        "rest asked for": asked.records,
         "restored s": back["s"],
     }
+
+
+class _Counted(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records += 1
 
 
 def main() -> None:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
 
 import httpx2
 
 DONE = b"data: [DONE]\n\n"
+logger = logging.getLogger(__name__)
 
 
 class _Lost(Exception):
@@ -153,6 +155,10 @@ class _Resumption:
         if self._tries == self._retries:
             raise failure
         self._tries += 1
+        cause = failure.event["error"]["message"] if isinstance(failure, _Lost) else repr(failure)
+        logger.info(
+            "answer cut after %d tokens (%s): asking for the rest, %d of %d", self.answer.seen, cause, self._tries, self._retries
+        )
         return max(self._wait_s, failure.wait_s if isinstance(failure, _Lost) else 0.0)
 
 

@@ -12,10 +12,26 @@ answer can instead be held out, to check later models against the mistake (`doll
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from pathlib import Path
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, Text, create_engine, event, exc, func, select, update
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    exc,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.engine import URL, Engine, make_url
 
 from contract.records import DOLLY_CATEGORIES, FIELDS, validate_record
@@ -41,6 +57,20 @@ FEEDBACK = Table(
     Column("user", String(200)),  # the page's user, when a login is configured
     Column("status", String(10)),
 )
+# The Idempotency-Key of each request that stored an item (add_once), so that the same request
+# sent again (a client's or a proxy's retry after a lost answer) stores nothing twice. A table of
+# its own rather than a column: create_all adds it to a database made before it.
+REQUEST_KEYS = Table(
+    "feedback_request_keys",
+    _metadata,
+    Column("key", String(200), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),  # of the item, to refuse a key reused for another
+    Column("feedback_id", Integer, ForeignKey("feedback.id"), nullable=False),
+)
+
+
+class KeyReused(ValueError):
+    """An Idempotency-Key sent again with another item than the first time."""
 
 
 def _sqlite_file(parsed: URL) -> Path | None:
@@ -75,9 +105,10 @@ def engine_for(url: str) -> Engine:
 
     try:
         _metadata.create_all(engine)
-    except (exc.IntegrityError, exc.ProgrammingError):
-        # Replicas starting together race to create the table (Postgres: a duplicate type or
-        # relation); the loser's second look finds it there. A real fault fails again.
+    except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError):
+        # Replicas starting together race to create the tables (Postgres: a duplicate type or
+        # relation; SQLite: "table already exists"); the loser's second look finds them there.
+        # A real fault fails again.
         _metadata.create_all(engine)
     return engine
 
@@ -86,42 +117,40 @@ class FeedbackStore:
     def __init__(self, url: str = DEFAULT_URL):
         self._engine = engine_for(url)
 
-    def add(
-        self,
-        *,
-        model: str,
-        instruction: str,
-        context: str = "",
-        answer: str = "",
-        rating: str | None = None,
-        response: str | None = None,
-        category: str | None = None,
-        user: str | None = None,
-        answer_id: str | None = None,
-    ) -> int:
-        """Store one rating and/or written answer; returns its id. A written answer that the
-        preparation pipeline would reject raises its RecordError, reason and field named."""
-        if rating not in (None, "up", "down"):
-            raise ValueError(f"rating must be 'up' or 'down', not {rating!r}")
-        # A rating's instruction is checked as a record's is; it may become one in a held-out set.
-        written = {"response": "-", "category": "open_qa"} if response is None else {"response": response, "category": category}
-        record = {"instruction": instruction, "context": context, **written}
-        validate_record(json.dumps(record), frozenset(DOLLY_CATEGORIES))
-        row = dict(
-            created_at=datetime.datetime.now(datetime.UTC),
-            model=model,
-            answer_id=answer_id,
-            rating=rating,
-            instruction=instruction,
-            context=context,
-            answer=answer,
-            response=response,
-            category=category,
-            user=user,
-            status="pending" if response is not None else None,
-        )
+    def add(self, **item) -> int:
+        """Store one rating and/or written answer (the fields of `_row`); returns its id. A
+        written answer that the preparation pipeline would reject raises its RecordError, reason
+        and field named."""
+        row = _row(**item)
         with self._engine.begin() as connection:
             return connection.execute(FEEDBACK.insert().values(**row)).inserted_primary_key[0]
+
+    def add_once(self, request_key: str, **item) -> tuple[int, bool]:
+        """`add`, for a request that may come again: the id, and whether this call stored it.
+        The same key with another item raises KeyReused."""
+        row = _row(**item)
+        fingerprint = hashlib.sha256(json.dumps({**row, "created_at": None}, sort_keys=True).encode()).hexdigest()
+        try:
+            with self._engine.begin() as connection:
+                if (known := self._known(connection, request_key, fingerprint)) is not None:
+                    return known, False
+                stored = connection.execute(FEEDBACK.insert().values(**row)).inserted_primary_key[0]
+                connection.execute(REQUEST_KEYS.insert().values(key=request_key, fingerprint=fingerprint, feedback_id=stored))
+                return stored, True
+        except exc.IntegrityError:  # the same request, stored meanwhile by another writer
+            with self._engine.connect() as connection:
+                if (known := self._known(connection, request_key, fingerprint)) is None:
+                    raise
+                return known, False
+
+    @staticmethod
+    def _known(connection, request_key: str, fingerprint: str) -> int | None:
+        found = connection.execute(select(REQUEST_KEYS).where(REQUEST_KEYS.c.key == request_key)).first()
+        if found is None:
+            return None
+        if found.fingerprint != fingerprint:
+            raise KeyReused(f"Idempotency-Key {request_key!r} stored another item before: send a new key with a new item")
+        return found.feedback_id
 
     def rows(self, status: str | None = None) -> list[dict]:
         """Every item, oldest first; with `status`, only the written answers in it."""
@@ -169,3 +198,36 @@ class FeedbackStore:
             ratings = dict(connection.execute(select(FEEDBACK.c.rating, func.count()).group_by(FEEDBACK.c.rating)).all())
             statuses = dict(connection.execute(select(FEEDBACK.c.status, func.count()).group_by(FEEDBACK.c.status)).all())
         return {"up": ratings.get("up", 0), "down": ratings.get("down", 0)} | {s: statuses.get(s, 0) for s in STATUSES}
+
+
+def _row(
+    *,
+    model: str,
+    instruction: str,
+    context: str = "",
+    answer: str = "",
+    rating: str | None = None,
+    response: str | None = None,
+    category: str | None = None,
+    user: str | None = None,
+    answer_id: str | None = None,
+) -> dict:
+    if rating not in (None, "up", "down"):
+        raise ValueError(f"rating must be 'up' or 'down', not {rating!r}")
+    # A rating's instruction is checked as a record's is; it may become one in a held-out set.
+    written = {"response": "-", "category": "open_qa"} if response is None else {"response": response, "category": category}
+    record = {"instruction": instruction, "context": context, **written}
+    validate_record(json.dumps(record), frozenset(DOLLY_CATEGORIES))
+    return dict(
+        created_at=datetime.datetime.now(datetime.UTC),
+        model=model,
+        answer_id=answer_id,
+        rating=rating,
+        instruction=instruction,
+        context=context,
+        answer=answer,
+        response=response,
+        category=category,
+        user=user,
+        status="pending" if response is not None else None,
+    )

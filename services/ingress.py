@@ -5,7 +5,8 @@ relays the model's text as one JSON answer or as Server-Sent Events. Bad input i
 OpenAI's error shape and a status that names the problem: 401 without a valid key, 422 for a
 malformed body (naming the field), 400 for a prompt longer than the context, 503 with
 Retry-After when the model replicas' queues are full. `POST /v1/feedback` keeps the chat page's
-ratings and better answers (contract/feedback.py).
+ratings and better answers (contract/feedback.py), once per Idempotency-Key, so that a retry of a
+request whose answer was lost stores nothing twice.
 
 With `adapters`, the request's `model` picks a LoRA adapter on the served base (NAME, NAME@latest or
 NAME@N); `/v1/models` lists the base and every adapter, and a name that is neither gets 404 naming
@@ -31,7 +32,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
@@ -45,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract import registry
 from contract.errors import UserError
-from contract.feedback import FeedbackStore
+from contract.feedback import FeedbackStore, KeyReused
 from contract.models import load_tokenizer
 from contract.records import RecordError
 from services.auth import ApiKeys
@@ -175,7 +176,7 @@ class OpenAIIngress:
             self._on_base.add(version)
         return version, version
 
-    async def feedback(self, body: FeedbackRequest) -> FeedbackSaved:
+    async def feedback(self, body: FeedbackRequest, request_key: str | None = None) -> FeedbackSaved:
         # An earlier version may have answered (NAME@N); any other name is not ours to record, and
         # would grow the metric's labels without bound.
         names = [self.version.split("@")[0], *self._config.adapters]
@@ -190,23 +191,29 @@ class OpenAIIngress:
                 kind="not_found_error",
             )
         correction = body.correction
+        item = dict(
+            model=body.model,
+            answer_id=body.answer_id,
+            instruction=body.instruction,
+            context=body.context,
+            answer=body.answer,
+            rating=body.rating,
+            response=correction and correction.response,
+            category=correction and correction.category,
+            user=body.user,
+        )
         try:
-            saved = await asyncio.to_thread(
-                self._feedback.add,
-                model=body.model,
-                answer_id=body.answer_id,
-                instruction=body.instruction,
-                context=body.context,
-                answer=body.answer,
-                rating=body.rating,
-                response=correction and correction.response,
-                category=correction and correction.category,
-                user=body.user,
-            )
+            if request_key is None:
+                saved, first = await asyncio.to_thread(self._feedback.add, **item), True
+            else:
+                saved, first = await asyncio.to_thread(self._feedback.add_once, request_key, **item)
         except RecordError as e:  # what the preparation pipeline would reject: the same reason
             field = {"response": "correction.response", "category": "correction.category"}.get(e.field, e.field)
             raise ApiError(422, f"{e.detail} ({e.reason.value}): this record could not train a model", field) from None
-        self.metrics.rated(body.rating, correction is not None, body.model)
+        except KeyReused as e:  # as the IETF's Idempotency-Key draft answers a key reused for another body
+            raise ApiError(422, str(e), "Idempotency-Key") from None
+        if first:
+            self.metrics.rated(body.rating, correction is not None, body.model)
         return FeedbackSaved(id=saved, status="saved for review" if correction else "rating saved")
 
     async def answer(self, body: CompletionRequest | ChatRequest):
@@ -481,8 +488,18 @@ def openai_api(server: OpenAIIngress) -> FastAPI:
         response_model=FeedbackSaved,
         responses=_documented(400, 401, 404, 422, 500),
     )
-    async def feedback(body: FeedbackRequest):
-        return await server.feedback(body)
+    async def feedback(
+        body: FeedbackRequest,
+        idempotency_key: str | None = Header(
+            None,
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="any unique string: the same request sent again with it (a retry after a lost answer) "
+            "is stored once and answered alike",
+        ),
+    ):
+        return await server.feedback(body, idempotency_key)
 
     return _Recorded(api, server.metrics)
 

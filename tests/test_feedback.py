@@ -114,3 +114,24 @@ def test_on_postgres_concurrent_writers_lose_nothing_and_curation_works_alike(po
     store.review("approved")
     assert store.counts() == {"up": 0, "down": 80, "pending": 0, "approved": 30, "rejected": 0, "held_out": 10}
     assert store.export(tmp_path / "approved.jsonl") == 30
+
+
+@pytest.mark.parametrize("database", ["db", "postgres"])
+def test_a_request_sent_again_with_its_idempotency_key_is_stored_once(database, request):
+    """A retry after a lost answer (the client's, or a proxy's) comes with the first request's
+    key, even while the first is still being stored: one item, one id for both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from contract.feedback import KeyReused
+
+    url = request.getfixturevalue(database)
+    rated = {**ASKED, "rating": "down", "response": "Blue.", "category": "open_qa"}
+    with ThreadPoolExecutor(8) as pool:
+        sent = list(pool.map(lambda _: FeedbackStore(url).add_once("key-1", **rated), range(8)))
+    store = FeedbackStore(url)
+    (stored,) = store.rows()
+    assert sorted(sent) == [(stored["id"], False)] * 7 + [(stored["id"], True)]
+
+    with pytest.raises(KeyReused, match="key-1"):
+        store.add_once("key-1", **{**rated, "rating": "up"})
+    assert store.add_once("key-2", **rated)[1] and len(store.rows()) == 2, "a new key is a new item"

@@ -40,8 +40,8 @@ class Served:
     def openai(self, key: str = KEY, prefix: str = "") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}{prefix}/v1", api_key=key, max_retries=0, timeout=120)
 
-    def post(self, path: str, body, key: str | None = KEY, timeout: float = 120) -> httpx.Response:
-        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    def post(self, path: str, body, key: str | None = KEY, timeout: float = 120, headers: dict | None = None) -> httpx.Response:
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {}) | (headers or {})
         content = body if isinstance(body, str) else json.dumps(body)  # a str body is sent as it is, malformed or not
         return httpx.post(f"{self.url}{path}", content=content, headers=headers, timeout=timeout)
 
@@ -445,6 +445,21 @@ def test_a_rating_and_a_better_answer_are_stored_with_the_version_that_answered(
     assert (up["rating"], up["status"], up["model"]) == ("up", None, "dolly@1")
     assert (down["rating"], down["response"], down["category"], down["status"]) == ("down", "Blue.", "open_qa", "pending")
     assert down["answer"] == "Bleu" and down["created_at"] is not None
+
+
+def test_feedback_sent_again_with_its_idempotency_key_is_stored_once(served):
+    """The same request twice: a proxy's retry (HAProxy's, when the ingress died before answering)
+    or a client's (the chat page's, after a lost answer). It counts once; its key is not reusable."""
+    from contract.feedback import FeedbackStore
+
+    store = FeedbackStore(served.config.feedback.url)
+    before, key = len(store.rows()), {"Idempotency-Key": "rating-7f3c"}
+    first, again = (served.post("/v1/feedback", RATED, headers=key) for _ in range(2))
+    assert first.status_code == again.status_code == 201 and first.json() == again.json(), again.text
+    assert len(store.rows()) == before + 1
+    other = served.post("/v1/feedback", {**RATED, "rating": "up"}, headers=key)
+    assert other.status_code == 422 and other.json()["error"]["param"] == "Idempotency-Key", other.text
+    assert "new key" in other.json()["error"]["message"] and len(store.rows()) == before + 1
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ given: both go to the API's /v1/feedback, with the version that answered, for re
 
 from __future__ import annotations
 
+import uuid
+
 import gradio as gr
 import httpx
 import openai
@@ -152,7 +154,9 @@ def build_page(config: UIConfig) -> gr.Blocks:
         """None once stored; else what the person should read."""
         user = getattr(request, "username", None)
         try:
-            await client.post("/feedback", cast_to=httpx.Response, body=body | ({"user": user} if user else {}))
+            # One key for the client's every retry: a rating whose answer was lost is stored once.
+            once = {"headers": {"Idempotency-Key": uuid.uuid4().hex}}
+            await client.post("/feedback", cast_to=httpx.Response, body=body | ({"user": user} if user else {}), options=once)
         except openai.OpenAIError as e:
             return error_message(e, config.api_url)
         return None

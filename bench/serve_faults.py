@@ -16,8 +16,10 @@ its own default of 2, the openai client sends a request that got a 5xx again, an
 With --resume, the openai client runs on the chat page's HTTP client (ui/resume.py), which asks
 for the rest of a stream that was cut, twice at most, a second apart.
 Reported per scenario: requests, answered, failures by cause (HTTP status, an error event in a
-stream, a cut connection), how often ui/resume.py asked for the rest of a cut answer, and the seconds from the loss (node: from the new node's start) until
-two replicas of each deployment run again, in Serve's eyes and as live processes.
+stream, a cut connection), how often ui/resume.py asked for the rest of a cut answer, and two
+times, from the loss (node: from the lost node's return, its raylet joined): until Serve has
+placed a replacement of every lost replica (a live process, still starting), and until two
+replicas of each deployment run again, in Serve's eyes and as live processes.
 
     .venv/bin/python bench/serve_faults.py --tokenizer ../shared/tokenizer/pythia
 
@@ -66,14 +68,20 @@ def replica_processes(deployment: str) -> list[psutil.Process]:
     ]
 
 
-def restored(lost: set[int]) -> bool:
-    """Two replicas of each deployment RUNNING in Serve's eyes, as two live processes, none lost."""
+def replaced(lost: set[int]) -> bool:
+    """Two live replica processes of each deployment, none of them lost: Serve has placed the
+    replacements, which may still be starting."""
     for deployment in DEPLOYMENTS:
-        status = serve.status().applications["dolly"].deployments[deployment]
         pids = {p.pid for p in replica_processes(deployment)}
-        if status.replica_states.get("RUNNING", 0) != 2 or len(pids) != 2 or pids & lost:
+        if len(pids) != 2 or pids & lost:
             return False
     return True
+
+
+def restored(lost: set[int]) -> bool:
+    """replaced, and two replicas of each deployment RUNNING in Serve's eyes."""
+    states = serve.status().applications["dolly"].deployments
+    return replaced(lost) and all(states[d].replica_states.get("RUNNING", 0) == 2 for d in DEPLOYMENTS)
 
 
 def wait(condition, timeout_s: float, what: str) -> None:
@@ -134,14 +142,16 @@ def scenario(name: str, cluster: local.LocalCluster, url: str, args) -> dict:
             gone = {p.pid for d in DEPLOYMENTS for p in replica_processes(d) if os.getsid(p.pid) == worker}
             local.lose_node(cluster, worker)
             await asyncio.sleep(args.down_s)
-            started = time.monotonic()
             await asyncio.to_thread(local.add_worker, cluster, args.cpus_per_node)
+            started = time.monotonic()  # the node is back: its raylet has joined
         else:
             victim = on_head("DollyModel" if name == "model" else "OpenAIIngress", worker)
             gone, started = {victim.pid}, time.monotonic()
             victim.kill()
-        await asyncio.to_thread(wait, lambda: restored(gone), 180, "the lost replicas back")
-        back["s"] = time.monotonic() - started
+        await asyncio.to_thread(wait, lambda: replaced(gone), 180, "the lost replicas placed again")
+        back["placed"] = time.monotonic() - started
+        await asyncio.to_thread(wait, lambda: restored(gone), 180, "the lost replicas running again")
+        back["running"] = time.monotonic() - started
 
     async def run():
         killer = asyncio.create_task(lose())
@@ -164,7 +174,8 @@ def scenario(name: str, cluster: local.LocalCluster, url: str, args) -> dict:
         "failed %": 100 * failed / args.requests,
         "failures": ", ".join(f"{cause}: {n}" for cause, n in outcomes.items() if cause != "answered") or "none",
         "rest asked for": asked.records,
-        "restored s": back["s"],
+        "placed again s": back["placed"],
+        "restored s": back["running"],
     }
 
 

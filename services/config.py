@@ -103,8 +103,12 @@ class ModelDeploymentConfig(_Settings):
     max_adapters_per_replica: int = Field(
         4, ge=1, description="with adapters: LoRA adapters one replica holds at once; the least recently used makes room"
     )
-    health_check_period_s: float = Field(10, gt=0, description="how often Serve checks a replica")
-    health_check_timeout_s: float = Field(30, gt=0, description="a replica that does not answer its check this fast is replaced")
+    health_check_period_s: float = Field(
+        10, gt=0, description="how often Serve checks a replica, model or ingress: a lost one is replaced within it"
+    )
+    health_check_timeout_s: float = Field(
+        30, gt=0, description="a replica (model or ingress) that does not answer its check this fast is replaced"
+    )
     graceful_shutdown_wait_loop_s: float = Field(
         2, gt=0, description="a stopping replica checks this often whether its requests are done"
     )
@@ -256,6 +260,9 @@ class ServeConfig(_Settings):
             backpressure_config=dict(status_code=503, retry_after_s=self.deployment.retry_after_s),
             # In-flight streams finish before an old ingress goes away in a version switch.
             graceful_shutdown_timeout_s=self.deployment.graceful_shutdown_timeout_s,
+            # Serve learns of a lost replica from its health check: a lost ingress as soon as a model replica.
+            health_check_period_s=self.deployment.health_check_period_s,
+            health_check_timeout_s=self.deployment.health_check_timeout_s,
             ray_actor_options=dict(num_cpus=i.num_cpus),
             **_per_node(i.max_replicas_per_node),
         )

@@ -38,6 +38,7 @@ def test_serve_build_turns_the_application_into_a_serve_config(tiny_model, tmp_p
     assert model["autoscaling_config"]["min_replicas"] == 1 and model["autoscaling_config"]["max_replicas"] == 3
     assert model["max_queued_requests"] == 7 and model["health_check_period_s"] > 0
     assert deployments["OpenAIIngress"]["backpressure_config"]["retry_after_s"] > 0
+    assert deployments["OpenAIIngress"]["health_check_period_s"] == model["health_check_period_s"], "a lost ingress noticed alike"
 
 
 def test_a_bad_setting_under_serve_build_names_the_setting_not_a_command_line(tmp_path, monkeypatch):

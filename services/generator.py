@@ -18,10 +18,11 @@ from peft import PeftModel
 
 from contract import registry
 from contract.errors import UserError
-from contract.models import load_model, load_tokenizer, max_length_for, stop_token_ids
+from contract.models import load_model, load_tokenizer, stop_token_ids
 from contract.sampling import SamplingParams
 from services.config import EngineConfig
 from services.engines import Job, make_engine
+from services.prompts import context_limit
 from services.text import TextStream
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,10 +35,6 @@ def device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
     if config.dtype == "float16" and device.type == "cpu":
         raise UserError("engine.dtype=float16 needs a GPU; on CPU use float32 or bfloat16")
     return device, _DTYPES[config.dtype]
-
-
-def context_limit(folder: Path, tokenizer, config: EngineConfig) -> int:
-    return config.max_context or max_length_for(str(folder), tokenizer)[0]
 
 
 @dataclass
@@ -66,7 +63,7 @@ class TextGenerator:
             base = load_model(registry.adapter_base(folder), self.tokenizer, **strict)
             model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter)
         self.model = model.to(device).eval()
-        self.context_limit = context_limit(folder, self.tokenizer, config)
+        self.context_limit = context_limit(folder, self.tokenizer, config.max_context)
         self.engine = make_engine(
             self.model, stop_token_ids(folder, self.tokenizer), self.tokenizer.pad_token_id, config, self.context_limit
         )

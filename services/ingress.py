@@ -52,9 +52,8 @@ from contract.records import RecordError
 from services.auth import ApiKeys
 from services.config import CONTINUOUS_LACKS, ServeConfig
 from services.failover import Failover, ReplicaLost
-from services.generator import context_limit
 from services.metrics import IngressMetrics
-from services.prompts import Prompt, PromptBuilder, PromptTooLong
+from services.prompts import Prompt, PromptBuilder, PromptTooLong, context_limit
 from services.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -125,7 +124,7 @@ class OpenAIIngress:
         self._base = base
         self._on_base: set[str] = set()  # adapter versions checked to be on the base (versions never change)
         tokenizer = load_tokenizer(folder)
-        self._prompts = PromptBuilder(tokenizer, context_limit(Path(folder), tokenizer, config.engine))
+        self._prompts = PromptBuilder(tokenizer, context_limit(Path(folder), tokenizer, config.engine.max_context))
         self._keys = ApiKeys(config.auth)
         self.metrics = IngressMetrics()
         self._feedback = FeedbackStore(config.feedback.database_url())

@@ -11,9 +11,16 @@ turns go first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from contract import fold_turns, render_generation_prompt
 from contract.errors import UserError
+from contract.models import max_length_for
+
+
+def context_limit(folder: Path, tokenizer, max_context: int | None) -> int:
+    """The tokens a prompt and its answer share: `engine.max_context`, else the model's."""
+    return max_context or max_length_for(str(folder), tokenizer)[0]
 
 
 class PromptTooLong(UserError):

@@ -215,8 +215,10 @@ class OpenAIIngress:
             self.metrics.rated(body.rating, correction is not None, body.model)
         return FeedbackSaved(id=saved, status="saved for review" if correction else "rating saved")
 
-    async def answer(self, body: CompletionRequest | ChatRequest):
+    async def answer(self, body: CompletionRequest | ChatRequest, resumed: int | None = None):
         chat = isinstance(body, ChatRequest)
+        if resumed:  # the rest of a stream cut on its way (a lost ingress replica), asked for by ui/resume.py
+            self.metrics.retried("stream_cut_resumed_by_client")
         adapter, version = self._target(body.model)
         if body.seed is not None and self._config.engine.batching == "continuous":
             raise ApiError(
@@ -477,8 +479,18 @@ def openai_api(server: OpenAIIngress) -> FastAPI:
         return await server.answer(body)
 
     @api.post("/v1/chat/completions", dependencies=[Depends(authorized)], responses=_documented(*answers, answer=ChatCompletion))
-    async def chat_completions(body: ChatRequest):
-        return await server.answer(body)
+    async def chat_completions(
+        body: ChatRequest,
+        # int, not int | None: a header is never JSON null, and the schema must not say it may be.
+        resumed: int = Header(
+            None,
+            alias="X-Dolly-Resumed",
+            ge=1,
+            description="sent by a client asking for the rest of a stream that was cut (ui/resume.py): "
+            "which request for the rest this is; counted in dolly_retried_requests",
+        ),
+    ):
+        return await server.answer(body, resumed)
 
     @api.post(
         "/v1/feedback",

@@ -26,7 +26,9 @@ class IngressMetrics:
 
         self.retries = metrics.Counter(
             "dolly_retried_requests",
-            description="requests sent again after their model replica was lost, by cause (replica_lost, replica_lost_mid_answer)",
+            description="requests sent again after their replica was lost, by cause (the model replica's: replica_lost, "
+            "replica_lost_mid_answer; the ingress's, a stream cut and its rest asked for by the client: "
+            "stream_cut_resumed_by_client)",
             tag_keys=("cause",),
         )
         self.feedback = metrics.Counter(

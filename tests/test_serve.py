@@ -654,3 +654,5 @@ def test_a_chat_cut_by_a_lost_ingress_goes_on_through_the_resuming_http_client(s
     assert last.usage.completion_tokens == 300 or answer[-1].choices[0].finish_reason == "stop"
     assert all(c.usage is None for c in answer), "no running usage, which was not asked for"
     assert sum(c.choices[0].delta.role == "assistant" for c in answer) == 1, "one answer, opened once"
+    counted = re.compile(r'ray_dolly_retried_requests_total\{[^}]*cause="stream_cut_resumed_by_client"')
+    wait_until(lambda: counted.search(prometheus_text()), 60, "the request for the rest counted")

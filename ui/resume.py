@@ -114,11 +114,14 @@ class _Resumption:
         """The next request: the first as asked, later ones for the rest; plain bytes back, as the
         stream is read event by event."""
         headers = {k: v for k, v in self._request.headers.items() if k.lower() not in ("content-length", "accept-encoding")}
+        body = self.answer.request()
+        # The server counts the requests for the rest (dolly_retried_requests): a lost ingress's toll.
+        resumed = {"x-dolly-resumed": str(self.answer.requests - 1)} if self.answer.requests > 1 else {}
         return httpx2.Request(
             "POST",
             self._request.url,
-            headers=headers | {"accept-encoding": "identity"},
-            json=self.answer.request(),
+            headers=headers | {"accept-encoding": "identity"} | resumed,
+            json=body,
             extensions=self._request.extensions,
         )
 

@@ -6,6 +6,7 @@ Tests run in file order and share one backend; the last one stops it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from dataclasses import dataclass
@@ -369,6 +370,36 @@ def test_an_answer_cut_as_its_budget_ran_out_ends_without_asking_again():
     assert answer.spent
     (finish,) = answer.ending()
     assert finish["choices"][0]["finish_reason"] == "length" and "usage" not in finish
+
+
+def test_a_stream_closed_before_its_answer_finished_is_cut_and_its_rest_asked_for_once_more():
+    """A front that closes a stream cleanly when its upstream dies must not pass for a whole
+    answer; the request for the rest says which one it is, for the server's count."""
+    import httpx2
+
+    from ui.resume import _Resumption
+
+    body = {"model": "dolly", "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 9}
+    resumption = _Resumption(httpx2.Request("POST", "http://x/v1/chat/completions", json=body), body, 1, 0.0)
+    assert "x-dolly-resumed" not in resumption.request().headers
+
+    def event(content: str, finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish}
+        usage = {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}
+        return b"data: " + json.dumps({"id": "c", "choices": [choice], "usage": usage}).encode() + b"\n\n"
+
+    assert len(list(resumption.read(event("Hel")))) == 1
+    with pytest.raises(httpx2.RemoteProtocolError):
+        resumption.ended()
+    assert resumption.after(httpx2.RemoteProtocolError("closed")) == 0.0, "ask again, at once"
+    again = resumption.request()
+    assert again.headers["x-dolly-resumed"] == "1"
+    assert json.loads(again.content)["messages"][-1] == {"role": "assistant", "content": "Hel"}
+    assert json.loads(again.content)["max_tokens"] == 8
+    list(resumption.read(event("lo", finish="stop")))
+    resumption.ended()  # whole: its end needs no [DONE]
+    with pytest.raises(httpx2.RemoteProtocolError, match="closed again"):  # no tries left: raised as it came
+        resumption.after(httpx2.RemoteProtocolError("closed again"))
 
 
 def test_dolly_serve_with_ui_starts_the_api_and_the_page_in_one_command(tiny_model, tmp_path):

@@ -48,7 +48,7 @@ class Answer:
         self._usage_asked = bool(asked.get("include_usage"))
         self._running_asked = self._usage_asked and bool(asked.get("continuous_usage_stats"))
         self.budget: int | None = body.get("max_completion_tokens") or body.get("max_tokens")
-        self.text, self.seen, self.requests = "", 0, 0
+        self.text, self.seen, self.requests, self.finished = "", 0, 0, False
         self._before = 0  # tokens that came back before the current request
         self._prompt_tokens: int | None = None
         self._last: dict | None = None
@@ -86,6 +86,7 @@ class Answer:
         if self.requests > 1 and delta.get("role") and not delta.get("content"):
             return None  # the rest's opening chunk: the caller's answer opened already
         self.text += delta.get("content") or ""
+        self.finished = self.finished or bool(event["choices"][0].get("finish_reason"))
         if not self._running_asked:
             event.pop("usage", None)
         self._last = event
@@ -136,6 +137,11 @@ class _Resumption:
                 yield DONE
             elif data and (event := self.answer.read(json.loads(data))) is not None:
                 yield _sse(event)
+
+    def ended(self) -> None:
+        """The stream closed before [DONE]: cut, unless the answer had finished."""
+        if not self.answer.finished:
+            raise httpx2.RemoteProtocolError("the stream closed mid-answer")
 
     def refused(self, response: httpx2.Response) -> _Lost:
         """The failure of a request for the rest that was answered, but not with a stream."""
@@ -194,7 +200,8 @@ class ResumingTransport(httpx2.AsyncBaseTransport):
                             yield part
                         if resumption.done:
                             return
-                    return  # ended without [DONE], as the server ended it
+                    resumption.ended()
+                    return
                 except httpx2.TimeoutException:
                     raise
                 except (httpx2.TransportError, _Lost) as e:
@@ -250,6 +257,7 @@ class SyncResumingTransport(httpx2.BaseTransport):
                         yield from resumption.read(raw)
                         if resumption.done:
                             return
+                    resumption.ended()
                     return
                 except httpx2.TimeoutException:
                     raise

@@ -232,7 +232,8 @@ class ResumingTransport(httpx2.AsyncBaseTransport):
 
 
 class SyncResumingTransport(httpx2.BaseTransport):
-    """ResumingTransport for the SDK's sync client, `openai.OpenAI`."""
+    """ResumingTransport for the SDK's sync client, `openai.OpenAI`: the same loop over blocking
+    I/O (as httpx itself pairs its clients), every decision in it _Resumption's."""
 
     def __init__(self, retries: int = 2, retry_wait_s: float = 1.0, transport: httpx2.BaseTransport | None = None):
         self.retries, self.retry_wait_s = retries, retry_wait_s

@@ -29,6 +29,7 @@ from sqlalchemy import (
     event,
     exc,
     func,
+    inspect,
     select,
     update,
 )
@@ -103,13 +104,14 @@ def engine_for(url: str) -> Engine:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA busy_timeout=30000")
 
-    try:
-        _metadata.create_all(engine)
-    except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError):
-        # Replicas starting together race to create the tables (Postgres: a duplicate type or
-        # relation; SQLite: "table already exists"); the loser's second look finds them there.
-        # A real fault fails again.
-        _metadata.create_all(engine)
+    for table in _metadata.sorted_tables:
+        try:
+            table.create(engine, checkfirst=True)
+        except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError):
+            # Replicas starting together race to create it (Postgres: a duplicate type or
+            # relation; SQLite: "table already exists"): the loser finds it there. A real fault is raised.
+            if not inspect(engine).has_table(table.name):
+                raise
     return engine
 
 

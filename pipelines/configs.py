@@ -334,7 +334,8 @@ class EvalConfig(BaseModel):
         None, description="folder of extra lm-eval task YAML files (e.g. tasks over local data)"
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where the model runs (auto: a GPU if there is one; bf16 there, fp32 on CPU)"
+        "auto",
+        description="where the model runs (auto: a GPU if there is one; bf16 there, fp16 on GPUs older than Ampere, fp32 on CPU)",
     )
     behaviour: BehaviourConfig = Field(
         default_factory=BehaviourConfig,

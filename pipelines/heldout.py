@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from contract.devices import default_device, default_dtype
 from contract.errors import UserError
 from contract.models import load_model, load_tokenizer, random_pythia_size
 from contract.registry import DEFAULT_ROOT, resolve
@@ -28,7 +29,8 @@ def resolve_model(spec: str, registry: Path = DEFAULT_ROOT) -> tuple[str, str]:
 
 class LoadedModel:
     """A model to evaluate: its tokenizer at once (enough to check data against, and cheap), its
-    weights on first use (minutes for a large model), in eval mode on the chosen device."""
+    weights on first use (minutes for a large model), in eval mode on the chosen device ("auto":
+    the GPU Ray gave this process, if any, in the precision it computes natively)."""
 
     def __init__(
         self,
@@ -57,9 +59,8 @@ class LoadedModel:
     @property
     def model(self):
         if self._model is None:
-            cuda = self._device == "cuda" or (self._device == "auto" and torch.cuda.is_available())
-            device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
-            kwargs = {"dtype": dtype} | ({"gguf_file": self._gguf_file} if self._gguf_file else {})
+            device = default_device() if self._device == "auto" else torch.device(self._device)
+            kwargs = {"dtype": default_dtype(device)} | ({"gguf_file": self._gguf_file} if self._gguf_file else {})
             torch.manual_seed(self._seed)  # a random shape gets the weights training initialises with the same seed
             self._model = load_model(self.ref, self.tokenizer, **kwargs).to(device).eval()
         return self._model

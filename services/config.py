@@ -73,8 +73,13 @@ class EngineConfig(_Settings):
     max_context: int | None = Field(
         None, ge=16, description="prompt + answer tokens at most (default: the model config's max_position_embeddings)"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="auto: bfloat16 on GPUs that compute it (Ampere and newer), float16 on older ones (V100), float32 on CPU",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when Ray gave the replica a GPU (deployment.num_gpus), else cpu"
+    )
     torch_threads: int | None = Field(None, ge=1, description="CPU threads per replica (default: torch's)")
 
     @property
@@ -114,7 +119,12 @@ class ModelDeploymentConfig(_Settings):
     )
     graceful_shutdown_timeout_s: float = Field(60, ge=0, description="a stopping replica gets this long to finish its requests")
     num_cpus: float = Field(1, ge=0, description="logical CPUs each replica claims (fractional is fine)")
-    num_gpus: float = Field(0, ge=0, description="GPUs each replica claims")
+    num_gpus: float = Field(
+        0,
+        ge=0,
+        description="GPUs each replica claims, and the only ones it uses: 1 gives each replica a GPU of its own that Ray "
+        "hands nothing else (a fraction shares one knowingly); 0 serves on CPU (`dolly up` sets it from its preset)",
+    )
     max_replicas_per_node: int | None = Field(
         None, ge=1, description="at most this many replicas on one node (1 spreads them: a lost node takes one)"
     )
@@ -194,6 +204,11 @@ class ServeConfig(_Settings):
         d = self.deployment
         if self.model is None and not self.adapters:
             raise ValueError("model is required: a folder, or NAME@latest / NAME@N from the registry (or adapters=[...])")
+        if self.engine.device == "cuda" and not d.num_gpus:
+            raise ValueError(
+                "engine.device=cuda needs deployment.num_gpus above 0: a replica uses only the GPU Ray gives it "
+                "(one that asked for none would take a GPU another process owns); set deployment.num_gpus=1"
+            )
         if self.adapters and self.engine.batching == "continuous":
             raise ValueError(
                 "adapters need engine.batching=dynamic: transformers' continuous batching runs one model for every row, "

@@ -17,6 +17,7 @@ import torch
 from peft import PeftModel
 
 from contract import registry
+from contract.devices import DTYPES, default_device, default_dtype
 from contract.errors import UserError
 from contract.models import load_model, load_tokenizer, stop_token_ids
 from contract.sampling import SamplingParams
@@ -25,16 +26,15 @@ from services.engines import Job, make_engine
 from services.prompts import context_limit
 from services.text import TextStream
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def device_and_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+    """The replica's device: the GPU Ray gave it (deployment.num_gpus), else the CPU."""
+    device = default_device() if config.device == "auto" else torch.device(config.device)
     if config.dtype == "auto":
-        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+        return device, default_dtype(device)
     if config.dtype == "float16" and device.type == "cpu":
         raise UserError("engine.dtype=float16 needs a GPU; on CPU use float32 or bfloat16")
-    return device, _DTYPES[config.dtype]
+    return device, DTYPES[config.dtype]
 
 
 @dataclass
@@ -54,7 +54,7 @@ class TextGenerator:
         registry.check_servable(folder)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
-        device, dtype = device_and_dtype(config)
+        self.device, dtype = device_and_dtype(config)
         self.tokenizer = load_tokenizer(str(folder))
         strict = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False)
         if adapter is None:
@@ -62,7 +62,7 @@ class TextGenerator:
         else:
             base = load_model(registry.adapter_base(folder), self.tokenizer, **strict)
             model = PeftModel.from_pretrained(base, str(folder), adapter_name=adapter)
-        self.model = model.to(device).eval()
+        self.model = model.to(self.device).eval()
         self.context_limit = context_limit(folder, self.tokenizer, config.max_context)
         self.engine = make_engine(
             self.model, stop_token_ids(folder, self.tokenizer), self.tokenizer.pad_token_id, config, self.context_limit

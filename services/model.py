@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ray import serve
 
+from contract.devices import ray_gpu_ids
 from contract.sampling import SamplingParams
 from services.adapters import AdapterPool
 from services.config import ServeConfig
@@ -70,10 +71,15 @@ class DollyModel:
 
     def stats(self) -> dict:
         """Requests waiting for a batch, being decoded, and cancelled by their client so far; the
-        adapters held."""
+        adapters held; where the replica runs (the GPUs Ray gave it, and the device it uses)."""
         engine = self._generator.engine
         held = self._pool.held if self._pool else []
-        return {"waiting": engine.waiting, "running": engine.running, "cancelled": self._cancelled, "adapters": held}
+        where = {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "gpu_ids": ray_gpu_ids(),
+            "device": str(self._generator.device),
+        }
+        return {"waiting": engine.waiting, "running": engine.running, "cancelled": self._cancelled, "adapters": held} | where
 
     def check_health(self) -> None:
         if not self._generator.engine.alive():

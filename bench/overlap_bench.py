@@ -5,11 +5,12 @@ it; the two do not depend on each other. This measures, in one Ray session and w
 defaults (SmolLM2-135M, the CPU preset's demo: 30 steps, 64 examples scored), on data prepared
 as `dolly up` prepares it:
 
-  sequential   the base scoring, then the training (what `dolly up` does)
-  overlapped   the same training, with the same scoring running beside it in a thread
+  sequential   the base scoring, then the training (what `dolly up` does on CPU presets)
+  overlapped   the same training, with the same scoring running beside it (on GPU presets)
 
-Both trainings are fresh runs (no checkpoint reused); the scoring is in the driver, as in
-`dolly up`. Run it on an otherwise idle machine.
+Both trainings are fresh runs (no checkpoint reused); the scoring runs on a Ray worker with a
+training worker's resources, as in `dolly up` (pipelines/scoring.py). Run it on an otherwise
+idle machine.
 
     .venv/bin/python bench/overlap_bench.py --data ../shared/data/databricks-dolly-15k.jsonl
 
@@ -25,7 +26,6 @@ import platform
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,8 +37,8 @@ from cluster.connect import ray_session  # noqa: E402
 from contract.models import resolve_base  # noqa: E402
 from loop.configs import UpConfig  # noqa: E402
 from pipelines.configs import PrepareConfig  # noqa: E402
-from pipelines.evaluate import score_model  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
+from pipelines.scoring import RemoteScore, resources  # noqa: E402
 from pipelines.train import train  # noqa: E402
 
 
@@ -57,8 +57,9 @@ def main() -> None:
             Console(file=io.StringIO()),
         ).data
 
-        def score() -> None:
-            score_model(config.base_model, prepared, config.behaviour, max_examples=config.eval_examples)
+        def score() -> RemoteScore:
+            placement = resources(train_config)
+            return RemoteScore(config.base_model, prepared, config.behaviour, placement, max_examples=config.eval_examples)
 
         def fine_tune(run_name: str) -> None:
             # Its own console: rich draws one live display per console, and the scoring's bars are live too.
@@ -66,16 +67,15 @@ def main() -> None:
 
         times = {}
         started = time.perf_counter()
-        score()
+        score().result(Console(file=io.StringIO()))
         times["scoring"] = time.perf_counter() - started
         started = time.perf_counter()
         fine_tune("sequential")
         times["training"] = time.perf_counter() - started
         started = time.perf_counter()
-        with ThreadPoolExecutor(1) as pool:
-            scoring = pool.submit(score)
-            fine_tune("overlapped")
-            scoring.result()
+        scoring = score()
+        fine_tune("overlapped")
+        scoring.result(Console(file=io.StringIO()))
         times["overlapped"] = time.perf_counter() - started
 
     sequential = times["scoring"] + times["training"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 from rich.console import Console
 
@@ -18,11 +20,19 @@ def up(
     ),
     port: int = typer.Option(6390, help="the head's GCS port"),
     dashboard_port: int = typer.Option(8265, help="the dashboard and Jobs API port"),
+    gpus_per_node: Optional[int] = typer.Option(
+        None,
+        min=0,
+        help="GPUs each worker node declares, present or not: Ray places work on them as on a GPU cluster "
+        "(default: the GPUs Ray finds)",
+    ),
 ) -> None:
     """Start `ray start --head` plus worker nodes; print how to use the cluster."""
     from cluster import local
 
-    cluster = local.up(workers=workers, cpus_per_node=cpus_per_node, port=port, dashboard_port=dashboard_port)
+    cluster = local.up(
+        workers=workers, cpus_per_node=cpus_per_node, port=port, dashboard_port=dashboard_port, gpus_per_node=gpus_per_node
+    )
     console = Console()
     console.print(f"[green]Cluster up[/]: {1 + workers} node(s). Dashboard and Jobs API: {cluster.dashboard_url}")
     console.print(f"  Python:  ray.init(address='{cluster.address}')")

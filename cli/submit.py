@@ -12,7 +12,7 @@ import typer
 import yaml
 
 from cli.configs import config_option, load_config, parse_overrides
-from loop.configs import RetrainConfig
+from loop.configs import RetrainConfig, UpConfig
 from pipelines.configs import TrainConfig
 
 app = typer.Typer(help="Run dolly commands on a Ray cluster as Ray jobs (token auth handled).", no_args_is_help=True)
@@ -55,9 +55,28 @@ def retrain(
     """Run `dolly retrain` on a cluster, so training, evaluation, the gate and the swap all run
     there (the serving app it swaps is the one on that cluster). Paths are read on the cluster.
 
-    Example: dolly submit retrain --address http://head:8265 --config retrain.yaml new_records=[/data/new.jsonl]
+    Example: dolly submit retrain --address http://head:8265 --config retrain.yaml new_records=\\[/data/new.jsonl]
     """
     _submit("retrain", RetrainConfig, config, overrides, address, working_dir, wait)
+
+
+@app.command()
+def up(
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="any `dolly up` setting, e.g. preset=a100 workdir=/mnt/dolly/up"
+    ),
+    address: str = ADDRESS,
+    config: Optional[Path] = config_option("YAML file of `dolly up` settings"),
+    working_dir: Path = WORKING_DIR,
+    wait: bool = WAIT,
+) -> None:
+    """Run `dolly up` on a cluster, its driver on the head, where the cluster's storage is: a
+    driver on a laptop (Ray Client) would write the run's files to the laptop's disk, which no
+    node reads. It serves until the job is stopped (`ray job stop`). Paths are read on the cluster.
+
+    Example: dolly submit up --address http://head:8265 preset=a100 base_model=EleutherAI/pythia-2.8b workdir=/mnt/dolly/up registry=/mnt/dolly/registry host=0.0.0.0
+    """
+    _submit("up", UpConfig, config, overrides, address, working_dir, wait)
 
 
 def _submit(

@@ -29,7 +29,11 @@ def train(
     settings = load_config(TrainConfig, config, {}, overrides or [])  # a bad setting fails before heavy imports
     log_to_file("train")
     from cluster.connect import ray_session
+    from cluster.storage import check_shared
     from pipelines.train import train as run_train
 
     with ray_session(address):
+        # Shards, checkpoints, the export and the registry are written on one node and read on others.
+        folders = ("data_dir", "output_dir", "registry", "storage_path")
+        check_shared({name: getattr(settings, name) for name in folders})
         run_train(settings)

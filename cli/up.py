@@ -37,7 +37,8 @@ def up(
 
     Example: dolly up --data ../shared/data/databricks-dolly-15k.jsonl
 
-    Dolly's real recipe: dolly up --base-model EleutherAI/pythia-2.8b --preset a100 --address ray://HEAD:10001
+    Dolly's real recipe, on a GPU cluster: dolly submit up --address http://HEAD:8265 base_model=EleutherAI/pythia-2.8b
+    preset=a100 workdir=/mnt/dolly/up registry=/mnt/dolly/registry host=0.0.0.0
     """
     flags = dict(
         data=data,

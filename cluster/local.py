@@ -2,6 +2,10 @@
 
 Each node is `ray start --block` in its own session, so `down` stops exactly the processes this
 cluster started (not every Ray on the machine, as `ray stop` would), and checks none are left.
+
+A GPU cluster's decisions can be tried without a GPU: nodes declare GPUs they do not have
+(`gpus_per_node`), and Ray places work and sets CUDA_VISIBLE_DEVICES as on real ones; a worker
+node can be given folders of its own (`private`), as a node on another machine has its own disk.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -18,6 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,9 +106,15 @@ def read_state() -> LocalCluster | None:
 
 
 def up(
-    workers: int = 1, cpus_per_node: int = 4, port: int = 6390, dashboard_port: int = 8265, timeout_s: float = 120
+    workers: int = 1,
+    cpus_per_node: int = 4,
+    port: int = 6390,
+    dashboard_port: int = 8265,
+    timeout_s: float = 120,
+    gpus_per_node: int | None = None,
 ) -> LocalCluster:
-    """Start a head and `workers` worker nodes on this machine; return once the dashboard answers."""
+    """Start a head and `workers` worker nodes on this machine, each worker declaring
+    `gpus_per_node` GPUs (None: those Ray detects); return once the dashboard answers."""
     existing = read_state()
     if existing and any(_session_alive(s) for s in existing.sessions):
         raise UserError(f"a cluster is already up at {existing.address} ({existing.dashboard_url}): `dolly cluster down` first")
@@ -127,7 +139,7 @@ def up(
     try:
         _start_node(cluster, head, timeout_s)
         for _ in range(workers):
-            add_worker(cluster, cpus_per_node, timeout_s)
+            add_worker(cluster, cpus_per_node, timeout_s, gpus=gpus_per_node)
         _wait(lambda: _dashboard_up(cluster.dashboard_url), timeout_s, f"the dashboard at {cluster.dashboard_url}", log_dir)
         STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
         STATE_FILE.write_text(json.dumps(asdict(cluster), indent=2))
@@ -137,9 +149,19 @@ def up(
     return cluster
 
 
-def add_worker(cluster: LocalCluster, cpus_per_node: int = 4, timeout_s: float = 120) -> int:
-    """Start one more worker node in `cluster` (one that was lost, say); returns its session."""
-    command = [_ray_bin(), "start", f"--address={cluster.address}", *_common(cpus_per_node), *_node_ports()]
+def add_worker(
+    cluster: LocalCluster, cpus_per_node: int = 4, timeout_s: float = 120, gpus: int | None = None, private: Sequence[Path] = ()
+) -> int:
+    """Start one more worker node in `cluster` (one that was lost, say); returns its session.
+    `gpus`: GPUs it declares (None: those Ray detects). `private`: folders its processes see
+    empty and of their own (a tmpfs over each, in a mount namespace of the node's: needs root),
+    so that what other nodes write there never reaches it."""
+    command = [_ray_bin(), "start", f"--address={cluster.address}", *_common(cpus_per_node)]
+    command += [] if gpus is None else [f"--num-gpus={gpus}"]
+    command += _node_ports()
+    if private:
+        mounts = " && ".join(f"mount -t tmpfs dolly-private {shlex.quote(str(p))}" for p in private)
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "sh", *command]
     return _start_node(cluster, command, timeout_s)
 
 

@@ -18,6 +18,7 @@ from ray import serve
 from rich.console import Console
 
 from cluster.connect import ray_session
+from cluster.storage import check_shared
 from contract import registry
 from contract.errors import UserError
 from contract.feedback import FeedbackStore
@@ -26,9 +27,10 @@ from loop.configs import RetrainConfig
 from loop.deploy import switch_model
 from loop.gate import Decision, gate
 from pipelines.behaviour import BehaviourReport
-from pipelines.evaluate import score_model, show_scores
+from pipelines.evaluate import show_scores
 from pipelines.loss import LossReport
 from pipelines.manifest import verified
+from pipelines.scoring import RemoteScore, resources
 from pipelines.sources import resolve_source
 from pipelines.train import train_once
 from services.config import ServeConfig
@@ -80,6 +82,9 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
     fingerprint = resolve_source(str(source)).fingerprint
     train_config = config.train.model_copy(update={"source": str(source), "data_dir": workdir / "data", "register_as": None})
     with ray_session(address):
+        # Written on one node and read on another: refused now, not at the first checkpoint.
+        runs = {"output_dir": train_config.output_dir, "storage_path": train_config.storage_path}
+        check_shared({"workdir": workdir, "registry": root, **runs})
         console.rule(f"[bold]Retrain {name} on the corpus plus {len(new_records)} file(s) of new records")
         train_config, export_dir = train_once(train_config, "retrain", fingerprint, console)
         run_name = train_config.run_name
@@ -92,8 +97,18 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
         # The gate judges greedy answers: they are made even when the report asks only for sampled ones.
         modes = list(dict.fromkeys([*config.behaviour.modes, *(["greedy"] if config.gate.behaviour else [])]))
         behaviour = config.behaviour.model_copy(update={"modes": modes})
-        serving, _ = score_model(str(serving_folder), data, behaviour, max_examples=config.eval_examples)
-        candidate, _ = score_model(str(export_dir), data, behaviour, max_examples=config.eval_examples)
+        # On workers, each with a GPU of its own where training had them (side by side there), one
+        # after the other on CPUs, which they would share.
+        placement = resources(train_config)
+
+        def score(folder: Path) -> RemoteScore:
+            return RemoteScore(str(folder), data, behaviour, placement, max_examples=config.eval_examples, registry=root)
+
+        if train_config.use_gpu:
+            scoring = [score(serving_folder), score(export_dir)]
+            (serving, _), (candidate, _) = (s.result(console) for s in scoring)
+        else:
+            (serving, _), (candidate, _) = (score(folder).result(console) for folder in (serving_folder, export_dir))
         serving, candidate = serving.named(serving_name), candidate.named(candidate_name)
         charts_dir = workdir / f"{serving_name}-vs-{candidate_name}".replace("@", "-")
         charts_dir.mkdir(parents=True, exist_ok=True)

@@ -25,14 +25,16 @@ from rich.console import Console
 from rich.panel import Panel
 
 from cluster.connect import ray_session
+from cluster.storage import check_shared
 from contract import logs, registry
 from contract.models import SMOLLM2, resolve_base
 from loop.configs import UpConfig
 from loop.deploy import deploy, wait_forever
 from pipelines.configs import PrepareConfig
-from pipelines.evaluate import ModelScores, score_model, show_scores
+from pipelines.evaluate import ModelScores, show_scores
 from pipelines.manifest import MANIFEST_NAME, VerifiedData
 from pipelines.prepare import prepare
+from pipelines.scoring import RemoteScore, resources
 from pipelines.sources import BUILTIN_SAMPLE, choose_source
 from pipelines.train import train_once
 from services.config import ServeConfig
@@ -49,9 +51,11 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
     if config.base_model == SMOLLM2:
         console.print(
             f"[dim]Base model: {SMOLLM2}, a small pretrained model that runs on a laptop. Dolly's real recipe "
-            "fine-tunes EleutherAI Pythia: --base-model EleutherAI/pythia-2.8b --preset a100 with a GPU cluster's --address.[/]"
+            "fine-tunes EleutherAI Pythia: base_model=EleutherAI/pythia-2.8b preset=a100, on a GPU cluster through `dolly submit up`.[/]"
         )
     with ray_session(address):
+        # Every stage writes these on one node and reads them on another: refused now, not at a checkpoint.
+        check_shared({"workdir": workdir, "registry": config.registry})
         stages.start("data", "Data")
         source, why = choose_source(config.data)
         console.print(f"Corpus: {source} ({why})")
@@ -70,14 +74,21 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         data_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
 
         stages.start("base scoring", f"Score the base model ({config.base_model}): held-out loss and answers")
-        base = _cached_scores(config.base_model, config.tokenizer, data, data_sha, config, console)
+        placement = resources(train_config)
+        base = CachedScore(config.base_model, config.tokenizer, data, data_sha, config, placement, console)
+        # With GPUs, the base is scored on one of its own while training runs on the others; on
+        # one machine's CPUs both would share the same cores (bench/overlap_bench.py: 0.97x).
+        if not train_config.use_gpu:
+            base.result()
 
         stages.start("fine-tuning", f"Fine-tune with Ray Train + DeepSpeed ZeRO-{train_config.zero_stage}")
         train_config, export_dir = train_once(train_config, "up", data_sha, console, data)
         run_name = train_config.run_name
 
         stages.start("tuned scoring", "Score the tuned model: held-out loss and answers")
-        tuned = _cached_scores(str(export_dir), None, data, data_sha, config, console).named(f"tuned ({run_name})")
+        base = base.result()
+        tuned = CachedScore(str(export_dir), None, data, data_sha, config, placement, console).result()
+        tuned = tuned.named(f"tuned ({run_name})")
         charts = show_scores([base, tuned], workdir, console)
         report = workdir / "report.json"
         report.write_text(
@@ -102,13 +113,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         stages.start("serving", "Serve the API and the chat page on Ray Serve")
         key_file = _api_key_file(workdir)
         # The API decodes as the answers were scored.
-        serve_config = ServeConfig(
-            model=model_ref,
-            registry=config.registry,
-            auth={"api_keys_file": key_file.absolute()},
-            defaults={"frequency_penalty": config.behaviour.frequency_penalty},
-            feedback={"url": f"sqlite:///{(workdir / 'feedback.db').absolute()}"},
-        )
+        serve_config = serving_settings(config, model_ref, key_file, gpu=train_config.use_gpu)
         retrain_file = _write_retrain_config(workdir, source, train_config, serve_config, config)
         try:
             # Quiet: request logs would scroll the URLs and the key off the screen.
@@ -165,18 +170,51 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
-def _cached_scores(model: str, tokenizer: str | None, data: VerifiedData, data_sha: str, config: UpConfig, console: Console):
-    """Scores only change with the data, the model and what is scored: keep them. (An export's
-    folder is named after its run, which is named after its data and settings.)"""
-    what = f"{data_sha} {model} {config.eval_examples} {config.behaviour.model_dump_json()}"
-    cache = config.workdir / "eval" / f"{hashlib.sha256(what.encode()).hexdigest()[:12]}.json"
-    if cache.exists():
-        console.print(f"Reusing the score of {model} ({cache})")
-        return ModelScores.model_validate_json(cache.read_text())
-    scores, _ = score_model(model, data, config.behaviour, max_examples=config.eval_examples, tokenizer=tokenizer)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(scores.model_dump_json(indent=2))
-    return scores
+class CachedScore:
+    """A model's scores: read back where they were computed before, else computed on a worker
+    (pipelines/scoring.py), started at once; `result()` waits for them and keeps them. Scores only
+    change with the data, the model and what is scored (an export's folder is named after its
+    run, which is named after its data and settings)."""
+
+    def __init__(
+        self, model: str, tokenizer: str | None, data: VerifiedData, data_sha: str, config: UpConfig, placement: dict, console
+    ):
+        what = f"{data_sha} {model} {config.eval_examples} {config.behaviour.model_dump_json()}"
+        self._cache = config.workdir / "eval" / f"{hashlib.sha256(what.encode()).hexdigest()[:12]}.json"
+        self._console, self._scores, self._remote = console, None, None
+        if self._cache.exists():
+            console.print(f"Reusing the score of {model} ({self._cache})")
+            self._scores = ModelScores.model_validate_json(self._cache.read_text())
+        else:
+            self._remote = RemoteScore(
+                model,
+                data,
+                config.behaviour,
+                placement,
+                max_examples=config.eval_examples,
+                registry=config.registry,
+                tokenizer=tokenizer,
+            )
+
+    def result(self) -> ModelScores:
+        if self._scores is None:
+            self._scores, _ = self._remote.result(self._console)
+            self._cache.parent.mkdir(parents=True, exist_ok=True)
+            self._cache.write_text(self._scores.model_dump_json(indent=2))
+        return self._scores
+
+
+def serving_settings(config: UpConfig, model: str, key_file: Path, gpu: bool) -> ServeConfig:
+    """What `dolly up` serves with: the answers' decoding, and with `gpu` (training ran on GPUs)
+    a GPU for each model replica, so no two replicas, and no later `dolly retrain`, share one."""
+    return ServeConfig(
+        model=model,
+        registry=config.registry,
+        auth={"api_keys_file": key_file.absolute()},
+        defaults={"frequency_penalty": config.behaviour.frequency_penalty},
+        feedback={"url": f"sqlite:///{(config.workdir / 'feedback.db').absolute()}"},
+        deployment={"num_gpus": 1 if gpu else 0},
+    )
 
 
 def _write_retrain_config(workdir: Path, source: str, train_config, serve_config, config: UpConfig) -> Path:

@@ -27,6 +27,26 @@ def test_help_lists_every_prepare_setting_with_its_meaning():
         assert setting in result.stdout
 
 
+def test_every_command_and_subcommand_prints_its_help():
+    """Help text is rich markup: an example like `new_records=[/data/x.jsonl]` reads as a closing tag
+    and crashes --help unless escaped."""
+    import click
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    def paths(command: click.Command, prefix: tuple[str, ...] = ()):
+        yield prefix
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from paths(sub, (*prefix, name))
+
+    runner = CliRunner()
+    for path in paths(get_command(app)):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, (path, result.output[-2000:], result.exception)
+
+
 @pytest.mark.parametrize("command", [("up",), ("train",), ("serve",), ("retrain",), ("eval",), ("data", "prepare")])
 def test_every_command_lists_its_settings_with_real_defaults_and_nested_ones_dotted(command):
     result = dolly(*command, "--help")

@@ -72,6 +72,11 @@ def flatten(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     }
 
 
-def sequences(batch: dict[str, torch.Tensor]) -> int:
-    """Examples in a batch (padded, packed or flattened): each starts at position 0, and pads never do."""
-    return int((batch["position_ids"] == 0).sum())
+def example_lengths(batch: dict[str, np.ndarray]) -> list[int]:
+    """The unpadded length of every example in a Ray Data numpy batch of shard rows: a packed
+    row's examples start where its positions restart at 0."""
+    lengths = []
+    for i, ids in enumerate(batch["input_ids"]):
+        starts = np.flatnonzero(np.asarray(batch["position_ids"][i]) == 0) if "position_ids" in batch else np.array([0])
+        lengths += np.diff(np.append(starts, len(ids))).tolist()
+    return lengths

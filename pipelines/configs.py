@@ -164,6 +164,12 @@ class TrainConfig(BaseModel):
         None, gt=0, description="CPU memory of one node for the preflight (default: the preset's, else this machine's)"
     )
     preflight: bool = Field(True, description="refuse a plan whose estimated memory does not fit before any worker starts")
+    assumed_mfu: float = Field(
+        0.35,
+        gt=0,
+        le=1,
+        description="model FLOPs utilisation the run's time and cost estimate assumes (of the preset's peak_tflops)",
+    )
 
     # Optimisation
     micro_batch_size: int = Field(4, ge=1, description="rows per worker per forward pass")

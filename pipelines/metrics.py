@@ -1,5 +1,6 @@
 """Training metrics: what they are (throughput, MFU, memory) and where they go (console progress
-bar, JSON lines, TensorBoard, MLflow), plus the loss curve drawn at the end.
+bar, JSON lines, TensorBoard, MLflow), plus the loss curve drawn at the end. The FLOPs behind
+MFU are counted in pipelines/flops.py.
 
 Only rank 0 writes; the values it writes are already reduced over all ranks.
 """
@@ -21,20 +22,6 @@ from pipelines.progress import ProgressFeed
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
-
-
-def flops_per_token(model_config, seq_len: float, n_params: int, trainable: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward), as in the PaLM paper's MFU: 2 per
-    non-embedding-lookup parameter forward, 2 backward for the activations' gradients and 2 for
-    the weights' (only the `trainable` ones: a frozen LoRA base has none), plus the attention
-    scores (12 · layers · hidden · seq_len). Recomputation by gradient checkpointing is not
-    counted: MFU counts useful work."""
-    layers = model_config.num_hidden_layers
-    hidden = model_config.hidden_size
-    lookup = model_config.vocab_size * hidden  # the input embedding is a gather, not a matmul
-    matmuls = n_params - lookup
-    weight_grads = matmuls if trainable is None else min(trainable, matmuls)
-    return 4 * matmuls + 2 * weight_grads + 12 * layers * hidden * seq_len
 
 
 def memory_gib() -> float:

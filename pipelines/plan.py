@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
+from pipelines.flops import RunEstimate
+
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -29,6 +31,7 @@ class TrainPlan(_Record):
     n_params: int
     trainable_params: int
     peak_flops: float | None  # FLOP/s of one device at the run's precision, for MFU; None: unknown
+    estimate: RunEstimate | None  # the run's time and GPU-hours before it started; None: no peak to price it at
     hyperparameters: dict  # the TrainConfig, for the metrics sinks
     data: DataFacts
 

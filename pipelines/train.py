@@ -1,6 +1,7 @@
-"""The training recipe: verified shards -> memory preflight -> Ray Train TorchTrainer running
-DeepSpeed on every worker (pipelines/train_worker.py) -> verified checkpoints -> an exported,
-registered model.
+"""The training recipe: verified shards -> the plan's checks on the driver (memory preflight, time
+and cost estimate) -> the checks only the cluster can answer, where the workers run (GPUs,
+packages) -> Ray Train TorchTrainer running DeepSpeed on every worker (pipelines/train_worker.py)
+-> verified checkpoints -> an exported, registered model.
 
 A re-run with the same run_name and storage_path resumes from the run's newest verified
 checkpoint; so does a worker group that Ray Train restarts after a failure (FailureConfig). A
@@ -10,7 +11,6 @@ re-run of a finished run trains no further: it exports (and registers) the model
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -25,8 +25,9 @@ from rich.console import Console
 from contract.errors import UserError
 from contract.models import load_tokenizer
 from contract.registry import TRAINING_FACTS
-from pipelines import preflight
+from pipelines import preflight, worker_checks
 from pipelines.configs import PrepareConfig, TrainConfig
+from pipelines.flops import RunEstimate, attention_length, estimate_run, flops_per_token
 from pipelines.manifest import MANIFEST_NAME, VerifiedData, verified
 from pipelines.plan import DataFacts, TrainPlan
 from pipelines.prepare import prepare
@@ -35,11 +36,10 @@ from pipelines.progress import TrainProgress
 from pipelines.train_worker import train_loop
 
 IN_MEMORY_BYTES = 512 * 1024**2
-# The package each flash-attention kernel comes from, and how to get it.
-KERNEL_PACKAGES = {
-    "flash_attention_2": ("flash_attn", "pip install flash-attn --no-build-isolation"),
-    "flash_attention_3": ("flash_attn_interface", "build FlashAttention-3 from flash-attention's hopper/ folder"),
-}
+PLAN_FILE = "plan.json"
+# The worker check's CPU claim: any at all keeps it off nodes that run no work (KubeRay's head has
+# num-cpus 0), and a sliver cannot wait behind a stage that holds whole CPUs on a small machine.
+CHECK_CPUS = 0.1
 # Passed on to the workers so that DeepSpeed's JIT-compiled ops are built once and reused.
 WORKER_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE")
 
@@ -56,7 +56,6 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
     hands it on verified from a stage before, else verified here."""
     console = console or Console()
     config = _absolute(config)
-    _check_packages(config)
     tokenizer = load_tokenizer(config.tokenizer_path)
     if config.source:
         data = prepare(
@@ -76,9 +75,17 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
     total_steps = _total_steps(config, rows)
 
     shape = preflight.ModelShape.of(config.base_model, config.gguf_file, config.lora if config.method == "lora" else None)
+    # The plan's own checks first, here: a plan that cannot fit is refused before anything is asked
+    # of the cluster.
     if config.preflight:
-        plan = preflight.check(config, shape, seq_len)
-        console.print(f"[bold]Preflight[/] fits: {plan.describe()}")
+        fits = preflight.check(config, shape, seq_len)
+        console.print(f"[bold]Preflight[/] fits: {fits.describe()}")
+    preset = PRESETS[config.preset] if config.preset else None
+    peak_tflops = preset.peak_tflops if preset and config.use_gpu else None
+    cost = _estimate(config, shape, manifest, total_steps, peak_tflops)
+    console.print(cost.describe() if cost else f"No estimate: {_no_peak(config)}")
+    _check_on_workers(config)
+
     run_uri = _run_uri(config)
     what = f"{shape.n_params / 1e6:.1f} M parameters" + (
         f", LoRA r={config.lora.r}: {shape.trainable / 1e6:.2f} M trainable" if config.method == "lora" else ""
@@ -89,14 +96,14 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
         f"checkpoints in {run_uri}"
     )
 
-    preset = PRESETS[config.preset] if config.preset else None
     plan = TrainPlan(
         total_steps=total_steps,
         micro_batches_per_epoch=rows // config.num_workers // config.micro_batch_size,
         run_uri=run_uri,
         n_params=shape.n_params,
         trainable_params=shape.trainable,
-        peak_flops=preset.peak_tflops * 1e12 if preset and preset.peak_tflops and config.use_gpu else None,
+        peak_flops=peak_tflops * 1e12 if peak_tflops else None,
+        estimate=cost,
         hyperparameters=config.model_dump(mode="json"),
         data=DataFacts(
             dir=str(config.data_dir),
@@ -107,6 +114,9 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
             packed=manifest["packed"],
         ),
     )
+    run_dir = Path(config.output_dir) / config.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / PLAN_FILE).write_text(plan.model_dump_json(indent=1))  # beside metrics.jsonl: what was planned
     # Only the training split is ever packed.
     columns = {
         "train": ["input_ids", "labels"] + (["position_ids"] if manifest["packed"] else []),
@@ -151,7 +161,7 @@ def train(config: TrainConfig, console: Console | None = None, data: VerifiedDat
     for key in ("export_dir", "registered", "loss_curve"):
         if key in metrics:
             console.print(f"[bold]{key.replace('_', ' ').capitalize()}[/] {metrics[key]}")
-    return TrainResult(metrics, checkpoint, Path(config.output_dir) / config.run_name)
+    return TrainResult(metrics, checkpoint, run_dir)
 
 
 def train_once(
@@ -235,21 +245,68 @@ def _absolute(config: TrainConfig) -> TrainConfig:
     )
 
 
-def _check_packages(config: TrainConfig) -> None:
-    """Refuse a flash-attention kernel or a 4-bit base whose package this image lacks, before any
-    worker starts (the workers run the same image as this driver on KubeRay)."""
-    if config.attn_implementation in KERNEL_PACKAGES:
-        package, how = KERNEL_PACKAGES[config.attn_implementation]
-        if importlib.util.find_spec(package) is None:
-            raise UserError(
-                f"attn_implementation={config.attn_implementation} needs the {package} package, which is not installed: "
-                f"{how}, or set attn_implementation=sdpa (correct, but it computes the pads and the masked blocks)"
-            )
-    if config.method == "lora" and config.lora.quantize and importlib.util.find_spec("bitsandbytes") is None:
+def _estimate(
+    config: TrainConfig, shape: preflight.ModelShape, manifest: dict, total_steps: int, peak_tflops: float | None
+) -> RunEstimate | None:
+    """The run's training steps priced at `config.assumed_mfu` of the devices' peak; None without
+    a peak. Tokens: steps x rows per step x the mean tokens of a training row (the manifest's)."""
+    if not peak_tflops:
+        return None
+    train = manifest["splits"]["train"]
+    per_row = manifest["packing"]["fill"] * manifest["max_length"]["value"] if manifest["packed"] else train["mean_tokens"]
+    tokens = total_steps * config.num_workers * config.micro_batch_size * config.grad_accum * per_row
+    per_token = flops_per_token(
+        layers=shape.layers,
+        hidden=shape.hidden,
+        vocab=shape.vocab,
+        n_params=shape.n_params,
+        seq_len=_attention_length(Path(config.data_dir) / "train", manifest["packed"]),
+        trainable=shape.trainable,
+    )
+    return estimate_run(per_token, tokens, config.preset.upper(), config.num_workers, peak_tflops, config.assumed_mfu)
+
+
+def _attention_length(folder: Path, packed: bool) -> float:
+    """`attention_length` over the training examples, from one integer column of the shards."""
+    if packed:  # a packed row's examples attend within themselves only
+        return attention_length(n for row in pq.read_table(folder, columns=["seq_lens"]).column(0).to_pylist() for n in row)
+    return attention_length(pq.read_table(folder, columns=["n_tokens"]).column(0).to_pylist())
+
+
+def _no_peak(config: TrainConfig) -> str:
+    """Why a run has no estimate."""
+    if config.use_gpu:
+        return "no preset gives the GPUs' peak FLOP/s (set preset=a100, a10, v100 or h100)"
+    return "the cpu preset has no peak FLOP/s" if config.preset == "cpu" else "CPU workers have no peak FLOP/s"
+
+
+def _check_on_workers(config: TrainConfig) -> None:
+    """Refuse, before the TorchTrainer starts, what only the cluster can answer: whether it has a
+    GPU at all, and whether the workers' image has what the plan needs (`worker_checks`), asked in
+    a Ray task placed as one training worker is: on a GPU when use_gpu, so on a node and image
+    where the workers will run."""
+    plan = dict(
+        attn_implementation=config.attn_implementation,
+        quantize=config.method == "lora" and bool(config.lora.quantize),
+        use_gpu=config.use_gpu,
+    )
+    if not worker_checks.needed(**plan):
+        return
+    if not ray.is_initialized():
+        ray.init()  # as Ray's own calls do on first use
+    if config.use_gpu and not ray.cluster_resources().get("GPU"):
+        setting = f"preset={config.preset}" if config.preset else "use_gpu=true"
         raise UserError(
-            "lora.quantize=4bit needs bitsandbytes, which is not installed: pip install 'dolly-ray[qlora]', "
-            "or train the adapters on the unquantized base (lora.quantize=null)"
+            f"{setting} trains on GPUs, and this Ray cluster has none (its resources: "
+            f"{int(ray.cluster_resources().get('CPU', 0))} CPUs, no GPU), so no worker could ever start: "
+            "train on CPUs with preset=cpu, or submit to a GPU cluster with --address http://HEAD:8265"
         )
+    task = ray.remote(worker_checks.check).options(
+        num_cpus=min(CHECK_CPUS, config.cpus_per_worker), num_gpus=1 if config.use_gpu else 0, max_retries=0
+    )
+    problems, where = ray.get(task.remote(**plan))
+    if problems:
+        raise UserError(f"the training workers' image cannot run this plan (checked on {where}):\n- " + "\n- ".join(problems))
 
 
 def _run_uri(config: TrainConfig) -> str:

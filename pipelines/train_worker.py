@@ -23,12 +23,13 @@ from transformers.integrations import HfDeepSpeedConfig
 from contract import IGNORE_INDEX, registry
 from contract.models import load_model, load_tokenizer, special_token_ids
 from pipelines import checkpoints, lora
-from pipelines.batches import collate, flatten, sequences
+from pipelines.batches import collate, example_lengths, flatten
 from pipelines.configs import TrainConfig
 from pipelines.deepspeed_config import deepspeed_config, lr_factor
 from pipelines.export import DTYPES as EXPORT_DTYPES
 from pipelines.export import export
-from pipelines.metrics import LOSS_CURVE, MetricsSink, flops_per_token, memory_gib, plot_loss_curve, read_history
+from pipelines.flops import flops_per_token
+from pipelines.metrics import LOSS_CURVE, MetricsSink, memory_gib, plot_loss_curve, read_history
 from pipelines.plan import Resume, TrainPlan, TrainState
 
 DTYPES = {**EXPORT_DTYPES, "fp32": torch.float32}
@@ -90,6 +91,7 @@ def train_loop(loop_config: dict) -> dict:
         divisor = _loss_divisor([batch for _, batch in step_batches], config.grad_accum)
         for number, batch in step_batches:
             n_tokens = int(batch.pop("n_tokens"))
+            attention_squares = float(batch.pop("attention_squares"))
             # The sum of this micro-batch's token losses over `divisor`: the step's gradient is then
             # the mean over all of its label tokens, however they fall into micro-batches and ranks.
             loss = engine(**batch, use_cache=False, num_items_in_batch=divisor).loss
@@ -99,8 +101,7 @@ def train_loop(loop_config: dict) -> dict:
             window["loss"] += loss.item() * divisor  # summed token losses
             window["label_tokens"] += _label_tokens(batch)
             window["tokens"] += n_tokens
-            window["positions"] += batch["input_ids"].numel()
-            window["sequences"] += sequences(batch)
+            window["attention_squares"] += attention_squares
         state.step += 1
         step = state.step
         last = step == total_steps
@@ -275,8 +276,7 @@ def _new_window() -> dict:
         "loss": 0.0,
         "label_tokens": 0,
         "tokens": 0,
-        "positions": 0,
-        "sequences": 0,
+        "attention_squares": 0.0,
         "data_s": 0.0,
         "started": time.perf_counter(),
     }
@@ -286,12 +286,12 @@ def _window_metrics(window: dict, engine, plan: TrainPlan, n_params: int, model_
     """Metrics of the steps since the last report, reduced over ranks."""
     elapsed = time.perf_counter() - window["started"]
     sums = torch.tensor(
-        [window["loss"], window["label_tokens"], window["tokens"], window["positions"], window["sequences"], window["data_s"]],
+        [window["loss"], window["label_tokens"], window["tokens"], window["attention_squares"], window["data_s"]],
         dtype=torch.float64,
         device=engine.device,
     )
     dist.all_reduce(sums)
-    loss, label_tokens, tokens, positions, n_sequences, data_s = sums.tolist()
+    loss, label_tokens, tokens, attention_squares, data_s = sums.tolist()
     tokens_per_s = tokens / elapsed
     metrics = {
         "train_loss": loss / max(1.0, label_tokens),  # per label token, as the held-out loss is
@@ -306,7 +306,14 @@ def _window_metrics(window: dict, engine, plan: TrainPlan, n_params: int, model_
     if plan.peak_flops:
         # Padded positions are computed but are not useful work: MFU counts non-pad tokens only, and
         # attention over each example's own span.
-        flops = flops_per_token(model_config, positions / n_sequences, n_params, plan.trainable_params) * tokens_per_s
+        flops = tokens_per_s * flops_per_token(
+            layers=model_config.num_hidden_layers,
+            hidden=model_config.hidden_size,
+            vocab=model_config.vocab_size,
+            n_params=n_params,
+            seq_len=attention_squares / max(1.0, tokens),  # = attention_length over the window's examples
+            trainable=plan.trainable_params,
+        )
         metrics["mfu"] = flops / (plan.peak_flops * dist.get_world_size())
     return metrics
 
@@ -319,4 +326,7 @@ class Collate(NumpyBatchCollateFn):
         self.pad_token_id, self.flat = pad_token_id, flat
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        return flatten(batch) if self.flat else collate(batch, self.pad_token_id)
+        tensors = flatten(batch) if self.flat else collate(batch, self.pad_token_id)
+        # sum(n²) over the examples: MFU's attention FLOPs (`attention_length` of the window's examples).
+        tensors["attention_squares"] = torch.tensor(sum(n * n for n in example_lengths(batch)), dtype=torch.float64)
+        return tensors

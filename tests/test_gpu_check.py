@@ -1,5 +1,6 @@
-"""The GPU check (bench/gpu/gpu_check.py) as it runs on a machine without a GPU: every measured row
-comes out, and the attention paths compute the same loss on the same examples."""
+"""The GPU check (bench/gpu/gpu_check.py) as it runs on a machine without a GPU and, as on the
+device image, without Ray, DeepSpeed or vLLM: every measured row comes out, and the attention
+paths compute the same loss on the same examples."""
 
 from __future__ import annotations
 
@@ -14,15 +15,20 @@ import pytest
 pytestmark = pytest.mark.timeout(300)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "gpu_check.py"
+# The device image has none of these: a None in sys.modules makes `import ray` raise ImportError.
+WITHOUT_THE_CLUSTER_STACK = "import sys, runpy; sys.modules.update(ray=None, deepspeed=None, vllm=None); sys.argv = {argv!r}; runpy.run_path({script!r}, run_name='__main__')"
 
 
-def test_the_gpu_check_runs_end_to_end_on_a_cpu_and_its_attention_paths_agree(tmp_path, corpus_path, tokenizer_path):
+def test_the_gpu_check_runs_end_to_end_on_a_cpu_without_ray_deepspeed_or_vllm_and_its_attention_paths_agree(
+    tmp_path, corpus_path, tokenizer_path
+):
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
     lengths, out = tmp_path / "lengths.json", tmp_path / "gpu_check.json"
     made = ["lengths", "--corpus", str(corpus_path), "--tokenizer", tokenizer_path, "--records", "400", "--out", str(lengths)]
     subprocess.run([sys.executable, SCRIPT, *made], check=True, env=env, timeout=120)
+    argv = [str(SCRIPT), "run", "--smoke", "--lengths", str(lengths), "--out", str(out)]
     run = subprocess.run(
-        [sys.executable, SCRIPT, "run", "--smoke", "--lengths", str(lengths), "--out", str(out)],
+        [sys.executable, "-c", WITHOUT_THE_CLUSTER_STACK.format(argv=argv, script=str(SCRIPT))],
         check=True,
         env=env,
         timeout=240,
@@ -37,8 +43,10 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu_and_its_attention_paths_agree(tm
         "flattened + flash_attention_2": "needs CUDA",
         "flattened + flex_attention": "needs CUDA (flex_attention has no backward on CPU)",
     }
+    assert (report["spec_preset"], report["spec_peak_tflops"]) == (None, None), "a CPU has no spec peak"
     for row in measured.values():
-        assert all(row[key] > 0 for key in ("tokens_per_s", "mfu", "step_s", "warmup_s")), row
+        assert all(row[key] > 0 for key in ("tokens_per_s", "mfu_measured", "step_s", "warmup_s")), row
+        assert row["mfu_spec"] is None, row
         assert row["tokens_per_step"] == measured["padded + sdpa"]["tokens_per_step"], "every path trains on the same examples"
     padded = measured["padded + sdpa"]["loss"]
     assert measured["flattened + sdpa"]["loss"] == pytest.approx(padded, rel=1e-5)
@@ -48,3 +56,14 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu_and_its_attention_paths_agree(tm
     assert set(decode) == {(engine, level) for engine in ("ours", "Dolly's generate") for level in (1, 8, 32)}
     assert all(row["tokens_per_s"] > 0 and row["ttft_p50_s"] > 0 for row in decode.values())
     assert "| pythia-14m-random | flattened + sdpa |" in run.stdout and "| 32 |" in run.stdout, "the tables RESULTS.md records"
+    assert "| MFU (measured peak) | MFU (spec peak) |" in run.stdout
+
+
+def test_the_spec_peak_is_the_preset_of_the_device_the_training_loop_would_use():
+    import runpy
+
+    spec_peak = runpy.run_path(str(SCRIPT))["spec_peak"]
+    assert spec_peak("NVIDIA H100 80GB HBM3") == ("h100", 989)
+    assert spec_peak("NVIDIA A100-SXM4-40GB") == ("a100", 312)
+    assert spec_peak("NVIDIA A10") == ("a10", 125), "A10 is not A100"
+    assert spec_peak("NVIDIA H200") == (None, None) and spec_peak("cpu") == (None, None)

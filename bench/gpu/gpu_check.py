@@ -1,5 +1,6 @@
 """The GPU check (issue 12): one H100/H200 whose Python has torch and transformers, but neither Ray
-nor DeepSpeed nor network, in under 8 minutes.
+nor DeepSpeed nor vLLM nor network, in under 8 minutes. Every module it imports is free of all
+three (tests/test_gpu_check.py runs it with them unimportable).
 
 1. Training steps of the pythia-1.4b and pythia-2.8b shapes (random weights, bf16) on the token
    lengths of real Dolly examples, through each attention path of `TrainConfig`:
@@ -11,10 +12,12 @@ nor DeepSpeed nor network, in under 8 minutes.
      same examples as one row (`pipelines.batches.flatten`, `padding_free`).
    Every path trains on the same examples in the same steps, with the same weights: the optimizer
    (plain torch AdamW, no DeepSpeed) runs at lr 0, so it does all its work and changes nothing,
-   and the paths' losses must agree. Reported: non-pad tokens/s, MFU (`pipelines.metrics.
-   flops_per_token`, as the training loop counts it) against the bf16 peak of a large matmul
-   measured here, the step time, the warm-up steps apart (flex_attention compiles there: once,
-   then again for dynamic lengths), peak memory and the loss.
+   and the paths' losses must agree. Reported: non-pad tokens/s, MFU (`pipelines.flops`, attention
+   weighted by each example's own length) against two peaks: the bf16 peak of a large matmul
+   measured here, and the spec peak the training loop's MFU uses (the preset of this device,
+   `pipelines.presets`; none on a CPU or a device no preset names); the step time, the warm-up
+   steps apart (flex_attention compiles there: once, then again for dynamic lengths), peak memory
+   and the loss.
 2. Decoding, Dolly's sampling (T 1, top_p 0.92, top_k 0, 256 new tokens): a burst of 1, 8 and 32
    requests arriving at once, in process.
    - ours: `contract.decode.BatchDecoder` as the dynamic-batching engine drives a burst: the group
@@ -41,6 +44,7 @@ import gc
 import itertools
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -60,9 +64,10 @@ from contract import END_KEY, IGNORE_INDEX, generation  # noqa: E402
 from contract.decode import BatchDecoder, finish_reason  # noqa: E402
 from contract.models import pythia_config, random_pythia_size  # noqa: E402
 from contract.sampling import SamplingParams  # noqa: E402
-from pipelines.batches import collate, flatten, sequences  # noqa: E402
-from pipelines.metrics import flops_per_token  # noqa: E402
+from pipelines.batches import collate, flatten  # noqa: E402
+from pipelines.flops import attention_length, flops_per_token  # noqa: E402
 from pipelines.packing import first_fit_decreasing, pack_batch  # noqa: E402
+from pipelines.presets import PRESETS  # noqa: E402
 
 LENGTHS = REPO / "bench" / "out" / "dolly_lengths.json"
 PATHS = (
@@ -154,6 +159,15 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype, n: int) -> fl
     return 2 * n**3 * 10 / (time.perf_counter() - started) / 1e12
 
 
+def spec_peak(device_name: str) -> tuple[str | None, float | None]:
+    """(preset, its peak TFLOP/s) of the device so named ("NVIDIA H100 80GB HBM3" -> h100), as the
+    training loop's MFU uses it; (None, None) where no preset names it (a CPU, an H200)."""
+    for name, preset in PRESETS.items():
+        if preset.peak_tflops and re.search(rf"\b{name}\b", device_name, re.IGNORECASE):
+            return name, preset.peak_tflops
+    return None, None
+
+
 def random_model(shape: str, device: torch.device, dtype: torch.dtype):
     """Pythia's shape with random weights, built on the device (far faster than on the host).
     Pythia's 50,304-row vocabulary: the 24 rows Dolly's export trims cost nothing measurable."""
@@ -217,7 +231,9 @@ def unavailable(attention: str, device: torch.device) -> str | None:
     return None
 
 
-def bench_training(shape: str, steps: list[list[dict]], settings: Settings, device, dtype, peak_tflops: float, pad_id: int):
+def bench_training(shape: str, steps: list[list[dict]], settings: Settings, device, dtype, peaks: dict, pad_id: int):
+    """Each attention path's rows; `peaks`: TFLOP/s of one device by name ("measured", "spec"),
+    None where unknown."""
     model = random_model(shape, device, dtype).train()
     model.config.use_cache = False  # required for packed rows; useless in training anyway
     n_params = sum(p.numel() for p in model.parameters())
@@ -233,7 +249,7 @@ def bench_training(shape: str, steps: list[list[dict]], settings: Settings, devi
         model.set_attn_implementation(attention)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        times, losses, tokens, positions, n_sequences = [], [], 0, 0, 0
+        times, losses, tokens, positions = [], [], 0, 0
         for i, examples in enumerate(steps):
             batches = micro_batches(examples, layout, settings, pad_id)
             sync(device)
@@ -243,16 +259,19 @@ def bench_training(shape: str, steps: list[list[dict]], settings: Settings, devi
             if i >= settings.warmup:
                 tokens += sum(int(b["n_tokens"]) for b in batches)
                 positions += sum(b["input_ids"].numel() for b in batches)
-                n_sequences += sum(sequences(b) for b in batches)
         timed = sum(times[settings.warmup :])
         tokens_per_s = tokens / timed
-        # Padded positions are computed but are not useful work: MFU counts non-pad tokens only,
-        # as the training loop does.
-        flops = flops_per_token(model.config, positions / n_sequences, n_params) * tokens_per_s
+        # Padded positions are computed but are not useful work: MFU counts non-pad tokens only, as
+        # the training loop does, and attention over each example's own length.
+        seq_len = attention_length(len(e["input_ids"]) for examples in steps[settings.warmup :] for e in examples)
+        c = model.config
+        flops = tokens_per_s * flops_per_token(
+            layers=c.num_hidden_layers, hidden=c.hidden_size, vocab=c.vocab_size, n_params=n_params, seq_len=seq_len
+        )
         row |= {
             "status": "ok",
             "tokens_per_s": tokens_per_s,
-            "mfu": flops / (peak_tflops * 1e12),
+            **{f"mfu_{name}": flops / (peak * 1e12) if peak else None for name, peak in peaks.items()},
             "step_s": timed / settings.steps,
             "warmup_s": sum(times[: settings.warmup]),
             "tokens_per_step": tokens / settings.steps,
@@ -361,20 +380,27 @@ def bench_decoding(lengths: list[list[int]], settings: Settings, device, dtype, 
 
 
 def tables(report: dict) -> str:
+    spec = (
+        f"the {report['spec_preset']} preset's spec peak of {report['spec_peak_tflops']:.4g} TFLOP/s (the training loop's)"
+        if report["spec_peak_tflops"]
+        else "no spec peak (no preset names this device)"
+    )
     lines = [
         f"Training steps, {report['dtype']}, {report['optimizer']}; MFU against the measured peak of "
-        f"{report['peak_tflops']:.4g} TFLOP/s:",
+        f"{report['measured_peak_tflops']:.4g} TFLOP/s and against {spec}:",
         "",
-        "| shape | path | non-pad tokens/s | MFU | step (s) | warm-up steps (s) | tokens / positions per step | peak memory (GiB) | loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | path | non-pad tokens/s | MFU (measured peak) | MFU (spec peak) | step (s) | warm-up steps (s) "
+        "| tokens / positions per step | peak memory (GiB) | loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["train"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['shape']} | {r['path']} | {r['status']} | | | | | | |")
+            lines.append(f"| {r['shape']} | {r['path']} | {r['status']} | | | | | | | |")
             continue
         memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        mfu_spec = f"{100 * r['mfu_spec']:.1f}%" if r["mfu_spec"] is not None else "-"
         lines.append(
-            f"| {r['shape']} | {r['path']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['step_s']:.3f} "
+            f"| {r['shape']} | {r['path']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu_measured']:.1f}% | {mfu_spec} | {r['step_s']:.3f} "
             f"| {r['warmup_s']:.1f} | {r['tokens_per_step']:,.0f} / {r['positions_per_step']:,.0f} | {memory} | {r['loss']:.4f} |"
         )
     decode = {(r["engine"], r["concurrency"]): r for r in report["decode"]}
@@ -399,22 +425,27 @@ def run(lengths_file: Path, out: Path, settings: Settings) -> None:
     facts = json.loads(lengths_file.read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU: exact enough for the losses to agree tightly
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    preset, spec = spec_peak(name)
     peak = measured_peak_tflops(device, dtype, settings.matmul)
-    print(f"{device}: {peak:.1f} TFLOP/s measured ({settings.matmul}^3 {dtype} matmul)", flush=True)
+    print(f"{name}: {peak:.1f} TFLOP/s measured ({settings.matmul}^3 {dtype} matmul), spec {spec or '-'}", flush=True)
     steps = training_steps(facts["examples"], settings, settings.warmup + settings.steps)
+    peaks = {"measured": peak, "spec": spec}
     train = [
         row
         for shape in settings.train_shapes
-        for row in bench_training(shape, steps, settings, device, dtype, peak, facts["pad_id"])
+        for row in bench_training(shape, steps, settings, device, dtype, peaks, facts["pad_id"])
     ]
     decode = bench_decoding(facts["examples"], settings, device, dtype, facts["end_id"], facts["pad_id"])
     report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "device": name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "optimizer": "plain torch AdamW at lr 0 (no DeepSpeed)",
-        "peak_tflops": peak,
+        "measured_peak_tflops": peak,
+        "spec_preset": preset,
+        "spec_peak_tflops": spec,
         "settings": asdict(settings),
         "decode_shape": settings.decode_shape,
         "new_tokens": settings.new_tokens,

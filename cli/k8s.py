@@ -11,10 +11,11 @@ from rich.console import Console
 
 from cli.configs import load_config
 from cluster import k8s
+from loop.configs import RetrainConfig
 from pipelines.configs import TrainConfig
 
 app = typer.Typer(
-    help="KubeRay manifests (RayCluster, RayJob, RayService) generated from the typed configs.", no_args_is_help=True
+    help="KubeRay manifests (RayCluster, RayJobs, RayService) generated from the typed configs.", no_args_is_help=True
 )
 
 # RayJob names become pod and Service names: a DNS-1035 label, short enough for KubeRay's suffixes.
@@ -30,6 +31,21 @@ def _profiles(presets: list[str] | None) -> list[str]:
     return presets or list(k8s.PROFILES)
 
 
+PRESET = typer.Option(..., "--preset", help=f"the overlay deployed: {', '.join(k8s.PROFILES)}")
+IMAGE = typer.Option(
+    None, help="the image your deployment runs (default: the overlay's, e.g. registry.example.com/dolly-ray:0.1.0-gpu)"
+)
+
+
+def _print_job(job: dict, image: str) -> None:
+    """Print `job` with `image` in every container: what an overlay's `images:` does to what it applies."""
+    spec = job["spec"]["rayClusterSpec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            container["image"] = image
+    print(k8s.to_yaml(job), end="")
+
+
 @app.command()
 def render(
     presets: Optional[list[str]] = typer.Option(
@@ -37,7 +53,8 @@ def render(
     ),
     out: Path = typer.Option(Path("k8s"), "--out", help="root folder: writes OUT/base and OUT/overlays/PRESET"),
     model: str = typer.Option(
-        k8s.DEFAULT_MODEL, help="what the RayService serves: NAME@latest, or a pinned NAME@N to promote a version"
+        k8s.DEFAULT_MODEL,
+        help="what the RayService serves, and the version retraining must beat: NAME@latest, or a pinned NAME@N to promote a version",
     ),
     check: bool = typer.Option(False, "--check", help="write nothing; exit 1 if the files on disk differ"),
 ) -> None:
@@ -45,7 +62,10 @@ def render(
 
     Example: dolly k8s render --preset gpu-a100 --model dolly@4 --out deploy/
     """
-    files = k8s.render(_profiles(presets), model)
+    profiles = _profiles(presets)
+    for name in profiles:  # cluster/ sits below loop/: retrain.yaml is checked here, as the job will read it
+        load_config(RetrainConfig, None, k8s.retrain_settings(k8s.PROFILES[name], model), [])
+    files = k8s.render(profiles, model)
     console = Console()
     if check:
         stale = k8s.drift(out, files)
@@ -69,8 +89,9 @@ def job(
     overrides: list[str] = typer.Argument(
         None, metavar="[KEY=VALUE]...", help="`dolly train` settings on top of the overlay's train.yaml"
     ),
-    preset: str = typer.Option(..., "--preset", help=f"the overlay deployed: {', '.join(k8s.PROFILES)}"),
+    preset: str = PRESET,
     run_name: str = typer.Option(..., help="the new run's name: its checkpoints, and the RayJob's name (dolly-train-RUN_NAME)"),
+    image: Optional[str] = IMAGE,
 ) -> None:
     """Print a RayJob for a retraining run, for `kubectl create -f -`. A new run_name starts a new
     run (the same one resumes it, or re-exports a finished one); a retry of the job resumes it.
@@ -86,4 +107,22 @@ def job(
         )
     arguments = [f"run_name={run_name}", *(overrides or [])]
     load_config(TrainConfig, None, k8s.train_settings(profile), arguments)  # as the cluster will read them
-    print(k8s.to_yaml(k8s.rayjob(profile, name, arguments)), end="")
+    _print_job(k8s.rayjob(profile, name, arguments), image or k8s.image(profile))
+
+
+@app.command()
+def retrain(
+    overrides: list[str] = typer.Argument(
+        None, metavar="[KEY=VALUE]...", help="`dolly retrain` settings on top of the overlay's retrain.yaml"
+    ),
+    preset: str = PRESET,
+    image: Optional[str] = IMAGE,
+) -> None:
+    """Print the retraining RayJob (dolly-retrain) with settings of your own, for `kubectl create -f -`;
+    without any, it is the overlay's retrain/rayjob.yaml. New records are files on the volume.
+
+    Example: dolly k8s retrain --preset gpu-a100 'new_records=\\[/mnt/dolly/incoming/june.jsonl]' | kubectl create -f -
+    """
+    profile = k8s.PROFILES[_profiles([preset])[0]]
+    load_config(RetrainConfig, None, k8s.retrain_settings(profile), overrides or [])  # as the cluster will read them
+    _print_job(k8s.retrain_rayjob(profile, overrides or []), image or k8s.image(profile))

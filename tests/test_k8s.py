@@ -1,7 +1,8 @@
 """The KubeRay deployment in k8s/ as a platform team meets it: the committed files are the
 generator's output, KubeRay's own CRDs accept every resource, kustomize builds every overlay, Ray
-Serve accepts the serve config, `dolly train` accepts the job's config, and the pods are big
-enough for the training plan the memory preflight checks."""
+Serve accepts the serve config, `dolly train` and `dolly retrain` accept their jobs' configs, and
+the pods are big enough for the training plan the memory preflight checks, on the GPU it assumes,
+with local disk for the model state that passes through it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typer.testing import CliRunner
 from cli.configs import load_config
 from cli.k8s import app as k8s_app
 from cluster import k8s
+from loop.configs import RetrainConfig
 from pipelines.configs import TrainConfig
 from pipelines.presets import PRESETS
 from tests.conftest import REPO, SHARED, require_shared
@@ -33,19 +35,35 @@ PROFILES = list(k8s.PROFILES)
 
 
 def overlay(profile: str) -> dict[str, dict]:
-    """The overlay's resources by kind (one of each)."""
-    docs = [
-        yaml.safe_load(text) for name, text in k8s.render_overlay(k8s.PROFILES[profile]).items() if name != "kustomization.yaml"
-    ]
-    return {d["kind"]: d for d in docs}
+    """The overlay's resources by kind (one of each), its ConfigMaps by name, and the retraining
+    job of its retrain/ kustomization as RetrainJob."""
+    resources = {}
+    for name, text in k8s.render_overlay(k8s.PROFILES[profile]).items():
+        if not name.endswith("kustomization.yaml"):
+            doc = yaml.safe_load(text)
+            key = (
+                "RetrainJob"
+                if name.startswith("retrain/")
+                else doc["metadata"]["name"]
+                if doc["kind"] == "ConfigMap"
+                else doc["kind"]
+            )
+            resources[key] = doc
+    return resources
 
 
 def cluster_specs(resources: dict[str, dict]) -> dict[str, dict]:
     return {
         "RayCluster": resources["RayCluster"]["spec"],
         "RayJob": resources["RayJob"]["spec"]["rayClusterSpec"],
+        "RetrainJob": resources["RetrainJob"]["spec"]["rayClusterSpec"],
         "RayService": resources["RayService"]["spec"]["rayClusterConfig"],
     }
+
+
+def pods(spec: dict) -> list[dict]:
+    """The pod specs of a cluster spec: its head's, then its worker groups'."""
+    return [group["template"]["spec"] for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
 
 
 def gib(quantity: str) -> float:
@@ -77,12 +95,13 @@ def test_render_check_names_the_drift_and_the_command_that_fixes_it(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_promoting_a_version_changes_only_the_served_model():
+def test_promoting_a_version_changes_only_the_served_model_and_the_one_retraining_must_beat():
     latest, pinned = k8s.render(["gpu-a100"]), k8s.render(["gpu-a100"], model="dolly@4")
-    changed = [p for p in latest if latest[p] != pinned[p]]
-    assert changed == [Path("overlays/gpu-a100/rayservice.yaml")]
-    config = yaml.safe_load(yaml.safe_load(pinned[changed[0]])["spec"]["serveConfigV2"])
+    service, retrain = Path("overlays/gpu-a100/rayservice.yaml"), Path("overlays/gpu-a100/retrain-config.yaml")
+    assert {p for p in latest if latest[p] != pinned[p]} == {service, retrain}
+    config = yaml.safe_load(yaml.safe_load(pinned[service])["spec"]["serveConfigV2"])
     assert config["applications"][0]["args"]["model"] == "dolly@4"
+    assert yaml.safe_load(yaml.safe_load(pinned[retrain])["data"][k8s.RETRAIN_CONFIG_FILE])["serving"] == "dolly@4"
 
 
 # --- KubeRay's CRDs -----------------------------------------------------------------------------
@@ -123,7 +142,7 @@ def problems(validator: jsonschema.Draft7Validator, manifest: dict) -> list[str]
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_kuberay_resource_validates_against_its_crd(profile, validators):
     resources = overlay(profile)
-    resources["RetrainJob"] = k8s.rayjob(k8s.PROFILES[profile], "dolly-train-dolly-2", ["run_name=dolly-2"])
+    resources["TrainJobOfTheCLI"] = k8s.rayjob(k8s.PROFILES[profile], "dolly-train-dolly-2", ["run_name=dolly-2"])
     for key, manifest in resources.items():
         if manifest["kind"] in validators:
             assert problems(validators[manifest["kind"]], manifest) == [], f"{profile} {key}"
@@ -160,7 +179,7 @@ def test_resources_pass_the_checks_kuberay_makes_beyond_its_schema(profile):
     """ray-operator/controllers/ray/utils/validation.go: names, token auth's Ray version, RayJob and
     RayService rules."""
     resources = overlay(profile)
-    for kind in KINDS:
+    for kind in [*KINDS, "RetrainJob"]:
         name = resources[kind]["metadata"]["name"]
         assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 47, name
     for spec in cluster_specs(resources).values():
@@ -170,10 +189,10 @@ def test_resources_pass_the_checks_kuberay_makes_beyond_its_schema(profile):
             assert group["template"]["spec"]["containers"], "a group needs a container"
             assert "labels" not in group["rayStartParams"]
             assert not ({"num-cpus", "num-gpus", "memory", "resources"} & set(group["rayStartParams"]) and group.get("resources"))
-    job = resources["RayJob"]["spec"]
-    assert job["shutdownAfterJobFinishes"] or not job["ttlSecondsAfterFinished"]
-    assert job["activeDeadlineSeconds"] > 0 and job["backoffLimit"] >= 0
-    assert job["submissionMode"] in ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+    for job in (resources["RayJob"]["spec"], resources["RetrainJob"]["spec"]):
+        assert job["shutdownAfterJobFinishes"] or not job["ttlSecondsAfterFinished"]
+        assert job["activeDeadlineSeconds"] > 0 and job["backoffLimit"] >= 0
+        assert job["submissionMode"] in ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
     service = resources["RayService"]["spec"]
     assert service["upgradeStrategy"]["type"] in ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
     assert "headService" not in service["rayClusterConfig"]["headGroupSpec"]
@@ -184,20 +203,33 @@ def test_resources_pass_the_checks_kuberay_makes_beyond_its_schema(profile):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("profile", PROFILES)
-def test_every_overlay_builds_with_kubectl_kustomize(profile):
+def test_every_overlay_and_its_retraining_build_with_kubectl_kustomize(profile):
+    def build(folder: Path) -> tuple[list[dict], set[str]]:
+        built = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+        assert built.returncode == 0, built.stderr
+        return list(yaml.safe_load_all(built.stdout)), set(re.findall(r"image: (\S+)", built.stdout))
+
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (apt-get install kubectl, or Google's/Kubernetes' apt repository)")
-    built = subprocess.run(
-        [kubectl, "kustomize", str(REPO / "k8s" / "overlays" / profile)], capture_output=True, text=True, timeout=60
-    )
-    assert built.returncode == 0, built.stderr
-    docs = {d["kind"]: d for d in yaml.safe_load_all(built.stdout)}
-    assert set(docs) == {"ConfigMap", "PersistentVolumeClaim", "Service", "RayCluster", "RayJob", "RayService"}
-    assert docs["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == f"{k8s.PROFILES[profile].storage_gib}Gi"
-    images = set(re.findall(r"image: (\S+)", built.stdout))
-    variant = "gpu" if k8s.PROFILES[profile].gpu else "cpu"
-    assert images == {f"{k8s.IMAGE_REPOSITORY}:{k8s.IMAGE_VERSION}-{variant}"}, "the overlay's images: sets every pod's"
+    folder = REPO / "k8s" / "overlays" / profile
+    docs, images = build(folder)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == [
+        ("ConfigMap", k8s.RETRAIN_CONFIGMAP),
+        ("ConfigMap", k8s.TRAIN_CONFIGMAP),
+        ("PersistentVolumeClaim", k8s.VOLUME),
+        ("RayCluster", k8s.CLUSTER),
+        ("RayJob", k8s.JOB),
+        ("RayService", k8s.SERVICE),
+        ("Service", k8s.UI_SERVICE),
+    ], "the deployment holds no retraining job: it would start one, before there is a model to beat"
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == f"{k8s.PROFILES[profile].storage_gib}Gi"
+    assert images == {k8s.image(k8s.PROFILES[profile])}, "the overlay's images: sets every pod's"
+
+    docs, images = build(folder / "retrain")
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [("RayJob", k8s.RETRAIN_JOB)]
+    assert images == {k8s.image(k8s.PROFILES[profile])}, "the retraining runs the deployment's image"
 
 
 # --- what runs inside -----------------------------------------------------------------------------
@@ -258,7 +290,8 @@ def test_the_api_key_comes_from_the_secret_into_every_serving_pod_and_never_into
         env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
         assert env[serve.auth.api_keys_env]["valueFrom"]["secretKeyRef"] == {"name": k8s.API_KEYS_SECRET, "key": k8s.API_KEYS_KEY}
     assert "auth" not in yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
-    for kind in ("RayCluster", "RayJob"):
+    for kind in ("RayCluster", "RayJob", "RetrainJob"):
+        # Retraining scores both versions from the registry on its own workers, not through the API.
         assert k8s.API_KEYS_SECRET not in yaml.safe_dump(resources[kind]), "training pods have no business with API keys"
 
 
@@ -282,38 +315,76 @@ def test_the_api_and_page_services_reach_the_serving_cluster():
     assert page["args"]["api_url"] == f"http://{k8s.API_SERVICE}:{k8s.SERVE_PORT}/v1"
 
 
-def parse_dolly_train(entrypoint: str, config_file: Path) -> TrainConfig:
-    """The settings `dolly train` would run with, parsed by the real command (not run)."""
+def parse_dolly(entrypoint: str, config_file: Path) -> TrainConfig | RetrainConfig:
+    """The settings `dolly train` or `dolly retrain` would run with, parsed by the real command (not
+    run), with `config_file` for the ConfigMap's file the entrypoint names."""
+    from cli.retrain import retrain
     from cli.train import train
 
-    argv = shlex.split(entrypoint)
-    assert argv[:2] == ["dolly", "train"]
+    commands = {
+        "train": (train, TrainConfig, k8s.TRAIN_CONFIG_FILE),
+        "retrain": (retrain, RetrainConfig, k8s.RETRAIN_CONFIG_FILE),
+    }
+    dolly, name, *argv = shlex.split(entrypoint)
+    function, config_class, file = commands[name]
     command = typer.Typer()
-    command.command()(train)
-    args = [str(config_file) if a == f"{k8s.CONFIG_DIR}/{k8s.TRAIN_CONFIG_FILE}" else a for a in argv[2:]]
-    params = typer.main.get_command(command).make_context("train", args).params
-    return load_config(TrainConfig, params["config"], {}, params["overrides"] or [])
+    command.command()(function)
+    args = [str(config_file) if a == f"{k8s.CONFIG_DIR}/{file}" else a for a in argv]
+    params = typer.main.get_command(command).make_context(name, args).params
+    assert dolly == "dolly" and not params.get("new_records") and not params.get("feedback"), "settings come from the config"
+    return load_config(config_class, params["config"], {}, params["overrides"] or [])
+
+
+def mounted_config(resources: dict[str, dict], job: str, configmap: str, folder: Path) -> Path:
+    """The ConfigMap's file that the job's head mounts at CONFIG_DIR, written into `folder`."""
+    head = resources[job]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    (mounted,) = [v["name"] for v in head["volumes"] if v.get("configMap", {}).get("name") == configmap]
+    assert mounts[mounted] == k8s.CONFIG_DIR, "the job's driver runs on the head: the config is mounted there"
+    ((file, text),) = resources[configmap]["data"].items()
+    (folder / file).write_text(text)
+    return folder / file
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("profile", PROFILES)
 def test_the_rayjob_entrypoint_parses_with_dolly_train_and_the_configmap_it_mounts(profile, tmp_path):
     resources = overlay(profile)
-    head = resources["RayJob"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    mounts = {m["name"]: m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
-    volumes = {v["name"]: v for v in head["volumes"]}
-    (mounted,) = [name for name, v in volumes.items() if v.get("configMap", {}).get("name") == k8s.TRAIN_CONFIGMAP]
-    assert mounts[mounted] == k8s.CONFIG_DIR, "the job's driver runs on the head: the config is mounted there"
-    config_file = tmp_path / k8s.TRAIN_CONFIG_FILE
-    config_file.write_text(resources["ConfigMap"]["data"][k8s.TRAIN_CONFIG_FILE])
+    config_file = mounted_config(resources, "RayJob", k8s.TRAIN_CONFIGMAP, tmp_path)
 
-    settings = parse_dolly_train(resources["RayJob"]["spec"]["entrypoint"], config_file)
+    settings = parse_dolly(resources["RayJob"]["spec"]["entrypoint"], config_file)
     assert settings == k8s.train_config(k8s.PROFILES[profile])
     assert settings.preset == k8s.PROFILES[profile].hardware
 
     retrain = k8s.rayjob(k8s.PROFILES[profile], "dolly-train-dolly-2", ["run_name=dolly-2", "epochs=3"])
-    settings = parse_dolly_train(retrain["spec"]["entrypoint"], config_file)
+    settings = parse_dolly(retrain["spec"]["entrypoint"], config_file)
     assert (settings.run_name, settings.epochs) == ("dolly-2", 3)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("profile", PROFILES)
+def test_the_retraining_rayjob_runs_dolly_retrain_against_what_serves_on_the_shared_volume(profile, tmp_path):
+    resources = overlay(profile)
+    config_file = mounted_config(resources, "RetrainJob", k8s.RETRAIN_CONFIGMAP, tmp_path)
+    settings = parse_dolly(resources["RetrainJob"]["spec"]["entrypoint"], config_file)
+    assert settings == RetrainConfig.model_validate(k8s.retrain_settings(k8s.PROFILES[profile]))
+
+    # The training job's recipe, on the corpus it trained on plus the chat page's approved answers...
+    trained, serve = k8s.train_config(k8s.PROFILES[profile]), k8s.serve_config(k8s.PROFILES[profile])
+    placed_by_retrain = {"source", "data_dir", "run_name"}
+    assert settings.train.model_dump(exclude=placed_by_retrain) == trained.model_dump(exclude=placed_by_retrain)
+    assert settings.corpus == trained.source and settings.feedback == serve.feedback.url
+    # ...scored against the version the RayService serves, in the registry it serves from.
+    assert settings.serving == serve.model and settings.train.registry == serve.registry
+    # Promotion moves NAME@latest; the RayService changes by its manifest only (k8s/README.md).
+    assert settings.serve_config is None
+    for path in (settings.workdir, settings.train.registry, settings.train.output_dir, settings.train.storage_path):
+        assert str(path).startswith(k8s.MOUNT + "/"), "written on one node and read on others"
+    assert resources["RetrainJob"]["spec"]["backoffLimit"] > 0, "a retry resumes the run retrain names from its inputs"
+
+    job = k8s.retrain_rayjob(k8s.PROFILES[profile], ["new_records=[/mnt/dolly/incoming/june.jsonl]", "gate.min_improvement=0.05"])
+    settings = parse_dolly(job["spec"]["entrypoint"], config_file)
+    assert (settings.new_records, settings.gate.min_improvement) == ([Path("/mnt/dolly/incoming/june.jsonl")], 0.05)
 
 
 @pytest.mark.timeout(60)
@@ -327,10 +398,10 @@ def test_a_retried_job_resumes_the_same_run_from_the_shared_volume(profile):
     assert config.run_name == "dolly"
     for path in (config.storage_path, config.output_dir, config.registry, config.data_dir):
         assert str(path).startswith(k8s.MOUNT + "/")
-    for group in [job["rayClusterSpec"]["headGroupSpec"], *job["rayClusterSpec"]["workerGroupSpecs"]]:
-        pod = group["template"]["spec"]
-        assert {"name": "data", "mountPath": k8s.MOUNT} in pod["containers"][0]["volumeMounts"]
-        assert {"name": "data", "persistentVolumeClaim": {"claimName": k8s.VOLUME}} in pod["volumes"]
+    for spec in cluster_specs(resources).values():
+        for pod in pods(spec):
+            assert {"name": "data", "mountPath": k8s.MOUNT} in pod["containers"][0]["volumeMounts"]
+            assert {"name": "data", "persistentVolumeClaim": {"claimName": k8s.VOLUME}} in pod["volumes"]
     assert k8s.volume_claim()["spec"]["accessModes"] == ["ReadWriteMany"]
     assert k8s.serve_config(k8s.PROFILES[profile]).registry == config.registry, "serving reads what training registers"
 
@@ -343,12 +414,30 @@ def test_dolly_k8s_job_prints_a_retraining_rayjob_and_refuses_bad_input():
     job = yaml.safe_load(result.output)
     assert job["metadata"]["name"] == "dolly-train-dolly-2"
     assert job["spec"]["entrypoint"] == "dolly train --config /config/train.yaml run_name=dolly-2 lr=1e-5"
+    assert set(re.findall(r"image: (\S+)", result.output)) == {k8s.image(k8s.PROFILES["gpu-h100"])}, "the overlay's image"
     bad_setting = runner.invoke(k8s_app, ["job", "--preset", "gpu-h100", "--run-name", "x", "epochz=3"], terminal_width=300)
     assert bad_setting.exit_code == 2 and "setting 'epochz'" in bad_setting.output
     bad_name = runner.invoke(k8s_app, ["job", "--preset", "gpu-h100", "--run-name", "Dolly_2"], terminal_width=300)
     assert bad_name.exit_code == 2 and "lowercase" in bad_name.output
     bad_preset = runner.invoke(k8s_app, ["job", "--preset", "tpu", "--run-name", "x"], terminal_width=300)
     assert bad_preset.exit_code == 2 and "unknown preset" in bad_preset.output
+
+
+@pytest.mark.timeout(60)
+def test_dolly_k8s_retrain_prints_the_retraining_rayjob_with_your_settings_and_image():
+    runner = CliRunner()
+    assert runner.invoke(k8s_app, ["retrain", "--preset", "gpu-a100"]).output == k8s.render_overlay(k8s.PROFILES["gpu-a100"])[
+        "retrain/rayjob.yaml"
+    ].replace(f"image: {k8s.IMAGE}\n", f"image: {k8s.image(k8s.PROFILES['gpu-a100'])}\n")
+    image = "ghcr.io/acme/dolly-ray:0.1.0-gpu"
+    result = runner.invoke(k8s_app, ["retrain", "--preset", "gpu-a100", "--image", image, "new_records=[/mnt/dolly/new.jsonl]"])
+    assert result.exit_code == 0, result.output
+    job = yaml.safe_load(result.output)
+    assert job["metadata"]["name"] == k8s.RETRAIN_JOB
+    assert job["spec"]["entrypoint"] == "dolly retrain --config /config/retrain.yaml 'new_records=[/mnt/dolly/new.jsonl]'"
+    assert {c["image"] for pod in pods(job["spec"]["rayClusterSpec"]) for c in pod["containers"]} == {image}
+    bad = runner.invoke(k8s_app, ["retrain", "--preset", "gpu-a100", "gate.metrc=loss"], terminal_width=300)
+    assert bad.exit_code == 2 and "setting 'gate.metrc'" in bad.output
 
 
 # --- resources agree with the plan ---------------------------------------------------------------
@@ -390,6 +479,53 @@ def test_the_training_pods_hold_the_plan_the_memory_preflight_accepts(profile):
     (cluster_workers,) = resources["RayCluster"]["spec"]["workerGroupSpecs"]
     assert pod_shape(cluster_workers) == (cpus, memory_gib, gpus), "the interactive cluster can run the same plan"
     assert cluster_workers["maxReplicas"] >= workers["minReplicas"]
+    (retrain_workers,) = resources["RetrainJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert pod_shape(retrain_workers) == (cpus, memory_gib, gpus), "retraining trains the same plan"
+    assert retrain_workers["minReplicas"] == workers["minReplicas"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("profile", PROFILES)
+def test_gpu_pods_go_to_nodes_of_the_presets_gpu_and_cpu_pods_anywhere(profile):
+    chosen = k8s.PROFILES[profile].gpu_product
+    for spec in cluster_specs(overlay(profile)).values():
+        for pod in pods(spec):
+            gpus = int(pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+            assert pod.get("nodeSelector") == ({k8s.GPU_PRODUCT_LABEL: chosen} if gpus else None)
+    if PRESETS[k8s.PROFILES[profile].hardware].device_memory_gib is not None:
+        # GPU feature discovery's names carry the memory: NVIDIA-A100-SXM4-40GB, NVIDIA-H100-80GB-HBM3.
+        assert f"-{PRESETS[k8s.PROFILES[profile].hardware].device_memory_gib:g}GB" in chosen, "the GPU the plan is sized for"
+
+
+@pytest.mark.timeout(60)
+def test_a_gpu_profile_without_its_gpu_product_is_refused_and_names_the_setting():
+    settings = k8s.PROFILES["gpu-a100"].model_dump() | {"gpu_product": None}
+    with pytest.raises(ValueError, match="gpu-a100: gpu_product=None; set it"):
+        k8s.Profile.model_validate(settings)
+    with pytest.raises(ValueError, match="exactly when train_pod or serve_pod has GPUs"):
+        k8s.Profile.model_validate(k8s.PROFILES["cpu-dev"].model_dump() | {"gpu_product": "NVIDIA-A100-SXM4-40GB"})
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_pod_asks_for_the_local_disk_its_tmp_holds(profile):
+    """/tmp is an emptyDir, within the pod's ephemeral-storage: a training pod's holds a checkpoint
+    downloaded from object storage and its conversion to DeepSpeed's universal format (16 + 24
+    bytes a parameter), beside Ray's session folder, as every pod's does."""
+    from pipelines import preflight
+
+    resources = overlay(profile)
+    params = preflight.ModelShape.of(same_shape(k8s.train_config(k8s.PROFILES[profile]).base_model)).n_params
+    for kind, spec in cluster_specs(resources).items():
+        for pod in pods(spec):
+            (container,) = pod["containers"]
+            disk = container["resources"]["requests"]["ephemeral-storage"]
+            assert container["resources"]["limits"]["ephemeral-storage"] == disk, "the kubelet evicts past the request"
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+            assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+            trains = container["name"] == "ray-worker" and kind != "RayService"
+            needed = k8s.RAY_LOCAL_GIB * 2**30 + (40 * params if trains else 0)
+            assert needed <= gib(disk) * 2**30 < needed + 2**30, f"{kind} {container['name']}: {disk}"
 
 
 @pytest.mark.timeout(60)

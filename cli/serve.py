@@ -48,26 +48,16 @@ def serve(
     if not settings.auth.insecure_no_auth and not address:
         ApiKeys(settings.auth)  # the replicas read the keys where they run: here, on an embedded cluster
 
-    from ray import serve as ray_serve
-
     from cluster.connect import ray_session
-    from contract import logs
-    from loop.deploy import deploy, wait_forever
+    from loop.deploy import STOP_HINT, serving
 
     console = Console(stderr=True)
     if settings.auth.insecure_no_auth:
         console.print(f"[bold red]{INSECURE_BANNER}[/]", highlight=False)
-    with ray_session(address):
-        try:
-            deployed = deploy(settings, host, port, ui=ui, console=console)
-            what = f"{', '.join(settings.adapters)} (LoRA adapters) on {served.version}" if settings.adapters else settings.model
-            console.print(f"[green]Serving[/] {what} at {deployed.api_url.replace('127.0.0.1', host)}")
-            if deployed.page_url:
-                console.print(f"[green]Chat page[/] at {deployed.page_url.replace('127.0.0.1', host)}")
-            if not detach:
-                console.print("Ctrl-C stops it.")
-                wait_forever()
-        finally:
-            if not detach:
-                with logs.off_screen():
-                    ray_serve.shutdown()
+    what = f"{', '.join(settings.adapters)} (LoRA adapters) on {served.version}" if settings.adapters else settings.model
+    with ray_session(address), serving(settings, host, port, ui=ui, block=not detach, console=console) as deployed:
+        console.print(f"[green]Serving[/] {what} at {deployed.shown(deployed.api_url)}")
+        if deployed.page_url:
+            console.print(f"[green]Chat page[/] at {deployed.shown(deployed.page_url)}")
+        if not detach:
+            console.print(STOP_HINT)

@@ -1,7 +1,8 @@
 """Put the API, and optionally the chat page beside it, on the Ray cluster this process is
 connected to; deploy again with another model to switch the served version in place.
 
-Used by `dolly serve`, `dolly up` and `dolly retrain`, so the three deploy the same way.
+Used by `dolly serve`, `dolly up` and `dolly retrain`, so the three deploy the same way; `serving`
+is the whole lifecycle of the first two (deploy, serve until Ctrl-C, shut down quietly).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,11 +23,21 @@ from services.config import ServeConfig
 from ui.config import PAGE_APP, PAGE_ROUTE, UIConfig
 from ui.deployment import build_page_app
 
+STOP_HINT = "Ctrl-C stops it."  # what `serving` waits for, for its callers' announcements
+# Hosts a client on this machine reaches the server at as 127.0.0.1 (0.0.0.0: every interface).
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "0.0.0.0")
+
 
 @dataclass
 class Deployed:
     api_url: str  # the OpenAI base URL, for clients on this machine
     page_url: str | None
+    host: str  # the address the HTTP proxy listens on
+
+    def shown(self, url: str) -> str:
+        """`url` as printed for the people who use it: at the host it listens on, unless that is
+        this machine anyway."""
+        return url if self.host in _LOCAL_HOSTS else url.replace("127.0.0.1", self.host, 1)
 
 
 def deploy(
@@ -50,7 +62,7 @@ def deploy(
         page = UIConfig(api_url=api_url, api_key_file=settings.auth.api_keys_file)
         serve.run(build_page_app(page), name=PAGE_APP, route_prefix=PAGE_ROUTE, logging_config=logging_config)
         page_url = f"http://127.0.0.1:{port}{PAGE_ROUTE}/"
-    return Deployed(api_url, page_url)
+    return Deployed(api_url, page_url, host)
 
 
 @contextmanager
@@ -88,6 +100,32 @@ def _replicas(app: str) -> str:
         states = deployment.replica_states  # ReplicaState is a str enum: "RUNNING" finds it
         counts.append(f"{name} {states.get('RUNNING', 0)}/{sum(states.values())}")
     return ", ".join(counts) + " replicas running"
+
+
+@contextmanager
+def serving(
+    settings: ServeConfig,
+    host: str,
+    port: int,
+    *,
+    ui: bool,
+    block: bool,
+    console: Console,
+    log_level: str = "INFO",
+) -> Iterator[Deployed]:
+    """Deploy (`deploy`), hand the caller what it deployed to announce (with STOP_HINT when it
+    blocks), then with `block` serve until Ctrl-C or SIGTERM and shut Serve down without its
+    shutdown logs scrolling the announcement away. Without `block` the apps stay up on the
+    cluster (a detached deploy, or a test's caller)."""
+    try:
+        yield deploy(settings, host, port, ui=ui, log_level=log_level, console=console)
+        if block:
+            wait_forever()
+    finally:
+        if block:
+            with logs.off_screen():
+                serve.shutdown()
+            console.print("Stopped serving.")
 
 
 def switch_model(settings: ServeConfig, model: str) -> None:

@@ -20,16 +20,15 @@ import webbrowser
 from pathlib import Path
 
 import ray
-from ray import serve
 from rich.console import Console
 from rich.panel import Panel
 
 from cluster.connect import ray_session
 from cluster.storage import check_shared
-from contract import logs, registry
+from contract import registry
 from contract.models import SMOLLM2, resolve_base
 from loop.configs import UpConfig
-from loop.deploy import deploy, wait_forever
+from loop.deploy import STOP_HINT, Deployed, serving
 from pipelines.configs import PrepareConfig
 from pipelines.evaluate import ModelScores, show_scores
 from pipelines.manifest import MANIFEST_NAME, VerifiedData
@@ -115,9 +114,10 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         # The API decodes as the answers were scored.
         serve_config = serving_settings(config, model_ref, key_file, gpu=train_config.use_gpu)
         retrain_file = _write_retrain_config(workdir, source, train_config, serve_config, config)
-        try:
-            # Quiet: request logs would scroll the URLs and the key off the screen.
-            deployed = deploy(serve_config, config.host, config.port, ui=True, log_level="WARNING", console=console)
+        # Quiet: request logs would scroll the URLs and the key off the screen.
+        with serving(
+            serve_config, config.host, config.port, ui=True, block=block, log_level="WARNING", console=console
+        ) as deployed:
             urls = {
                 "api": deployed.api_url,
                 "page": deployed.page_url,
@@ -127,17 +127,10 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
                 "feedback": serve_config.feedback.url,
                 "ray_address": ray.get_runtime_context().gcs_address,
             }
-            console.print(_ready_panel(config, urls, key_file.read_text().strip(), stages.summary()))
+            console.print(_ready_panel(config, deployed, urls, key_file.read_text().strip(), stages.summary(), block))
             if config.open_browser and block:
                 webbrowser.open(deployed.page_url)
-            if block:
-                wait_forever()
-            return urls
-        finally:
-            if block:
-                with logs.off_screen():
-                    serve.shutdown()
-                console.print("Stopped serving.")
+        return urls
 
 
 class Stages:
@@ -246,15 +239,15 @@ def _api_key_file(workdir: Path) -> Path:
     return path
 
 
-def _ready_panel(config: UpConfig, urls: dict, key: str, took: str) -> Panel:
-    api = urls["api"].replace("127.0.0.1", config.host) if config.host != "0.0.0.0" else urls["api"]
+def _ready_panel(config: UpConfig, deployed: Deployed, urls: dict, key: str, took: str, block: bool) -> Panel:
+    api = deployed.shown(urls["api"])
     lines = [
-        f"[bold]Chat page[/]   {urls['page']}",
+        f"[bold]Chat page[/]   {deployed.shown(urls['page'])}",
         f"[bold]OpenAI API[/]  {api}   model: [bold]{config.model_name}[/] ({urls['model']})",
         f"[bold]API key[/]     {key}   (in {urls['api_key_file']})",
         "",
         "Try it:",
-        f"  curl {urls['api']}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\",
+        f"  curl {api}/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\",
         f'    -d \'{{"model": "{config.model_name}", "messages": [{{"role": "user", "content": "Name three primary colours."}}]}}\'',
         "",
         "Review the answers people wrote on the page, export the approved ones (or hold corrections out as a test):",
@@ -265,6 +258,6 @@ def _ready_panel(config: UpConfig, urls: dict, key: str, took: str) -> Panel:
         f"  dolly retrain --config {urls['retrain_config']} --new-records NEW.jsonl --address {urls['ray_address']}",
         "",
         f"[dim]{took}[/]",
-        "[bold]Ctrl-C stops it.[/]",
+        *([f"[bold]{STOP_HINT}[/]"] if block else []),
     ]
     return Panel("\n".join(lines), title="dolly is up", border_style="green")

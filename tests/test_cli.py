@@ -98,3 +98,17 @@ def test_prepare_from_yaml_then_stats_reports_and_verifies(tmp_path, tokenizer_p
     stats = dolly("data", "stats", str(out), "--tokenizer", tokenizer_path)
     assert stats.returncode == 0, stats.stderr
     assert "Verified" in stats.stdout and "not_json 1" in stats.stdout
+
+
+@pytest.mark.parametrize(
+    ("host", "shown"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000/v1"),
+        ("0.0.0.0", "http://127.0.0.1:8000/v1"),  # every interface: this machine's loopback too
+        ("10.0.0.7", "http://10.0.0.7:8000/v1"),
+    ],
+)
+def test_dolly_up_and_dolly_serve_announce_the_api_at_the_host_it_listens_on(host, shown):
+    from loop.deploy import Deployed
+
+    assert Deployed("http://127.0.0.1:8000/v1", None, host).shown("http://127.0.0.1:8000/v1") == shown

@@ -448,3 +448,8 @@ def test_dolly_serve_with_ui_starts_the_api_and_the_page_in_one_command(tiny_mod
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+            raise
+    # The lifecycle dolly up has too (loop.deploy.serving): announced, served until Ctrl-C, stopped.
+    output = server.stdout.read()
+    assert f"at http://127.0.0.1:{port}/v1" in output and f"Chat page at http://127.0.0.1:{port}/ui/" in output
+    assert "Ctrl-C stops it." in output and "Stopped serving." in output, output[-3000:]

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from cli.configs import address_option, config_option, load_config, option, settings_help
 from cli.screen import log_to_file
+from contract import runs
 from pipelines.configs import PrepareConfig
 
 app = typer.Typer(help="Prepare and inspect training data.", no_args_is_help=True)
@@ -46,7 +47,7 @@ def prepare(
 
 @app.command()
 def stats(
-    data_dir: Path = typer.Argument(Path("runs/data"), help="a folder written by `dolly data prepare`"),
+    data_dir: Path = typer.Argument(runs.DATA, help="a folder written by `dolly data prepare`"),
     tokenizer: Optional[str] = typer.Option(None, help="also check the shards were made with this tokenizer"),
 ) -> None:
     """Verify prepared shards against their manifest and print their report."""

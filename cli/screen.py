@@ -9,9 +9,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from contract import logs
+from contract import logs, runs
 
-LOG_DIR = Path("runs/logs")
+LOG_DIR = runs.LOGS
 
 
 def log_to_file(command: str, console: Console | None = None) -> Path:

@@ -1,7 +1,7 @@
 """What people who chat can teach the model: their ratings of its answers, and the better answers
 they write, kept in a real database until a curator approves or rejects them (`dolly feedback`).
 
-SQLite by default on one machine (a file under runs/, in WAL mode so that several ingress
+SQLite by default on one machine (runs/feedback.db, in WAL mode so that several ingress
 replicas write at once); any SQLAlchemy URL (Postgres on a cluster) by setting. A written answer
 is checked as the preparation pipeline checks every corpus record (contract/records.py), so an
 approved record exports as a Dolly-format line that preparation keeps; a correction of the model's
@@ -35,9 +35,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, Engine, make_url
 
+from contract import runs
 from contract.records import DOLLY_CATEGORIES, FIELDS, validate_record
 
-DEFAULT_URL = "sqlite:///runs/feedback.db"
+DEFAULT_URL = f"sqlite:///{runs.FEEDBACK_DB}"
 STATUSES = ("pending", "approved", "rejected", "held_out")  # of a written answer; a bare rating has none
 REVIEWS = STATUSES[1:]
 

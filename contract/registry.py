@@ -16,9 +16,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from contract import runs
 from contract.errors import UserError
 
-DEFAULT_ROOT = Path("runs/registry")
+DEFAULT_ROOT = runs.REGISTRY
 LATEST = "LATEST"
 TRAINING_FACTS = "training.json"  # written into every export: what it was trained on, and how
 # An exported model folder holds a model config, or PEFT's adapter config that names its base.

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from contract import runs
 from contract.registry import DEFAULT_ROOT
 from contract.settings import merge
 from pipelines.behaviour import BehaviourConfig
@@ -50,7 +51,7 @@ class UpConfig(BaseModel):
         None, description="tokenizer folder or Hub id (default: the base model's; random shapes need one)"
     )
     preset: PresetName = Field("cpu", description="hardware preset of the training workers")
-    workdir: Path = Field(Path("runs/up"), description="prepared data, runs, evaluations and the API key file")
+    workdir: Path = Field(runs.UP, description="prepared data, runs, evaluations and the API key file")
     registry: Path = Field(DEFAULT_ROOT, description="model registry the tuned model is registered in")
     model_name: str = Field("dolly", pattern=r"^[A-Za-z0-9._-]+$", description="registry name, served as the API's model id")
     max_length: int | None = Field(
@@ -187,7 +188,7 @@ class RetrainConfig(BaseModel):
     serve_config: Path | None = Field(
         None, description="YAML of the running app's serve settings (`dolly up` writes one): hot-swap it on promotion"
     )
-    workdir: Path = Field(Path("runs/retrain"), description="combined corpus, prepared data, runs and reports")
+    workdir: Path = Field(runs.RETRAIN, description="combined corpus, prepared data, runs and reports")
 
     @property
     def model_name(self) -> str:

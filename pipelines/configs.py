@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contract import generation
+from contract import generation, runs
 from contract.records import DOLLY_CATEGORIES
 from contract.registry import DEFAULT_ROOT
 from pipelines.behaviour import BehaviourConfig
@@ -91,7 +91,7 @@ class PrepareConfig(PrepareSettings):
     source: str = Field(
         DOLLY_HUB_ID, description="Hub dataset id, local .jsonl/.json/.parquet file or folder, or s3:// / gs:// URI"
     )
-    output_dir: Path = Field(Path("runs/data"), description="where shards, manifest, rejects and plots are written")
+    output_dir: Path = Field(runs.DATA, description="where shards, manifest, rejects and plots are written")
     tokenizer: str = Field("EleutherAI/pythia-2.8b", description="base model's tokenizer: Hub id or local folder")
     model: str | None = Field(None, description="model whose config gives max_length (default: the tokenizer's folder)")
     force: bool = Field(False, description="prepare again even if output_dir already holds the same preparation")
@@ -115,7 +115,7 @@ class TrainConfig(BaseModel):
         None, description="tokenizer folder or Hub id (default: base_model's; required for random shapes)"
     )
     gguf_file: str | None = Field(None, description="GGUF file inside base_model's folder to load (de-quantised), e.g. SmolLM2's")
-    data_dir: Path = Field(Path("runs/data"), description="shards and manifest written by `dolly data prepare`")
+    data_dir: Path = Field(runs.DATA, description="shards and manifest written by `dolly data prepare`")
     source: str | None = Field(
         None,
         description="raw corpus to prepare into data_dir first (file, folder, Hub id or URI); null: train on data_dir as it is",
@@ -208,14 +208,14 @@ class TrainConfig(BaseModel):
     run_name: str = Field(
         "dolly", pattern=r"^[A-Za-z0-9._-]+$", description="the run's name: a re-run with the same name and storage resumes it"
     )
-    storage_path: str = Field("runs/train", description="where checkpoints go: a folder (local, NFS, PVC) or s3:// URI")
+    storage_path: str = Field(str(runs.TRAIN), description="where checkpoints go: a folder (local, NFS, PVC) or s3:// URI")
     output_dir: Path = Field(
-        Path("runs/train"),
+        runs.TRAIN,
         description="local folder for the run's logs, loss curve and export (shared across nodes on a cluster)",
     )
     mlflow: bool = Field(False, description="also log parameters, metrics, the loss curve and the model card to MLflow")
     mlflow_tracking_uri: str = Field(
-        "file:runs/mlruns", description="MLflow tracking URI: a local file store by default, or an MLflow server's URL"
+        f"file:{runs.MLRUNS}", description="MLflow tracking URI: a local file store by default, or an MLflow server's URL"
     )
 
     # Export
@@ -307,10 +307,8 @@ class EvalConfig(BaseModel):
     base_gguf_file: str | None = Field(
         None, description="GGUF file inside the base's folder to load (de-quantised); then also set tokenizer"
     )
-    data_dir: Path = Field(
-        Path("runs/data"), description="shards and manifest written by `dolly data prepare`: the test split is scored"
-    )
-    output_dir: Path = Field(Path("runs/eval"), description="reports go to <output_dir>/<model name>/")
+    data_dir: Path = Field(runs.DATA, description="shards and manifest written by `dolly data prepare`: the test split is scored")
+    output_dir: Path = Field(runs.EVAL, description="reports go to <output_dir>/<model name>/")
     registry: Path = Field(DEFAULT_ROOT, description="model registry folder")
     batch_size: int = Field(8, ge=1, description="examples per forward pass (and per generation batch)")
     max_examples: int | None = Field(

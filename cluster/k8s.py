@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from cluster.k8s_profiles import GPU_PRODUCT_LABEL, PROFILES, PodShape, Profile
+from contract.environment import FEEDBACK_URL_ENV
 from pipelines.configs import TrainConfig
 from pipelines.sources import DOLLY_HUB_ID
 from services.config import ServeConfig
@@ -355,11 +356,20 @@ def _job(profile: Profile, name: str, command: str, configmap: str, config_file:
                 min_replicas=pods,
                 max_replicas=pods,
                 autoscale=False,
+                head_env=_feedback_env() if command == "retrain" else (),
                 head_mounts=[config_mount],
                 head_volumes=[config_volume],
             ),
         },
     }
+
+
+def _feedback_env(name: str = FEEDBACK_URL_ENV) -> list[dict]:
+    """The feedback database's URL from the optional Secret, for whatever writes feedback (the
+    ingress) or reads it (a retraining): both then use Postgres where the Secret exists, and the
+    configs' SQLite file on the volume where it does not."""
+    ref = {"name": FEEDBACK_SECRET, "key": FEEDBACK_KEY, "optional": True}
+    return [{"name": name, "valueFrom": {"secretKeyRef": ref}}]
 
 
 def rayservice(profile: Profile, model: str = DEFAULT_MODEL) -> dict:
@@ -369,11 +379,8 @@ def rayservice(profile: Profile, model: str = DEFAULT_MODEL) -> dict:
     # so does the feedback database's URL, when a Secret gives one: SQLite's locks do not hold on
     # a network volume, where several ingress pods write (more replicas, or two clusters during
     # an upgrade), so a cluster that keeps feedback points it at Postgres.
-    secret = {
-        serve.auth.api_keys_env: {"name": API_KEYS_SECRET, "key": API_KEYS_KEY},
-        serve.feedback.url_env: {"name": FEEDBACK_SECRET, "key": FEEDBACK_KEY, "optional": True},
-    }
-    keys = [{"name": name, "valueFrom": {"secretKeyRef": ref}} for name, ref in secret.items()]
+    keys = [{"name": serve.auth.api_keys_env, "valueFrom": {"secretKeyRef": {"name": API_KEYS_SECRET, "key": API_KEYS_KEY}}}]
+    keys += _feedback_env(serve.feedback.url_env)
     replicas = serve.deployment
     return {
         "apiVersion": "ray.io/v1",

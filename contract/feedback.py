@@ -91,6 +91,11 @@ def absolute_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def shown(url: str) -> str:
+    """`url` fit for a screen or a log: its password (a Secret's, on KubeRay) starred out."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def engine_for(url: str) -> Engine:
     """An engine on `url`, its table created (and a SQLite file's folder)."""
     parsed = make_url(absolute_url(url))

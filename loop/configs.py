@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contract import runs
+from contract.environment import FEEDBACK_URL_ENV
 from contract.registry import DEFAULT_ROOT
 from contract.settings import merge
 from pipelines.behaviour import BehaviourConfig
@@ -173,7 +174,9 @@ class RetrainConfig(BaseModel):
     corpus: str = Field(..., description="the corpus the serving model was trained on: file, folder, URI or Hub id")
     new_records: list[Path] = Field(default_factory=list, description="files of new records (JSONL, JSON or Parquet) to add")
     feedback: str | None = Field(
-        None, description="a feedback database (serving's feedback.url): its approved written answers are added too"
+        None,
+        description=f"a feedback database (serving's feedback.url): its approved written answers are added too; "
+        f"${FEEDBACK_URL_ENV} replaces it where set, as it does serving's",
     )
     train: TrainConfig = Field(
         ..., description="`dolly train` settings (base_model, tokenizer, steps...); data and registration are set by retrain"
@@ -193,3 +196,8 @@ class RetrainConfig(BaseModel):
     @property
     def model_name(self) -> str:
         return self.serving.partition("@")[0]
+
+    @property
+    def feedback_url(self) -> str | None:
+        """The feedback database read: the one serving writes to (a Secret's Postgres on KubeRay)."""
+        return os.environ.get(FEEDBACK_URL_ENV) or self.feedback

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from cluster.connect import ray_session
 from cluster.storage import check_shared
-from contract import registry
+from contract import feedback, registry
 from contract.errors import UserError
 from contract.feedback import FeedbackStore
 from contract.settings import load_config
@@ -73,11 +73,12 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
     name, root, workdir = config.model_name, config.train.registry, config.workdir
     serving_folder, serving_name = registry.resolve(config.serving, root)  # fail before any work
     new_records, feedback_records = list(config.new_records), 0
-    if config.feedback:  # approved answers from the chat page, straight from their database
+    if config.feedback_url:  # approved answers from the chat page, straight from their database
         exported = workdir / "feedback" / "approved.jsonl"
-        feedback_records = FeedbackStore(config.feedback).export(exported)
+        store = FeedbackStore(config.feedback_url)
+        feedback_records = store.export(exported)
         new_records += [exported] if feedback_records else []
-        console.print(f"{feedback_records} approved feedback record(s) from {config.feedback}")
+        console.print(f"{feedback_records} approved feedback record(s) from {feedback.shown(config.feedback_url)}")
     source = combine_sources(config.corpus, new_records, workdir / "source")
     fingerprint = resolve_source(str(source)).fingerprint
     train_config = config.train.model_copy(update={"source": str(source), "data_dir": workdir / "data", "register_as": None})

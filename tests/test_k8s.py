@@ -577,3 +577,13 @@ def test_a_feedback_database_secret_if_there_is_one_replaces_sqlite_on_the_netwo
     assert serve.feedback.database_url() == serve.feedback.url
     monkeypatch.setenv(serve.feedback.url_env, "postgresql+psycopg://dolly:secret@postgres:5432/dolly")
     assert serve.feedback.database_url() == "postgresql+psycopg://dolly:secret@postgres:5432/dolly"
+    # A retraining reads the feedback where the ingress wrote it: the same Secret, the same variable.
+    from loop.configs import RetrainConfig
+
+    retrain = yaml.safe_load(Path(REPO / "k8s/overlays/gpu-a100/retrain/rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    env = {e["name"]: e for e in retrain["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[serve.feedback.url_env]["valueFrom"]["secretKeyRef"] == ref
+    settings = RetrainConfig.model_validate(k8s.retrain_settings(k8s.PROFILES["gpu-a100"]))
+    assert settings.feedback_url == "postgresql+psycopg://dolly:secret@postgres:5432/dolly"
+    monkeypatch.delenv(serve.feedback.url_env)
+    assert settings.feedback_url == serve.feedback.url

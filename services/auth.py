@@ -12,6 +12,7 @@ import logging
 import os
 
 from contract.errors import UserError
+from contract.keys import parse_keys
 from services.config import AuthConfig
 
 logger = logging.getLogger("ray.serve")
@@ -24,12 +25,12 @@ INSECURE_BANNER = (
 
 
 def load_api_keys(config: AuthConfig) -> list[str]:
-    keys = [k.strip() for k in os.environ.get(config.api_keys_env, "").split(",")]
+    keys = parse_keys(os.environ.get(config.api_keys_env, ""))
     if config.api_keys_file is not None:
         if not config.api_keys_file.is_file():
             raise UserError(f"auth.api_keys_file {config.api_keys_file} does not exist (mount the Secret there, or fix the path)")
-        keys += [line.strip() for line in config.api_keys_file.read_text().splitlines()]
-    return [k for k in keys if k]
+        keys += parse_keys(config.api_keys_file.read_text())
+    return keys
 
 
 class ApiKeys:

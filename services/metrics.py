@@ -4,6 +4,10 @@ metrics agent; services/grafana/dolly.json charts them."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Collection
+
 from ray.serve import metrics
 
 _LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
@@ -54,6 +58,37 @@ class IngressMetrics:
     def answered(self, endpoint: str, code: int, seconds: float) -> None:
         self.requests.inc(tags={"endpoint": endpoint, "code": str(code)})
         self.latency.observe(seconds, tags={"endpoint": endpoint})
+
+
+class RecordedAnswers:
+    """An ASGI app that counts every answer of the one it wraps by endpoint and status code, and
+    times it to its last byte; a client that leaves before the end is counted as 499, as nginx
+    does. A path that is none of `endpoints` counts as "other", so that stray requests do not grow
+    the metric's labels without bound."""
+
+    def __init__(self, app, metrics: IngressMetrics, endpoints: Collection[str]):
+        self._app, self._metrics, self._endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self._app(scope, receive, send)
+        started, status = time.perf_counter(), 500
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._app(scope, receive, recording_send)
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            path = scope["path"].removeprefix(scope.get("root_path", ""))  # under a route_prefix
+            endpoint = path if path in self._endpoints else "other"
+            self._metrics.answered(endpoint, status, time.perf_counter() - started)
 
 
 class ModelMetrics:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from contract import RESERVED_MARKERS
 from contract.records import DOLLY_CATEGORIES
 from contract.sampling import SamplingParams
-from services.config import SamplingDefaults
+from services.config import CONTINUOUS_LACKS, EngineConfig, SamplingDefaults
 
 
 def _no_reserved_marker(text: str) -> str:
@@ -86,6 +86,20 @@ class _Request(BaseModel):
             seed=self.seed,
             stop=tuple(self.stop or ()),
         )
+
+    def unsupported_by(self, engine: EngineConfig) -> tuple[str, str] | None:
+        """(the setting, why) for the first setting this request asks for that `engine` cannot apply."""
+        if self.seed is not None and engine.batching == "continuous":
+            return "seed", "seed needs engine.batching=dynamic: continuous batching has one random stream for all requests"
+        for setting, lacking in CONTINUOUS_LACKS.items():
+            if getattr(self, setting) and engine.batching == "continuous":
+                return setting, f"{setting} needs engine.batching=dynamic: transformers' continuous batching has {lacking}"
+        if self.top_k and not engine.has_top_k:
+            return "top_k", (
+                "top_k needs engine.continuous_top_k=true: this server's continuous batching runs without top-k, "
+                "which would sort the whole vocabulary for every request"
+            )
+        return None
 
     @property
     def requested_max_tokens(self) -> int | None:

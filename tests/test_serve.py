@@ -201,6 +201,24 @@ def test_keys_are_compared_as_digests_of_one_length_and_never_kept_in_clear(monk
     assert not any(k.encode() in held for k in keys)
 
 
+def test_the_api_and_the_chat_page_read_a_key_list_alike(monkeypatch, tmp_path):
+    """Commas, spaces and line breaks all separate keys, in the environment as in a file; blanks are dropped."""
+    from contract.keys import parse_keys
+    from services.auth import load_api_keys
+    from services.config import AuthConfig
+    from ui.config import UIConfig
+
+    assert parse_keys(" k1,k2\n\nk3  k4,\r\n,k5 ") == ["k1", "k2", "k3", "k4", "k5"]
+    assert parse_keys(" ,\n, ") == []
+    keys = tmp_path / "api-keys"
+    keys.write_text("k3\nk4, k5\n\n")
+    monkeypatch.setenv("DOLLY_API_KEYS", "k1, k2\n")
+    monkeypatch.delenv("DOLLY_API_KEY", raising=False)
+    assert load_api_keys(AuthConfig(api_keys_file=keys)) == ["k1", "k2", "k3", "k4", "k5"]
+    assert UIConfig().api_key() == "k1", "the page beside the API sends the API's first key"
+    assert UIConfig(api_key_file=keys).api_key() == "k3"
+
+
 @pytest.mark.parametrize("key", [None, "wrong-key"])
 def test_requests_without_a_valid_key_get_401(served, key):
     for path, body in (("/v1/completions", {"model": "dolly", "prompt": "hi"}), ("/v1/models", None)):

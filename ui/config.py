@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from contract.environment import API_KEYS_ENV as SERVER_KEYS_ENV  # the API's own keys, when the page runs beside it
 from contract.errors import UserError
+from contract.keys import parse_keys
 
 API_KEY_ENV = "DOLLY_API_KEY"
 # Where the page is deployed beside the API, by `dolly serve --ui`, `dolly up` and the RayService.
@@ -39,9 +40,9 @@ class UIConfig(BaseModel):
         if self.api_key_file is not None:
             if not self.api_key_file.is_file():
                 raise UserError(f"api_key_file {self.api_key_file} does not exist")
-            keys = self.api_key_file.read_text().split()
+            keys = parse_keys(self.api_key_file.read_text())
         else:
-            keys = os.environ.get(API_KEY_ENV, "").split() or os.environ.get(SERVER_KEYS_ENV, "").replace(",", " ").split()
+            keys = parse_keys(os.environ.get(API_KEY_ENV, "")) or parse_keys(os.environ.get(SERVER_KEYS_ENV, ""))
         # The OpenAI client refuses an empty key; an API without auth ignores this placeholder.
         return keys[0] if keys else "no-key"
 

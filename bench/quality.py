@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "quality.json")
     args = parser.parse_args()
 
-    from contract.sampling import SamplingParams
+    from contract.decoding import Decoding
     from pipelines.answers import answer, heldout_prompts
     from pipelines.behaviour import BehaviourConfig, behaviour_table, summarize
     from pipelines.evaluate import score_model, show_scores
@@ -75,7 +75,9 @@ def main() -> None:
     tuned_lm = LoadedModel(tuned_ref)
     runs, seconds = [], {"base": 0.0, "tuned": 0.0}
     for penalty in args.frequency_penalties:
-        config = BehaviourConfig(examples=args.examples, max_new_tokens=args.max_new_tokens, frequency_penalty=penalty)
+        config = BehaviourConfig(
+            examples=args.examples, decoding=Decoding(max_tokens=args.max_new_tokens, frequency_penalty=penalty)
+        )
         started = time.perf_counter()
         base, _ = score_model(base_ref, data_dir, config, max_examples=args.examples)
         seconds["base"] += time.perf_counter() - started
@@ -108,13 +110,13 @@ def main() -> None:
     if args.temperatures:
         prompts = heldout_prompts(tuned_lm, data_dir, args.examples)
         for temperature in args.temperatures:
-            params = SamplingParams(
+            decoding = Decoding(
                 max_tokens=args.max_new_tokens, temperature=temperature, frequency_penalty=args.frequency_penalties[-1]
             )
             sweeps.append(
-                summarize(
-                    answer(tuned_lm, prompts, params, 42, 16), "sampled", args.max_new_tokens, args.frequency_penalties[-1]
-                ).model_copy(update={"model": f"tuned, T={temperature:g}"})
+                summarize(answer(tuned_lm, prompts, decoding.params(), 42, 16), "sampled", decoding).model_copy(
+                    update={"model": f"tuned, T={temperature:g}"}
+                )
             )
         console.print(behaviour_table(sweeps, [f"T={t:g}" for t in args.temperatures]))
 

@@ -17,7 +17,7 @@ EPILOG = settings_help(EvalConfig)
 
 def eval_command(
     overrides: list[str] = typer.Argument(
-        None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_new_tokens=64 temperature=0"
+        None, metavar="[KEY=VALUE]...", help="any setting below, e.g. decoding.max_tokens=64 decoding.temperature=0"
     ),
     model: Optional[str] = option(EvalConfig, "model"),
     base: Optional[str] = option(EvalConfig, "base"),

@@ -47,7 +47,7 @@ def up(
         port=port,
         open_browser=False if no_browser else None,
         **(
-            dict(max_steps=2, eval_examples=8, behaviour={"modes": ["greedy"], "examples": 8, "max_new_tokens": 32})
+            dict(max_steps=2, eval_examples=8, behaviour={"modes": ["greedy"], "examples": 8, "decoding": {"max_tokens": 32}})
             if smoke
             else {}
         ),

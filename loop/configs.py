@@ -10,10 +10,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contract import runs
+from contract.decoding import Decoding
 from contract.environment import FEEDBACK_URL_ENV
 from contract.registry import DEFAULT_ROOT
 from contract.settings import merge
-from pipelines.behaviour import BehaviourConfig
+from pipelines.behaviour import ANSWER_BUDGET, BehaviourConfig
 from pipelines.configs import LORA_LR, TrainConfig
 from pipelines.presets import PRESETS, PresetName
 
@@ -24,11 +25,10 @@ class UpBehaviourConfig(BehaviourConfig):
     """`dolly up`'s behavioural scoring, whose decoding the API then serves with: a small model's
     greedy answers loop without a frequency penalty, and end with one (bench/RESULTS.md)."""
 
-    frequency_penalty: float = Field(
-        0.3,
-        ge=-2,
-        le=2,
-        description="OpenAI's frequency penalty the answers are scored with and the API serves with by default (0: Dolly's decoding)",
+    decoding: Decoding = Field(
+        Decoding(max_tokens=ANSWER_BUDGET, frequency_penalty=0.3),
+        description="how the answers are scored, and the API then serves by default (but its max_tokens, the scoring "
+        "budget); frequency_penalty=0 is Dolly's decoding",
     )
 
 

@@ -204,7 +204,7 @@ def serving_settings(config: UpConfig, model: str, key_file: Path, gpu: bool) ->
         model=model,
         registry=config.registry,
         auth={"api_keys_file": key_file.absolute()},
-        defaults={"frequency_penalty": config.behaviour.frequency_penalty},
+        defaults=config.behaviour.decoding.model_dump(exclude={"max_tokens"}),
         feedback={"url": f"sqlite:///{(config.workdir / 'feedback.db').absolute()}"},
         deployment={"num_gpus": 1 if gpu else 0},
     )

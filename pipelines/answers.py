@@ -22,10 +22,10 @@ from contract import (
     INSTRUCTION_KEY,
     RESPONSE_KEY_NL,
     extract_response,
-    generation,
     render_generation_prompt,
 )
 from contract.decode import BatchDecoder, finish_reason
+from contract.decoding import Decoding
 from contract.errors import UserError
 from contract.models import max_length_for, stop_token_ids
 from contract.registry import DEFAULT_ROOT
@@ -43,17 +43,14 @@ def sample_generations(
     tokenizer: str | None = None,
     gguf_file: str | None = None,
     per_category: int = 1,
-    max_new_tokens: int = generation.MAX_NEW_TOKENS,
-    temperature: float = generation.TEMPERATURE,
-    top_p: float = generation.TOP_P,
-    top_k: int = generation.TOP_K,
+    decoding: Decoding = Decoding(),
     seed: int = 42,
     batch_size: int = 8,
 ) -> list[Sample]:
     """Answers to the first `per_category` prompts of each category, from a prepared data folder
     (its test split) or from records (dicts with instruction, context, response, category).
 
-    Dolly's generation: its prompt and sampling (contract.generation; temperature 0: greedy),
+    Dolly's generation: its prompt, and `decoding` (Dolly's sampling by default; temperature 0: greedy),
     stopping at `### End`; the text is `extract_response` of the generation. Each prompt has its
     own seeded generator (seed + its index), so a seed gives the same answers on every run and
     in any batch."""
@@ -63,8 +60,7 @@ def sample_generations(
         prompts = [_heldout_prompt(row, lm.tokenizer) for row in _first_per_category(read_heldout(data.dir), per_category)]
     else:
         prompts = [record_prompt(record, lm.tokenizer) for record in _first_per_category(source, per_category)]
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens)
-    return answer(lm, prompts, params, seed, batch_size)
+    return answer(lm, prompts, decoding.params(), seed, batch_size)
 
 
 def heldout_behaviour(
@@ -87,14 +83,9 @@ def behaviour_on(
     lm: LoadedModel, prompts: list[dict], config: BehaviourConfig, mode: Mode
 ) -> tuple[BehaviourReport, list[Sample]]:
     """`lm`'s answers to `prompts` in one mode, and their scores."""
-    # SamplingParams' defaults are Dolly's sampling; greedy only changes the temperature.
-    params = SamplingParams(
-        max_tokens=config.max_new_tokens,
-        frequency_penalty=config.frequency_penalty,
-        **({"temperature": 0.0} if mode == "greedy" else {}),
-    )
-    samples = answer(lm, prompts, params, config.seed, config.batch_size, progress=f"{mode} answers of {lm.name}")
-    return summarize(samples, mode, config.max_new_tokens, config.frequency_penalty), samples
+    decoding = config.decoding_for(mode)
+    samples = answer(lm, prompts, decoding.params(), config.seed, config.batch_size, progress=f"{mode} answers of {lm.name}")
+    return summarize(samples, mode, decoding), samples
 
 
 def heldout_prompts(lm: LoadedModel, data_dir: Path | VerifiedData, examples: int | None) -> list[dict]:

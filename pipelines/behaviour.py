@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.table import Table
 
-from contract import generation
+from contract.decoding import Decoding
 from contract.records import DOLLY_CATEGORIES
 
 Mode = Literal["greedy", "sampled"]
@@ -36,6 +36,9 @@ NGRAM = 4
 # corpus repeats almost none (bench/RESULTS.md), "Red, Blue, Green, ..." repeats most.
 LOOP_THRESHOLD = 0.3
 BEHAVIOUR_PLOT = "behaviour_by_category.png"
+# Tokens an answer has to end in. Dolly's answers mostly fit (its 256 is a serving limit, not a
+# length people ask for), and a budget half as long halves the scoring time.
+ANSWER_BUDGET = 128
 
 
 class BehaviourConfig(BaseModel):
@@ -45,23 +48,23 @@ class BehaviourConfig(BaseModel):
 
     modes: list[Mode] = Field(
         ["greedy", "sampled"],
-        description=f"greedy, and/or Dolly's sampling (temperature {generation.TEMPERATURE:g}, top_p {generation.TOP_P}, "
-        f"top_k {generation.TOP_K}; seeded); [] for none",
+        description="greedy (the decoding at temperature 0), and/or sampled with the decoding (seeded); [] for none",
     )
     examples: int | None = Field(
         64, ge=1, description="held-out instructions answered: a round-robin over categories (null: all)"
     )
-    max_new_tokens: int = Field(128, ge=1, description="token budget of an answer: one that has not ended by then did not stop")
     batch_size: int = Field(16, ge=1, description="answers generated together")
     seed: int = Field(
         42, description="seed of the sampled answers (each prompt has its own, so any batch gives the same answers)"
     )
-    frequency_penalty: float = Field(
-        0.0,
-        ge=-2,
-        le=2,
-        description="OpenAI's frequency penalty, in both modes (0: Dolly's decoding); score with what the API serves",
+    decoding: Decoding = Field(
+        Decoding(max_tokens=ANSWER_BUDGET),
+        description="how the answers are decoded (Dolly's sampling by default); max_tokens is the budget: an answer "
+        "that has not ended by then did not stop; score with what the API serves",
     )
+
+    def decoding_for(self, mode: Mode) -> Decoding:
+        return self.decoding.greedy() if mode == "greedy" else self.decoding
 
 
 class Sample(BaseModel):
@@ -71,7 +74,7 @@ class Sample(BaseModel):
     context: str
     reference: str
     generated: str  # extract_response of the generation: cut at `### End` / `### Instruction:`
-    finish: Literal["stop", "length"]  # stopped at a stop token, or ran to max_new_tokens
+    finish: Literal["stop", "length"]  # stopped at a stop token, or ran to the token budget
 
 
 class BehaviourScores(BaseModel):
@@ -88,8 +91,7 @@ class BehaviourScores(BaseModel):
 class BehaviourReport(BaseModel):
     model: str
     mode: Mode
-    max_new_tokens: int
-    frequency_penalty: float = 0.0
+    decoding: Decoding  # what the answers were decoded with (greedy: temperature 0)
     overall: BehaviourScores
     by_category: dict[str, BehaviourScores]
 
@@ -112,7 +114,7 @@ def rouge_l(answer: str, reference: str) -> float:
     return _rouge().score(reference, answer)["rougeL"].fmeasure
 
 
-def summarize(samples: Sequence[Sample], mode: Mode, max_new_tokens: int, frequency_penalty: float = 0.0) -> BehaviourReport:
+def summarize(samples: Sequence[Sample], mode: Mode, decoding: Decoding) -> BehaviourReport:
     """One model's answers scored, per category (in Dolly's order) and overall."""
     if not samples:
         raise ValueError("no answers to score")
@@ -124,8 +126,7 @@ def summarize(samples: Sequence[Sample], mode: Mode, max_new_tokens: int, freque
     return BehaviourReport(
         model=samples[0].model,
         mode=mode,
-        max_new_tokens=max_new_tokens,
-        frequency_penalty=frequency_penalty,
+        decoding=decoding,
         overall=_scores(samples),
         by_category={c: _scores(by_category[c]) for c in ordered(by_category)},
     )
@@ -171,8 +172,7 @@ def behaviour_table(reports: Sequence[BehaviourReport], labels: Sequence[str] | 
     others are compared with (a better value green, a worse one red). `labels` head the columns
     (default: base and tuned for two models, else 1, 2, ...)."""
     labels = labels or (("base", "tuned") if len(reports) == 2 else [str(i + 1) for i in range(len(reports))])
-    mode, budget, penalty = reports[0].mode, reports[0].max_new_tokens, reports[0].frequency_penalty
-    decoding = f"{mode}{f', frequency penalty {penalty:g}' if penalty else ''}, at most {budget} new tokens"
+    decoding = f"{reports[0].mode}: {reports[0].decoding.describe()}"
     table = Table(
         title=f"Behaviour on held-out instructions ({decoding}): " + " vs ".join(r.model for r in reports), title_justify="left"
     )
@@ -238,8 +238,7 @@ def plot_behaviour(reports: Sequence[BehaviourReport], path: Path) -> Path:
             ax.set_ylim(0, 1)
             ax.set_ylabel(label, fontsize=8)
             if row == 0:
-                penalty = f", frequency penalty {group[0].frequency_penalty:g}" if group[0].frequency_penalty else ""
-                ax.set_title(f"{mode} answers{penalty}, at most {group[0].max_new_tokens} new tokens")
+                ax.set_title(f"{mode} answers: {group[0].decoding.describe()}")
                 ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
     fig.tight_layout()

@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from contract import generation, runs
+from contract import runs
+from contract.decoding import Decoding
 from contract.records import DOLLY_CATEGORIES
 from contract.registry import DEFAULT_ROOT
 from pipelines.behaviour import BehaviourConfig
@@ -317,12 +318,9 @@ class EvalConfig(BaseModel):
         description="score only this many test examples: a deterministic subset, round-robin over categories (default: all)",
     )
     samples_per_category: int = Field(1, ge=0, description="test prompts per category to generate answers for (0: none)")
-    max_new_tokens: int = Field(
-        generation.MAX_NEW_TOKENS, ge=1, description="longest generated answer in tokens (Dolly's default)"
+    decoding: Decoding = Field(
+        Decoding(), description="how the per-category samples are decoded (Dolly's sampling; temperature=0: greedy)"
     )
-    temperature: float = Field(generation.TEMPERATURE, ge=0, description="sampling temperature (0: greedy)")
-    top_p: float = Field(generation.TOP_P, gt=0, le=1, description="nucleus sampling (Dolly's default)")
-    top_k: int = Field(generation.TOP_K, ge=0, description="top-k sampling (0: off, Dolly's default)")
     seed: int = Field(
         42,
         description="seed of sampling, and of random-shape weights (training's default, so a random base starts where training did)",

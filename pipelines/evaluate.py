@@ -133,10 +133,7 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
                 lm,
                 data,
                 per_category=config.samples_per_category,
-                max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                top_k=config.top_k,
+                decoding=config.decoding,
                 seed=config.seed,
                 batch_size=config.batch_size,
             )
@@ -146,7 +143,7 @@ def evaluate(config: EvalConfig, console: Console | None = None) -> EvalReport:
                     lm,
                     corrections,
                     batch_size=config.batch_size,
-                    max_new_tokens=config.behaviour.max_new_tokens,
+                    max_new_tokens=config.behaviour.decoding.max_tokens,
                     seed=config.seed,
                 )
             )

@@ -5,7 +5,7 @@ model.safetensors        consolidated 16-bit weights (gathered from every rank u
                          adapter_config.json, which names the base (and, on request, the adapter
                          merged into its base in a second, plain folder)
 tokenizer                the tokenizer with Dolly's special tokens, and Dolly's prompt as its chat template
-generation_config.json   eos = the `### End` id, and Dolly's sampling defaults
+generation_config.json   eos = the `### End` id, and the decoding it is served with (contract.decoding)
 README.md                model card: base model, data fingerprint, hyperparameters, metrics
 training.json            the same facts, for programs
 """
@@ -24,7 +24,8 @@ from peft import PeftModel
 from transformers import GenerationConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from contract import CHAT_TEMPLATE, END_KEY, generation
+from contract import CHAT_TEMPLATE, END_KEY
+from contract.decoding import Decoding
 from contract.models import load_model
 from contract.registry import TRAINING_FACTS
 
@@ -89,18 +90,10 @@ def _save_plain(model, staging: Path, state: dict, dtype: str) -> None:
         model.config = saved_config
 
 
-def generation_config(tokenizer) -> GenerationConfig:
-    """Dolly's generation defaults, stopping at `### End` (Dolly's slow answers ran to
+def generation_config(tokenizer, decoding: Decoding = Decoding()) -> GenerationConfig:
+    """`decoding` (Dolly's by default) stopping at `### End` (Dolly's slow answers ran to
     max_new_tokens whenever this was missed)."""
-    return GenerationConfig(
-        eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY),
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=True,
-        temperature=generation.TEMPERATURE,
-        max_new_tokens=generation.MAX_NEW_TOKENS,
-        top_p=generation.TOP_P,
-        top_k=generation.TOP_K,
-    )
+    return decoding.generation_config(eos_token_id=tokenizer.convert_tokens_to_ids(END_KEY), pad_token_id=tokenizer.pad_token_id)
 
 
 def model_card(facts: dict) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from rich.table import Table
 
+from contract import generation
 from contract.errors import UserError
 from contract.feedback import FeedbackStore
 from contract.models import max_length_for
@@ -74,7 +75,7 @@ def read_flagged(url: str) -> list[dict]:
 
 
 def score_flagged(
-    lm: LoadedModel, rows: Sequence[dict], *, batch_size: int = 8, max_new_tokens: int = 256, seed: int = 42
+    lm: LoadedModel, rows: Sequence[dict], *, batch_size: int = 8, max_new_tokens: int = generation.MAX_NEW_TOKENS, seed: int = 42
 ) -> tuple[FlaggedReport, list[FlaggedAnswer]]:
     """`lm` on the held-out corrections: the likelihood of each correction and of its flagged
     answer (same prompt, same category), and its greedy answer to the instruction."""

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contract import generation, registry
+from contract.decoding import Decoding
 from contract.environment import API_KEYS_ENV, FEEDBACK_URL_ENV
 from contract.feedback import DEFAULT_URL, absolute_url
 from contract.registry import DEFAULT_ROOT
@@ -29,19 +30,10 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SamplingDefaults(_Settings):
-    """What a request gets for the parameters it leaves out: Dolly's InstructionTextGenerationPipeline."""
+class SamplingDefaults(Decoding):
+    """What a request gets for the parameters it leaves out: the decoding (Dolly's
+    InstructionTextGenerationPipeline unless set), and when an answer may stop."""
 
-    temperature: float = Field(generation.TEMPERATURE, ge=0, le=2, description="0 means greedy decoding")
-    top_p: float = Field(generation.TOP_P, gt=0, le=1, description="nucleus sampling mass")
-    top_k: int = Field(generation.TOP_K, ge=0, description="0 disables top-k, as in Dolly")
-    max_tokens: int = Field(generation.MAX_NEW_TOKENS, ge=1, description="new tokens at most (Dolly's max_new_tokens)")
-    frequency_penalty: float = Field(
-        0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this per time it was generated (0: off, as Dolly)"
-    )
-    presence_penalty: float = Field(
-        0.0, ge=-2, le=2, description="OpenAI's: lower a token's logit by this once it was generated (0: off, as Dolly)"
-    )
     min_tokens: int | None = Field(
         None,
         ge=0,

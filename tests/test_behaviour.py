@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from contract import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL
+from contract.decoding import Decoding
 from contract.records import DOLLY_CATEGORIES
 from loop.configs import GateConfig
 from loop.gate import gate
@@ -39,7 +40,7 @@ def test_a_looping_answer_scores_high_repetition_and_a_fresh_one_none():
     assert repetition(loop) > 0.7 > LOOP_THRESHOLD
     assert repetition(REFERENCE) == 0.0
     assert repetition("Yes.") == 0.0, "too short for a 4-gram: nothing can repeat"
-    report = summarize([sample(loop, "length"), sample(REFERENCE)], "greedy", 128)
+    report = summarize([sample(loop, "length"), sample(REFERENCE)], "greedy", Decoding(max_tokens=128).greedy())
     assert report.overall.loop_rate == 0.5
     assert report.overall.repetition == pytest.approx(repetition(loop) / 2)
 
@@ -49,7 +50,7 @@ def test_an_answer_that_never_stops_lowers_the_stop_rate():
     report = summarize(
         [sample("Paris " * 128, "length"), sample("Paris.", "stop"), sample("Paris.", "stop"), sample("Paris.", "stop")],
         "greedy",
-        128,
+        Decoding(max_tokens=128).greedy(),
     )
     assert report.overall.stop_rate == 0.75 and report.overall.examples == 4
 
@@ -65,14 +66,14 @@ def test_rouge_l_is_one_for_a_copy_of_the_reference_and_falls_with_what_is_missi
 def test_scores_are_per_category_in_dollys_order_and_reconcile_with_the_answers():
     answers = [sample(REFERENCE, category=c) for c in reversed(DOLLY_CATEGORIES)]
     answers.append(sample("Paris Paris Paris", "length", category="closed_qa", reference="Paris"))
-    report = summarize(answers, "sampled", 64)
+    report = summarize(answers, "sampled", Decoding(max_tokens=64))
     assert list(report.by_category) == list(DOLLY_CATEGORIES)
     assert sum(c.examples for c in report.by_category.values()) == report.overall.examples == len(answers)
     closed = report.by_category["closed_qa"]
     assert closed.stop_rate == 0.5 and closed.words == (len(REFERENCE.split()) + 3) / 2
     assert report.by_category["open_qa"].length_ratio == 1.0
     with pytest.raises(ValueError, match="several models"):
-        summarize([sample("a"), sample("b").model_copy(update={"model": "other"})], "greedy", 8)
+        summarize([sample("a"), sample("b").model_copy(update={"model": "other"})], "greedy", Decoding(max_tokens=8).greedy())
 
 
 # ---------------------------------------------------------------------------- the gate
@@ -85,7 +86,7 @@ def loss_report(loss: float) -> LossReport:
 
 def behaviour_report(stop_rate: float, repetition: float = 0.05, rouge: float = 0.3) -> BehaviourReport:
     answers = [sample("x", "stop" if i < round(stop_rate * 20) else "length") for i in range(20)]
-    report = summarize(answers, "greedy", 128)
+    report = summarize(answers, "greedy", Decoding(max_tokens=128).greedy())
     overall = report.overall.model_copy(update={"repetition": repetition, "rouge_l": rouge})
     return report.model_copy(update={"overall": overall})
 
@@ -203,7 +204,7 @@ def test_a_short_training_run_makes_a_tiny_model_end_its_answers(tmp_path, token
     )
     export = train(config).metrics["export_dir"]
 
-    budget = BehaviourConfig(modes=["greedy"], examples=8, max_new_tokens=16)
+    budget = BehaviourConfig(modes=["greedy"], examples=8, decoding=Decoding(max_tokens=16))
     untrained, _ = heldout_behaviour("pythia-14m-random", data, budget, "greedy", tokenizer=tokenizer_path)
     tuned, answers = heldout_behaviour(export, data, budget, "greedy")
     assert untrained.overall.stop_rate <= 0.25, "a random model should rarely end by chance"

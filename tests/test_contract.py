@@ -141,3 +141,20 @@ def test_an_answer_the_assistant_has_begun_is_continued_as_transformers_continue
     rendered = templated.apply_chat_template(messages, continue_final_message=True, return_dict=True)["input_ids"]
     assert served.ids == rendered
     assert templated.decode(served.ids).endswith("### Response:\nCats")
+
+
+def test_a_model_folder_carries_its_decoding_in_generation_config_json_as_transformers_and_vllm_read_it(tmp_path):
+    from transformers import GenerationConfig
+
+    from contract import generation
+    from contract.decoding import Decoding
+
+    assert Decoding.of_model(tmp_path) == Decoding(), "a folder without one decodes as Dolly"
+    chosen = Decoding(temperature=0.7, frequency_penalty=0.3, max_tokens=200)
+    chosen.generation_config(eos_token_id=7, pad_token_id=1).save_pretrained(tmp_path)
+    assert Decoding.of_model(tmp_path) == chosen
+    read = GenerationConfig.from_pretrained(tmp_path)  # what generate() and vLLM's defaults take
+    assert (read.temperature, read.top_p, read.max_new_tokens, read.eos_token_id) == (0.7, generation.TOP_P, 200, 7)
+    Decoding(temperature=0).generation_config(eos_token_id=7, pad_token_id=1).save_pretrained(tmp_path)
+    assert Decoding.of_model(tmp_path).temperature == 0 and not GenerationConfig.from_pretrained(tmp_path).do_sample
+    assert chosen.describe() == "T 0.7, top_p 0.92, frequency penalty 0.3, at most 200 new tokens"

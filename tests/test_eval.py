@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from cli.eval import eval_command
 from contract import END_KEY, registry
+from contract.decoding import Decoding
 from contract.errors import UserError
 from contract.feedback import FeedbackStore
 from contract.models import load_model, load_tokenizer
@@ -125,7 +126,7 @@ def test_scoring_hashes_the_shards_once_and_not_again_when_handed_them_verified(
     hashed = []
     real = manifest.shard_hashes
     monkeypatch.setattr(manifest, "shard_hashes", lambda folder: hashed.append(folder) or real(folder))
-    behaviour = BehaviourConfig(modes=["greedy"], examples=2, max_new_tokens=4)
+    behaviour = BehaviourConfig(modes=["greedy"], examples=2, decoding=Decoding(max_tokens=4))
     from_folder, _ = score_model(str(tiny_model), heldout, behaviour, max_examples=4)
     assert len(hashed) == 1, "loss and answers read shards verified once"
     data = manifest.verified(heldout)
@@ -163,8 +164,8 @@ def test_samples_are_seeded_and_end_at_the_end_token(tmp_path, tiny_model, slice
     folder, word = constant_model(tmp_path / "hello", tiny_model, p_end=0.3)
     lm = LoadedModel(str(folder))
 
-    def run(seed: int, **kwargs):
-        return sample_generations(lm, slice_records, per_category=1, max_new_tokens=64, seed=seed, **kwargs)
+    def run(seed: int):
+        return sample_generations(lm, slice_records, per_category=1, decoding=Decoding(max_tokens=64), seed=seed)
 
     first = run(seed=3)
     assert [s.category for s in first] == list(DOLLY_CATEGORIES)  # one per category, in Dolly's order
@@ -174,8 +175,8 @@ def test_samples_are_seeded_and_end_at_the_end_token(tmp_path, tiny_model, slice
         assert "###" not in sample.generated
     # Sampled, not greedy: answer lengths vary with the seed.
     assert len({len(run(seed=s)[0].generated) for s in range(6)}) > 1
-    # Greedy never picks `### End` here (p 0.3): the answer runs to max_new_tokens.
-    greedy = sample_generations(lm, slice_records[:1], max_new_tokens=5, temperature=0)
+    # Greedy never picks `### End` here (p 0.3): the answer runs to the token budget.
+    greedy = sample_generations(lm, slice_records[:1], decoding=Decoding(max_tokens=5, temperature=0))
     assert greedy[0].finish == "length" and greedy[0].generated == " ".join([word] * 5)
 
 
@@ -200,8 +201,8 @@ def test_dolly_eval_end_to_end_against_a_base(tmp_path, tokenizer_path, tiny_mod
             "--samples-per-category",
             "1",
             f"registry={root}",
-            "max_new_tokens=8",
-            "temperature=0",
+            "decoding.max_tokens=8",
+            "decoding.temperature=0",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -264,7 +265,7 @@ def test_dolly_eval_feedback_tells_the_mistakes_a_model_still_makes_from_those_i
         "--samples-per-category",
         "0",
     ]
-    settings = ["behaviour.modes=[greedy]", "behaviour.examples=2", "behaviour.max_new_tokens=16"]
+    settings = ["behaviour.modes=[greedy]", "behaviour.examples=2", "behaviour.decoding.max_tokens=16"]
     result = CliRunner().invoke(app, [*flags, "--feedback", db, *settings])
     assert result.exit_code == 0, result.output
     assert "Flagged mistakes: 2 held-out corrections" in result.output

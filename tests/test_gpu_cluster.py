@@ -78,6 +78,7 @@ def test_serving_replicas_and_a_retrains_scorer_each_get_a_gpu_of_their_own(gpu_
         from ray import serve
         from rich.console import Console
         from loop.deploy import deploy
+        from contract.decoding import Decoding
         from pipelines.behaviour import BehaviourConfig
         from pipelines.manifest import verified
         from pipelines.scoring import RemoteScore
@@ -95,7 +96,7 @@ def test_serving_replicas_and_a_retrains_scorer_each_get_a_gpu_of_their_own(gpu_
             stats = handle.stats.remote().result(timeout_s=60)
             replicas[stats["replica"]] = stats["gpu_ids"]
         # A retrain beside serving: its scorer asks for a GPU like a training worker.
-        behaviour = BehaviourConfig(modes=["greedy"], examples=1, max_new_tokens=2)
+        behaviour = BehaviourConfig(modes=["greedy"], examples=1, decoding=Decoding(max_tokens=2))
         scoring = RemoteScore({str(tiny_model)!r}, verified({str(train_data)!r}), behaviour, {{"num_gpus": 1, "num_cpus": 0.5}})
         scores, placement = scoring.result(Console(stderr=True))
 

@@ -12,6 +12,21 @@ file) is skipped with a warning and the next older one is tried.
 
 A checkpoint written by another number of workers is converted with DeepSpeed's universal
 checkpointing (ds_to_universal) and loaded into the new partitioning.
+
+A checkpoint in local storage (disk, NFS, a PVC) loads in place. From remote storage (s3://,
+gs://, any pyarrow filesystem) each rank copies only what it loads, into the node's temp dir,
+deleted again once loaded (pods have little ephemeral storage): resuming on as many workers as
+wrote it, DeepSpeed's load_checkpoint (0.19.8) opens the rank's own files alone (its ZeRO shard,
+under ZeRO-3 its model states too; other ranks' shards only with elastic_checkpoint, which is
+never set), plus under ZeRO 0-2 the module copy rank 0 wrote (SHARED), copied once per node and
+linked into each rank's folder. A 12b ZeRO-3 checkpoint of ~168 GB then costs each node its
+ranks' share of it, once. Each rank loads from a folder of its own with nothing else in it, so a
+DeepSpeed that read another rank's file fails in the tests instead of finding it by chance.
+A conversion reads every file: each node's first worker copies all of it, converts, and drops the
+copy, while the node's other workers wait. All these waits are on a gloo group of their own with
+a timeout of hours (LONG_WAIT), not on the default group, whose timeout is meant for quick
+collectives. Every node copies and converts for itself, into a folder named by its node rank:
+a temp dir that nodes share is then safe too, though not shared in use.
 """
 
 from __future__ import annotations
@@ -24,7 +39,10 @@ import tempfile
 import time
 import zipfile
 from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -39,6 +57,13 @@ TAG = "state"  # DeepSpeed's tag: the sub-folder its files go in
 MANIFESTS = "ranks"
 CLIENT_STATE = "dolly"  # our training state, apart from the keys DeepSpeed adds to client_state
 _NAME = re.compile(r"^checkpoint_(?P<step>\d{8})_(?P<stamp>\d+)$")
+# Under ZeRO 0-2, the one copy of the module (and schedule, and client state) that rank 0 writes
+# and every rank loads; under ZeRO-3 each rank writes and loads its own model states.
+SHARED = f"{TAG}/mp_rank_00_model_states.pt"
+# How long ranks wait for each other while a node copies or converts a checkpoint: a 12b ZeRO-3
+# checkpoint is ~168 GB, far beyond what the default group's timeout (Ray Train's TorchConfig
+# timeout_s, 30 min) is meant for.
+LONG_WAIT = timedelta(hours=4)
 
 
 @dataclass(frozen=True)
@@ -185,56 +210,126 @@ def load(engine, stored: Stored, universal: bool) -> dict:
     `universal`: the checkpoint was written by another number of workers, and `engine` was built
     to load a universal checkpoint (deepspeed_config(universal=True)): it is converted first.
     """
-    from ray.train import Checkpoint
-
-    with Checkpoint(path=stored.path, filesystem=stored.filesystem).as_directory() as folder:
-        root = _universal(Path(folder), stored) if universal else folder
+    with _local(stored, universal) as root:
         _, client_state = engine.load_checkpoint(str(root), tag=TAG)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {stored.path}")
     return client_state[CLIENT_STATE]
 
 
-def _universal(folder: Path, stored: Stored) -> Path:
-    """The checkpoint in `folder` converted to DeepSpeed's universal format (per-parameter fp32
-    weights and optimizer moments, free of any partitioning), in a folder of this node that the
-    engine then loads from. Each node's first worker converts, into the node's temp dir; the
-    others wait for it."""
+@contextmanager
+def _local(stored: Stored, universal: bool) -> Iterator[Path]:
+    """A local folder with what this rank loads of `stored`: the stored folder itself if it is
+    local and loads as it is, else a folder of the node's temp dir (a copy or the conversion),
+    deleted once every rank has loaded."""
+    remote = not isinstance(stored.filesystem, pafs.LocalFileSystem)
+    if not (remote or universal):
+        yield Path(stored.path)
+        return
     import ray.train
+
+    context = ray.train.get_context()
+    first = context.get_local_rank() == 0  # the node's first worker
+    node = Path(tempfile.gettempdir()) / f"dolly-resume.{context.get_experiment_name()}.node_{context.get_node_rank()}"
+    waits = dist.new_group(backend="gloo", timeout=LONG_WAIT)
+    if first:
+        shutil.rmtree(node, ignore_errors=True)  # what a killed attempt left
+    if not universal:
+        dist.barrier(group=waits)  # no rank copies into the node's folder before it is cleared
+    root = node / "universal" if universal else node / f"rank_{dist.get_rank()}"
+    error = None
+    try:
+        if not universal:
+            _copy_own(stored, node, root, first)
+        elif first:
+            _convert(stored, node, root)
+    except Exception as e:  # every rank must hear of it, or the others would wait for this one
+        error = e
+    if not _all_ranks(error is None, waits):
+        if first:
+            shutil.rmtree(node, ignore_errors=True)
+        n = writers(stored)
+        raise RuntimeError(
+            f"could not convert checkpoint {stored.path} (written by {n} workers) to DeepSpeed's universal format "
+            f"({error!r} on this node's first worker, else on another node's); set num_workers={n} to resume it as it is"
+            if universal
+            else f"could not copy checkpoint {stored.path} into {node} ({error!r} on this rank, else on another); "
+            f"check the free space in {tempfile.gettempdir()} (on k8s, the pod's ephemeral storage) and access to the storage"
+        ) from error
+    yield root
+    dist.barrier(group=waits)  # every rank has loaded
+    if first:
+        shutil.rmtree(node, ignore_errors=True)
+    dist.destroy_process_group(waits)
+
+
+def _copy_own(stored: Stored, node: Path, root: Path, first: bool) -> None:
+    """Copy into `root` what this rank loads when as many ranks wrote the checkpoint: its own
+    files, and under ZeRO 0-2 rank 0's copy of the module (SHARED), which the node's first
+    worker copies into `node`/shared and every rank links to."""
+    rank, rank_0 = dist.get_rank(), _manifest(stored, 0)
+    shared = [SHARED] if SHARED in rank_0["files"] else []
+    own = _manifest(stored, rank)["files"] if rank < rank_0["world_size"] else {}  # more ranks: only under ZeRO-0
+    _copy(stored, [name for name in own if name not in shared], root)
+    if first:
+        _copy(stored, shared, node / "shared")
+    for name in shared:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(node / "shared" / name)
+
+
+def _convert(stored: Stored, node: Path, root: Path) -> None:
+    """Convert the checkpoint to DeepSpeed's universal format (per-parameter fp32 weights and
+    optimizer moments, free of any partitioning) into `root`, from a copy of all of it in `node`
+    unless it is local."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    root = Path(tempfile.gettempdir()) / "dolly-universal" / Path(stored.path).name
-    error = None
-    if ray.train.get_context().get_local_rank() == 0 and not (root / TAG).is_dir():
-        shutil.rmtree(root, ignore_errors=True)
-        try:
-            ds_to_universal(
-                Namespace(
-                    input_folder=str(folder / TAG),
-                    output_folder=str(root / TAG),  # ds_to_universal names it in root/latest_universal
-                    num_extract_workers=1,
-                    num_merge_workers=1,
-                    keep_temp_folder=False,
-                    strict=True,
-                    # The universal info of Megatron-style models, which HF models lack: DeepSpeed infers it.
-                    inject_missing_state=True,
-                )
+    source = Path(stored.path)
+    try:
+        if not isinstance(stored.filesystem, pafs.LocalFileSystem):
+            source = node / "copy"
+            _copy(stored, sorted({name for r in range(writers(stored)) for name in _manifest(stored, r)["files"]}), source)
+        ds_to_universal(
+            Namespace(
+                input_folder=str(source / TAG),
+                output_folder=str(root / TAG),  # ds_to_universal names it in root/latest_universal
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                # The universal info of Megatron-style models, which HF models lack: DeepSpeed infers it.
+                inject_missing_state=True,
             )
-        except Exception as e:  # every rank must hear of it, or the others would wait forever
-            shutil.rmtree(root, ignore_errors=True)
-            error = e
-    if not _all_ranks(error is None):
-        raise RuntimeError(
-            f"could not convert checkpoint {stored.path} (written by {writers(stored)} workers) to DeepSpeed's "
-            f"universal format ({error!r} on this node's first worker, else on another node's); "
-            f"set num_workers={writers(stored)} to resume it as it is"
-        ) from error
-    return root
+        )
+    finally:
+        shutil.rmtree(node / "copy", ignore_errors=True)  # converted, or failed: no longer needed
 
 
-def _all_ranks(ok: bool) -> bool:
-    flag = torch.tensor([int(ok)], device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+def _copy(stored: Stored, names: list[str], folder: Path) -> None:
+    started = time.perf_counter()
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(
+            f"{stored.path}/{name}",
+            str(folder / name),
+            source_filesystem=stored.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
+    size = sum((folder / name).stat().st_size for name in names)
+    log.info(
+        "rank %d copied %d files (%.2f GB) of checkpoint %s into %s in %.0f s",
+        dist.get_rank(),
+        len(names),
+        size / 1e9,
+        stored.path,
+        folder,
+        time.perf_counter() - started,
+    )
+
+
+def _all_ranks(ok: bool, group: dist.ProcessGroup | None = None) -> bool:
+    flag = torch.tensor([int(ok)], device=collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
 
@@ -244,6 +339,6 @@ def _broadcast(value: int) -> int:
     return int(tensor.item())
 
 
-def collective_device() -> torch.device:
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     # NCCL only moves CUDA tensors; gloo only CPU ones.
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")

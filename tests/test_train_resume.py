@@ -1,9 +1,10 @@
 """Checkpoints and resume: a run survives a killed worker and ends exactly where it was told to,
 from a verified checkpoint; a damaged checkpoint is skipped, never resumed from; a checkpoint
-of two workers resumes on one."""
+of two workers resumes on one; from remote storage, each node copies only what its ranks load."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -136,3 +137,88 @@ def test_two_workers_checkpoint_resumes_on_one_through_deepspeeds_universal_chec
     # The weights came along: the loss goes on from where two workers left it (a fresh start is ~10.8).
     assert result.metrics["train_loss"] == pytest.approx(before.metrics["train_loss"], rel=0.1)
     assert result.metrics["eval_loss"] == pytest.approx(before.metrics["eval_loss"], rel=0.02)
+
+
+def load_through_a_remote_filesystem(loop_config: dict) -> None:
+    """A Ray Train worker: build the engine a run of `config` builds and load the checkpoint from
+    a pyarrow filesystem that is not pyarrow's local one (to Ray and to checkpoints.py it is
+    remote, as S3 is), noting each file opened on it."""
+    import deepspeed
+    import fsspec
+    import pyarrow.fs as pafs
+    import ray.train
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from contract.models import load_tokenizer
+    from pipelines import train_worker
+    from pipelines.deepspeed_config import deepspeed_config
+
+    class Noting(pafs.FSSpecHandler):
+        opened: list[str] = []
+
+        def open_input_stream(self, path):
+            self.opened.append(path)
+            return super().open_input_stream(path)
+
+        def open_input_file(self, path):
+            self.opened.append(path)
+            return super().open_input_file(path)
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    universal = loop_config["universal"]
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False  # as train_loop does, and then:
+    deepspeed.init_distributed(dist_backend="gloo")
+    hf_ds_config = HfDeepSpeedConfig(deepspeed_config(config, universal=universal))
+    engine, _ = train_worker._engine(config, hf_ds_config, load_tokenizer(config.tokenizer_path), config.max_steps)
+    stored = checkpoints.Stored(loop_config["path"], pafs.PyFileSystem(Noting(fsspec.filesystem("file"))), step=-1)
+    state = checkpoints.load(engine, stored, universal)
+    seen = {"step": state["step"], "opened": Noting.opened}
+    (Path(loop_config["out"]) / f"rank_{ray.train.get_context().get_world_rank()}.json").write_text(json.dumps(seen))
+
+
+def load_on_workers(config: TrainConfig, stored: checkpoints.Stored, workers: int, node_tmp: Path, out: Path) -> list[dict]:
+    """What each of `workers` ranks saw loading `stored` from remote storage, with `node_tmp` as
+    their temp dir."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    TorchTrainer(
+        load_through_a_remote_filesystem,
+        train_loop_config={
+            "config": config.model_copy(update={"num_workers": workers}).model_dump(mode="json"),
+            "path": stored.path,
+            "universal": workers != config.num_workers,
+            "out": str(out),
+        },
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=workers),
+        run_config=RunConfig(
+            name="remote-resume",
+            storage_path=str(out / "ray"),
+            worker_runtime_env={"env_vars": {"TMPDIR": str(node_tmp)}},
+        ),
+    ).fit()
+    return [json.loads((out / f"rank_{r}.json").read_text()) for r in range(workers)]
+
+
+@pytest.mark.parametrize("workers", [2, 1], ids=["as-many-workers", "universal"])
+def test_from_remote_storage_each_node_copies_only_what_its_ranks_load_and_deletes_it_after(killed_run, tmp_path, workers):
+    """Resuming on as many workers, a rank reads only the files it wrote, yet loads rank 0's copy
+    of the module too: the node's first worker (here rank 0 itself) read it for all. A conversion
+    reads every file once. The node's temp dir is left empty."""
+    config, _, _ = killed_run
+    newest, *_ = checkpoints.candidates(str(Path(config.storage_path).absolute() / config.run_name))
+    node_tmp = tmp_path / "node_tmp"
+    node_tmp.mkdir()
+    seen = load_on_workers(config, newest, workers, node_tmp, tmp_path)
+
+    manifests = Path(newest.path) / checkpoints.MANIFESTS
+    wrote = [set(json.loads((manifests / f"rank_{r}.json").read_text())["files"]) for r in range(config.num_workers)]
+    opened = [
+        [str(Path(p).relative_to(newest.path)) for p in rank["opened"] if not p.startswith(str(manifests))] for rank in seen
+    ]
+    assert all(len(names) == len(set(names)) for names in opened), "no file is read twice"
+    assert [set(names) for names in opened] == (wrote if workers == config.num_workers else [set.union(*wrote)])
+    assert [rank["step"] for rank in seen] == [newest.step] * workers  # the step is in rank 0's model states
+    assert [p for p in node_tmp.rglob("*") if p.is_file()] == []

@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # torch and transformers load where decoding happens, not whe
     from contract.sampling import SamplingParams
 
 GENERATION_CONFIG = "generation_config.json"
+# Its keys a decoding sets (the OpenAI penalties are ours: transformers keeps them as attributes).
+_GENERATION_KEYS = ("do_sample", "temperature", "top_p", "top_k", "max_new_tokens", "frequency_penalty", "presence_penalty")
 
 
 class Decoding(BaseModel):
@@ -61,17 +63,20 @@ class Decoding(BaseModel):
         """This decoding as a model's generation_config.json, stopping at `eos_token_id` (`### End`)."""
         from transformers import GenerationConfig
 
-        penalties = {
-            k: v for k, v in (("frequency_penalty", self.frequency_penalty), ("presence_penalty", self.presence_penalty)) if v
-        }
-        return GenerationConfig(
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            do_sample=self.temperature > 0,
-            **({"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if self.temperature else {}),
-            max_new_tokens=self.max_tokens,
-            **penalties,
-        )
+        return GenerationConfig(eos_token_id=eos_token_id, pad_token_id=pad_token_id, **self._generation_keys())
+
+    def write_to(self, folder: Path) -> None:
+        """Make this the decoding the model in `folder` carries: the sampling keys of its
+        generation_config.json replaced, its stop and pad ids (and anything else) kept."""
+        path = Path(folder) / GENERATION_CONFIG
+        found = json.loads(path.read_text()) if path.is_file() else {}
+        kept = {k: v for k, v in found.items() if k not in _GENERATION_KEYS}
+        path.write_text(json.dumps(kept | self._generation_keys(), indent=2, sort_keys=True) + "\n")
+
+    def _generation_keys(self) -> dict:
+        sampled = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if self.temperature else {}
+        penalties = {k: getattr(self, k) for k in ("frequency_penalty", "presence_penalty") if getattr(self, k)}
+        return {"do_sample": self.temperature > 0, **sampled, "max_new_tokens": self.max_tokens, **penalties}
 
     @classmethod
     def of_model(cls, folder: Path) -> Decoding:

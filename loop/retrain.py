@@ -20,6 +20,7 @@ from rich.console import Console
 from cluster.connect import ray_session
 from cluster.storage import check_shared
 from contract import feedback, registry
+from contract.decoding import Decoding
 from contract.errors import UserError
 from contract.feedback import FeedbackStore
 from contract.settings import load_config
@@ -89,6 +90,8 @@ def retrain(config: RetrainConfig, console: Console | None = None, address: str 
         console.rule(f"[bold]Retrain {name} on the corpus plus {len(new_records)} file(s) of new records")
         train_config, export_dir = train_once(train_config, "retrain", fingerprint, console)
         run_name = train_config.run_name
+        # A candidate that replaces the serving version decodes as it does (its generation_config.json).
+        Decoding.of_model(serving_folder).write_to(export_dir)
         version = registry.register_once(export_dir, name, root, promote=False)
         candidate_name = f"{name}@{version}"
         console.print(f"Registered the candidate as {candidate_name} (not promoted yet)")

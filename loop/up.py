@@ -25,7 +25,7 @@ from rich.panel import Panel
 
 from cluster.connect import ray_session
 from cluster.storage import check_shared
-from contract import registry
+from contract import generation, registry
 from contract.models import SMOLLM2, resolve_base
 from loop.configs import UpConfig
 from loop.deploy import STOP_HINT, Deployed, serving
@@ -97,6 +97,11 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         console.print(f"Charts: {', '.join(charts.values())}; scores: {report}")
 
         stages.start("registry", "Export and register")
+        # The model carries the decoding its answers were scored with: whatever serves it (this API,
+        # `dolly serve`, vLLM, transformers' generate) decodes so by default, the page's sliders included.
+        served_decoding = config.behaviour.decoding.model_copy(update={"max_tokens": generation.MAX_NEW_TOKENS})
+        served_decoding.write_to(export_dir)
+        console.print(f"Decoding it carries (generation_config.json), as its answers were scored: {served_decoding.describe()}")
         name, root = config.model_name, config.registry
         version = registry.find_registered(export_dir, name, root)
         if version is None:
@@ -198,13 +203,12 @@ class CachedScore:
 
 
 def serving_settings(config: UpConfig, model: str, key_file: Path, gpu: bool) -> ServeConfig:
-    """What `dolly up` serves with: the answers' decoding, and with `gpu` (training ran on GPUs)
-    a GPU for each model replica, so no two replicas, and no later `dolly retrain`, share one."""
+    """What `dolly up` serves with (the decoding is the model's own): with `gpu` (training ran on
+    GPUs) a GPU for each model replica, so no two replicas, and no later `dolly retrain`, share one."""
     return ServeConfig(
         model=model,
         registry=config.registry,
         auth={"api_keys_file": key_file.absolute()},
-        defaults=config.behaviour.decoding.model_dump(exclude={"max_tokens"}),
         feedback={"url": f"sqlite:///{(config.workdir / 'feedback.db').absolute()}"},
         deployment={"num_gpus": 1 if gpu else 0},
     )
@@ -214,7 +218,8 @@ def _write_retrain_config(workdir: Path, source: str, train_config, serve_config
     """What `dolly retrain` needs to redo this run on more data and swap the result in: the same
     corpus and training settings, the serving version to beat, and the running app's settings."""
     serve_file = workdir / "serve.yaml"
-    serve_file.write_text(json.dumps(serve_config.model_dump(mode="json"), indent=2) + "\n")  # JSON is YAML
+    # What was set, not every default: the model's own decoding stays its own (ServeConfig.defaults).
+    serve_file.write_text(json.dumps(serve_config.model_dump(mode="json", exclude_unset=True), indent=2) + "\n")  # JSON is YAML
     retrain = {
         "corpus": source,
         "serving": f"{config.model_name}@latest",

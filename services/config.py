@@ -13,8 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from contract import generation, registry
-from contract.decoding import Decoding
+from contract.decoding import GENERATION_CONFIG, Decoding
 from contract.environment import API_KEYS_ENV, FEEDBACK_URL_ENV
+from contract.errors import UserError
 from contract.feedback import DEFAULT_URL, absolute_url
 from contract.registry import DEFAULT_ROOT
 
@@ -182,7 +183,11 @@ class ServeConfig(_Settings):
     app_name: str = Field("dolly", description="Serve application name")
     route_prefix: str = Field("/", description="HTTP path the API is mounted at")
     log_content: bool = Field(False, description="log prompts and answers (off: only sizes and timings are logged)")
-    defaults: SamplingDefaults = Field(default_factory=SamplingDefaults, description="sampling parameters a request leaves out")
+    defaults: SamplingDefaults = Field(
+        default_factory=SamplingDefaults,
+        description="sampling parameters a request leaves out; those not set here are the served model's own (its "
+        "generation_config.json, where `dolly up` writes the decoding its answers were scored with), else Dolly's",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig, description="batching, context, dtype and device of a replica")
     deployment: ModelDeploymentConfig = Field(
         default_factory=ModelDeploymentConfig, description="replicas, autoscaling, queues, health, shutdown"
@@ -213,19 +218,34 @@ class ServeConfig(_Settings):
                 f"deployment.max_ongoing_requests ({d.max_ongoing_requests}) is below engine.max_batch_size "
                 f"({self.engine.max_batch_size}): a replica would never see a full batch; raise the first or lower the second"
             )
+        if problem := self._engine_lacks(self.defaults):
+            raise ValueError(problem)
+        return self
+
+    def _engine_lacks(self, defaults: SamplingDefaults) -> str | None:
+        """What of `defaults` this engine cannot apply, and the fix; None: it can apply them all."""
         for setting, lacking in CONTINUOUS_LACKS.items():
-            if getattr(self.defaults, setting) and self.engine.batching == "continuous":
-                raise ValueError(
+            if getattr(defaults, setting) and self.engine.batching == "continuous":
+                return (
                     f"defaults.{setting} needs engine.batching=dynamic (transformers' continuous batching has "
                     f"{lacking}): set engine.batching=dynamic or defaults.{setting}=0"
                 )
-        if self.defaults.top_k and not self.engine.has_top_k:
-            raise ValueError(
+        if defaults.top_k and not self.engine.has_top_k:
+            return (
                 "defaults.top_k needs engine.continuous_top_k=true with engine.batching=continuous (top-k is opt-in there: "
                 "it sorts the whole vocabulary for every request): set engine.continuous_top_k=true, "
                 "engine.batching=dynamic or defaults.top_k=0"
             )
-        return self
+        return None
+
+    def defaults_for(self, folder: Path) -> SamplingDefaults:
+        """What a request to the model in `folder` gets for the parameters it leaves out: the
+        decoding the model carries (contract.decoding), under the defaults set here."""
+        carried = Decoding.of_model(folder)
+        defaults = SamplingDefaults.model_validate(carried.model_dump() | self.defaults.model_dump(exclude_unset=True))
+        if problem := self._engine_lacks(defaults):
+            raise UserError(f"{folder}/{GENERATION_CONFIG} decodes with {carried.describe()}, and {problem}")
+        return defaults
 
     @property
     def min_tokens(self) -> int:

@@ -48,7 +48,7 @@ class OpenAIIngress:
         self._prompts = PromptBuilder(tokenizer, context_limit(Path(folder), tokenizer, config.engine.max_context))
         self.keys = ApiKeys(config.auth)
         self.metrics = IngressMetrics()
-        self.served = ServedModels(version, config, base)
+        self.served = ServedModels(version, Path(folder), config, base)
         self.feedback = FeedbackDesk(config.feedback.database_url(), self.served, self.metrics)
 
     def __serve_build_asgi_app__(self) -> RecordedAnswers:
@@ -65,7 +65,8 @@ class OpenAIIngress:
         limit = self._prompts.context_limit
         if (body.requested_max_tokens or 0) >= limit:
             raise ApiError(422, f"max_tokens must be below the model's context of {limit} tokens", "max_tokens")
-        max_tokens = body.requested_max_tokens or self._config.defaults.max_tokens
+        defaults = self.served.defaults(version)
+        max_tokens = body.requested_max_tokens or defaults.max_tokens
         if (body.min_tokens or 0) > max_tokens:
             raise ApiError(422, f"min_tokens ({body.min_tokens}) is above max_tokens ({max_tokens})", "min_tokens")
         try:
@@ -78,7 +79,7 @@ class OpenAIIngress:
             raise ApiError(400, str(e), "messages" if chat else "prompt") from None
         # A whole answer needs no intermediate events: only the first, which shows the request was admitted.
         interval_s = self._config.engine.stream_interval_s if body.stream else math.inf
-        params = body.sampling(self._config.defaults, prompt.max_tokens, self._config.min_tokens)
+        params = body.sampling(defaults, prompt.max_tokens, self._config.min_tokens)
         reply = Reply(body, prompt, chat, version, limit, self._config.log_content)
         events = Failover(
             self._model.options(multiplexed_model_id=adapter) if adapter else self._model,

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from contract import generation
+from contract.decoding import Decoding
 from loop.configs import GateConfig
 from tests.conftest import free_port
 
@@ -75,6 +77,10 @@ def test_up_serves_its_registered_model_through_the_openai_client_and_the_page(l
     assert urls["model"] == "dolly@1" and (config.registry / "dolly" / "LATEST").read_text().strip() == "1"
     answer = client(urls).chat.completions.create(model="dolly", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     assert answer.model == "dolly@1" and answer.usage.completion_tokens >= 1
+    # The model carries the decoding its answers were scored with; the API serves it by default and says so.
+    carried = Decoding.of_model(config.registry / "dolly" / "1")
+    assert carried == config.behaviour.decoding.model_copy(update={"max_tokens": generation.MAX_NEW_TOKENS})
+    assert client(urls).models.list().data[0].model_extra["decoding"] == carried.model_dump()
     assert httpx.get(urls["page"], timeout=60).status_code == 200
     assert (config.workdir / "loss_by_category.png").stat().st_size > 0
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from contract import END_KEY, registry, render_generation_prompt
+from contract.decoding import Decoding
 from contract.errors import UserError
 from contract.models import load_model, load_tokenizer, special_token_ids
 from pipelines.configs import LoraSettings
@@ -65,7 +66,10 @@ def adapters(tmp_path_factory, bases) -> Path:
     root = tmp_path_factory.mktemp("adapters")
     base, _ = bases
     for name, answer in (("dolly-alpha", "Alpha."), ("dolly-beta", "Beta.")):
-        registry.register(train_adapter(base, answer, root / name), name, root / "registry")
+        folder = train_adapter(base, answer, root / name)
+        if name == "dolly-beta":  # an adapter that carries a decoding of its own
+            BETA_DECODING.write_to(folder)
+        registry.register(folder, name, root / "registry")
     return root / "registry"
 
 
@@ -105,17 +109,29 @@ def ask(client: openai.OpenAI, model: str, stream: bool = False) -> tuple[str, s
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].model
 
 
+BETA_DECODING = Decoding(temperature=0, max_tokens=16)
+
+
 def held() -> list[str]:
     return model_stats(APP)["adapters"]
 
 
-def test_models_lists_the_base_and_every_adapter_on_it(served):
+def test_models_lists_the_base_and_every_adapter_on_it_each_with_its_decoding(served):
     models = {m.id: m.model_extra for m in served.models.list().data}
+    dolly = Decoding().model_dump()  # what the exports carry unless told otherwise
     assert models == {
-        "base": {"version": "base", "parent": None},
-        "dolly-alpha": {"version": "dolly-alpha@1", "parent": "base"},
-        "dolly-beta": {"version": "dolly-beta@1", "parent": "base"},
+        "base": {"version": "base", "parent": None, "decoding": dolly},
+        "dolly-alpha": {"version": "dolly-alpha@1", "parent": "base", "decoding": dolly},
+        "dolly-beta": {"version": "dolly-beta@1", "parent": "base", "decoding": BETA_DECODING.model_dump()},
     }
+
+
+def test_what_a_request_leaves_out_is_the_answering_models_own_decoding(served):
+    messages = [{"role": "user", "content": "Tell me about yourself."}]
+    beta = [served.chat.completions.create(model="dolly-beta", messages=messages, seed=seed) for seed in (1, 2, 3)]
+    assert {b.choices[0].message.content for b in beta} == {"Beta."}, "greedy, as dolly-beta carries"
+    base = [served.chat.completions.create(model="base", messages=messages, seed=seed, max_tokens=16) for seed in (1, 2, 3)]
+    assert len({b.choices[0].message.content for b in base}) > 1, "Dolly's sampling, as the base carries"
 
 
 def test_two_adapters_answer_each_its_own_side_by_side_on_one_replica_within_its_bound(served):
@@ -188,9 +204,20 @@ def test_the_chat_page_lets_a_person_pick_the_base_or_an_adapter(served, browser
         tab.wait_for_selector("#model-banner :text('Serving')", timeout=60_000)
         picker = tab.locator("#model-picker input")
         assert picker.input_value() == "dolly-alpha (adapter on base)"  # an adapter first, not the bare base
-        for label, said in (("dolly-beta (adapter on base)", "Beta."), ("dolly-alpha (adapter on base)", "Gamma.")):
+        tab.get_by_text("Generation settings").click()
+        sliders = {key: tab.locator(f"#{key} input[type='number']") for key in ("temperature", "max-tokens")}
+        for label, said, decoding in (
+            ("dolly-beta (adapter on base)", "Beta.", BETA_DECODING),
+            ("dolly-alpha (adapter on base)", "Gamma.", Decoding()),
+        ):
             picker.click()
             tab.get_by_role("option", name=label).click()
+            # The sliders move to the picked model's own decoding: a person who leaves them gets it.
+            tab.wait_for_function(
+                f"() => document.querySelector(\"#max-tokens input[type='number']\").value == {decoding.max_tokens}",
+                timeout=30_000,
+            )
+            assert float(sliders["temperature"].input_value()) == decoding.temperature
             send(tab, "Who are you?")
             tab.wait_for_function(
                 f"() => {{ const b = document.querySelectorAll(\"#chatbot [data-testid='bot']\");"

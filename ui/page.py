@@ -91,6 +91,11 @@ def to_api_messages(history: list[dict], message: str, context: str) -> list[dic
     return system + prior + [{"role": "user", "content": message}]
 
 
+# The sliders, by the name of the decoding setting each starts from (/v1/models' "decoding").
+_SLIDERS = ("temperature", "top_p", "max_tokens")
+_UNCHANGED = tuple(gr.skip() for _ in _SLIDERS)
+
+
 def build_page(config: UIConfig) -> gr.Blocks:
     client = openai.AsyncOpenAI(
         base_url=config.api_url,
@@ -100,20 +105,29 @@ def build_page(config: UIConfig) -> gr.Blocks:
         http_client=resuming_http_client(config.retries, config.retry_wait_s),
     )
 
+    served: dict[str, dict] = {}  # each model's decoding, as /v1/models says it
+
     async def model_banner():
-        """The banner, and the picker of the models served (shown when there is a choice: the
-        base and its LoRA adapters)."""
+        """The banner, the picker of the models served (shown when there is a choice: the base
+        and its LoRA adapters), and the sliders at the picked model's own decoding."""
         try:
             models = (await client.models.list()).data
         except openai.OpenAIError as e:
-            return error_message(e, config.api_url), gr.Dropdown(visible=False), None
+            return error_message(e, config.api_url), gr.Dropdown(visible=False), None, *_UNCHANGED
         if not models:
-            return "No model is being served.", gr.Dropdown(visible=False), None
+            return "No model is being served.", gr.Dropdown(visible=False), None, *_UNCHANGED
+        served.update({m.id: (m.model_extra or {}).get("decoding") or {} for m in models})
         choices = [(_picker_label(m), m.id) for m in models]
         # The first after the base: an adapter someone tuned, rather than the base it runs on.
         first = models[1].id if len(models) > 1 and (models[1].model_extra or {}).get("parent") else models[0].id
         picker = gr.Dropdown(choices=choices, value=first, visible=len(models) > 1)
-        return "Serving " + ", ".join(_model_label(m) for m in models), picker, first
+        return "Serving " + ", ".join(_model_label(m) for m in models), picker, first, *sliders_for(first)
+
+    def sliders_for(model: str | None) -> tuple:
+        """The sliders at `model`'s decoding: a person who leaves them alone gets the decoding the
+        model was scored with, not Dolly's sampling over a model tuned for another."""
+        decoding = served.get(model) or {}
+        return tuple(gr.Slider(value=decoding[key]) if key in decoding else gr.skip() for key in _SLIDERS)
 
     async def chat(
         message: str,
@@ -214,10 +228,17 @@ def build_page(config: UIConfig) -> gr.Blocks:
             label="Context (optional): a passage for closed QA, extraction or summarization", lines=3, elem_id="context"
         )
         with gr.Accordion("Generation settings", open=False):
-            temperature = gr.Slider(0.0, 2.0, value=generation.TEMPERATURE, step=0.05, label="Temperature")
-            top_p = gr.Slider(0.05, 1.0, value=generation.TOP_P, step=0.01, label=f"Top-p (Dolly: {generation.TOP_P})")
+            temperature = gr.Slider(0.0, 2.0, value=generation.TEMPERATURE, step=0.05, label="Temperature", elem_id="temperature")
+            top_p = gr.Slider(
+                0.05, 1.0, value=generation.TOP_P, step=0.01, label=f"Top-p (Dolly: {generation.TOP_P})", elem_id="top-p"
+            )
             max_tokens = gr.Slider(
-                16, 1024, value=generation.MAX_NEW_TOKENS, step=16, label=f"Max new tokens (Dolly: {generation.MAX_NEW_TOKENS})"
+                16,
+                1024,
+                value=generation.MAX_NEW_TOKENS,
+                step=16,
+                label=f"Max new tokens (Dolly: {generation.MAX_NEW_TOKENS})",
+                elem_id="max-tokens",
             )
         gr.Examples(
             examples=[[instruction, ctx] for _, instruction, ctx in EXAMPLES],
@@ -238,6 +259,7 @@ def build_page(config: UIConfig) -> gr.Blocks:
             category = gr.Dropdown(list(DOLLY_CATEGORIES), value="open_qa", label="Kind of task", elem_id="better-category")
             submit = gr.Button("Submit for review", elem_id="better-submit")
 
+        sliders = [temperature, top_p, max_tokens]  # in _SLIDERS' order
         inputs = [message, chatbot, context, temperature, top_p, max_tokens, answers, picked]
         outputs = [chatbot, message, status, answers]
         sent = send.click(chat, inputs, outputs, api_name="chat")
@@ -257,8 +279,8 @@ def build_page(config: UIConfig) -> gr.Blocks:
             [feedback_status, better_response],
             api_visibility="private",
         )
-        picker.change(lambda model: model, picker, picked, api_visibility="private")
-        page.load(model_banner, None, [banner, picker, picked], api_visibility="private")
+        picker.change(lambda model: (model, *sliders_for(model)), picker, [picked, *sliders], api_visibility="private")
+        page.load(model_banner, None, [banner, picker, picked, *sliders], api_visibility="private")
     return page
 
 

@@ -90,6 +90,12 @@ class UpConfig(BaseModel):
         default_factory=UpBehaviourConfig,
         description="answers to held-out instructions, scored before and after (stop rate, repetition, ROUGE-L, length), decoded as the API then serves",
     )
+    serve_decoding: Literal["measured", "sampled"] = Field(
+        "measured",
+        description="the decoding the model carries and is served with: measured = whichever of its scored ones "
+        "(greedy, sampled) ends the most held-out answers without looping; sampled = behaviour.decoding as it is "
+        "(with behaviour.decoding.frequency_penalty=0: Dolly's own)",
+    )
     host: str = Field("127.0.0.1", description="HTTP address of the API and the page (0.0.0.0 to reach them from other machines)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the API and the page")
     open_browser: bool = Field(True, description="open the chat page in a browser once it is up")

@@ -26,9 +26,11 @@ from rich.panel import Panel
 from cluster.connect import ray_session
 from cluster.storage import check_shared
 from contract import generation, registry
+from contract.decoding import Decoding
 from contract.models import SMOLLM2, resolve_base
 from loop.configs import UpConfig
 from loop.deploy import STOP_HINT, Deployed, serving
+from pipelines.behaviour import BehaviourReport
 from pipelines.configs import PrepareConfig
 from pipelines.evaluate import ModelScores, show_scores
 from pipelines.manifest import MANIFEST_NAME, VerifiedData
@@ -97,11 +99,11 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         console.print(f"Charts: {', '.join(charts.values())}; scores: {report}")
 
         stages.start("registry", "Export and register")
-        # The model carries the decoding its answers were scored with: whatever serves it (this API,
+        # The model carries a decoding its answers were scored with: whatever serves it (this API,
         # `dolly serve`, vLLM, transformers' generate) decodes so by default, the page's sliders included.
-        served_decoding = config.behaviour.decoding.model_copy(update={"max_tokens": generation.MAX_NEW_TOKENS})
+        served_decoding, why = serving_decoding(config, tuned.behaviour)
         served_decoding.write_to(export_dir)
-        console.print(f"Decoding it carries (generation_config.json), as its answers were scored: {served_decoding.describe()}")
+        console.print(f"Decoding it carries (generation_config.json): {served_decoding.describe()}; {why}")
         name, root = config.model_name, config.registry
         version = registry.find_registered(export_dir, name, root)
         if version is None:
@@ -200,6 +202,26 @@ class CachedScore:
             self._cache.parent.mkdir(parents=True, exist_ok=True)
             self._cache.write_text(self._scores.model_dump_json(indent=2))
         return self._scores
+
+
+def serving_decoding(config: UpConfig, measured: list[BehaviourReport]) -> tuple[Decoding, str]:
+    """The decoding the tuned model is served with, and why: with serve_decoding=measured the one
+    of its measured answers (greedy, sampled) that end the most often without looping (a small
+    model's sampled answers ramble more often than its greedy ones end in a loop, or the other way
+    round), else behaviour.decoding; at serving's token limit, not the scoring budget."""
+    reports = measured if config.serve_decoding == "measured" else []
+
+    def outcome(r: BehaviourReport) -> str:
+        return f"{r.mode} answers end {r.overall.stop_rate:.0%}, loop {r.overall.loop_rate:.0%}"
+
+    if reports:
+        # Ties go to sampling: Dolly's way, and answers that differ from one asking to the next.
+        chosen = max(reports, key=lambda r: (r.overall.stop_rate - r.overall.loop_rate, r.mode == "sampled"))
+        why = f"measured on {chosen.overall.examples} held-out instructions: " + ", ".join(map(outcome, reports))
+        decoding = chosen.decoding
+    else:
+        decoding, why = config.behaviour.decoding, "behaviour.decoding, as serve_decoding=sampled asks"
+    return decoding.model_copy(update={"max_tokens": generation.MAX_NEW_TOKENS}), why
 
 
 def serving_settings(config: UpConfig, model: str, key_file: Path, gpu: bool) -> ServeConfig:

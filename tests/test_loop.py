@@ -79,7 +79,8 @@ def test_up_serves_its_registered_model_through_the_openai_client_and_the_page(l
     assert answer.model == "dolly@1" and answer.usage.completion_tokens >= 1
     # The model carries the decoding its answers were scored with; the API serves it by default and says so.
     carried = Decoding.of_model(config.registry / "dolly" / "1")
-    assert carried == config.behaviour.decoding.model_copy(update={"max_tokens": generation.MAX_NEW_TOKENS})
+    scored = json.loads((config.workdir / "report.json").read_text())["tuned"]["behaviour"]
+    assert carried in [Decoding(**r["decoding"]).model_copy(update={"max_tokens": generation.MAX_NEW_TOKENS}) for r in scored]
     assert client(urls).models.list().data[0].model_extra["decoding"] == carried.model_dump()
     assert httpx.get(urls["page"], timeout=60).status_code == 200
     assert (config.workdir / "loss_by_category.png").stat().st_size > 0
@@ -193,3 +194,28 @@ def test_up_with_method_lora_trains_adapters_at_loras_learning_rate(tmp_path):
     config = UpConfig(method="lora", train={"lora": {"r": 8}}).train_config(tmp_path / "data")
     assert (config.method, config.lora.r, config.lr) == ("lora", 8, LORA_LR)
     assert UpConfig(method="lora", lr=1e-3).train_config(tmp_path / "data").lr == 1e-3
+
+
+@pytest.mark.timeout(60)
+def test_dolly_up_serves_the_measured_decoding_whose_answers_end_most_without_looping():
+    from contract.decoding import Decoding
+    from loop.configs import UpConfig
+    from loop.up import serving_decoding
+    from pipelines.behaviour import Sample, summarize
+
+    def report(mode, finishes: str, loops: int = 0):
+        decoding = UpConfig().behaviour.decoding_for(mode)
+        answers = [
+            Sample(model="m", category="open_qa", instruction="i", context="", reference="Paris.", generated=text, finish=f)
+            for f, text in zip(["stop" if c == "s" else "length" for c in finishes], ["a b c d " * 4] * loops + ["Paris."] * 9)
+        ]
+        return summarize(answers, mode, decoding)
+
+    # 9 of 10 greedy answers end, one loops (0.8); 7 of 10 sampled ones end, none loops (0.7).
+    greedy, sampled = report("greedy", "sssssssssl", loops=1), report("sampled", "sssssssll" + "l")
+    chosen, why = serving_decoding(UpConfig(), [greedy, sampled])
+    assert chosen == Decoding(temperature=0, frequency_penalty=0.3) and "greedy answers end 90%, loop 10%" in why
+    tie = report("sampled", "sssssssssl", loops=1)
+    assert serving_decoding(UpConfig(), [greedy, tie])[0].temperature == 1, "a tie goes to sampling"
+    asked = UpConfig(serve_decoding="sampled")
+    assert serving_decoding(asked, [greedy, sampled])[0] == asked.behaviour.decoding.model_copy(update={"max_tokens": 256})

@@ -44,6 +44,7 @@ from ui.config import PAGE_APP, PAGE_ROUTE
 
 RAY_VERSION = "2.60.0"  # KubeRay's token auth needs rayVersion >= 2.52.0
 IMAGE = "dolly-ray"  # a placeholder: each overlay's `images:` entry names the real image
+VLLM_IMAGE = "dolly-ray-vllm"  # the serving pods' with engine.kind=vllm (Dockerfile.vllm), a placeholder too
 IMAGE_REPOSITORY = "registry.example.com/dolly-ray"
 IMAGE_VERSION = "0.1.0"
 
@@ -199,10 +200,11 @@ def _container(
     ports: Sequence[dict] = (),
     env: Sequence[dict] = (),
     mounts: Sequence[dict] = (),
+    image: str = IMAGE,
 ) -> dict:
     return {
         "name": name,
-        "image": IMAGE,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         **({"ports": list(ports)} if ports else {}),
         "env": [
@@ -255,10 +257,13 @@ def _cluster_spec(
     head_mounts: Sequence[dict] = (),
     head_volumes: Sequence[dict] = (),
     worker_env: Sequence[dict] = (),
+    image: str = IMAGE,
 ) -> dict:
     serve = component == "serve"
-    head = _container("ray-head", profile.head, RAY_LOCAL_GIB, ports=_head_ports(serve), env=head_env, mounts=head_mounts)
-    worker_container = _container("ray-worker", worker, worker_disk_gib, env=worker_env)
+    head = _container(
+        "ray-head", profile.head, RAY_LOCAL_GIB, ports=_head_ports(serve), env=head_env, mounts=head_mounts, image=image
+    )
+    worker_container = _container("ray-worker", worker, worker_disk_gib, env=worker_env, image=image)
     return {
         "rayVersion": RAY_VERSION,
         "enableInTreeAutoscaling": autoscale,
@@ -411,6 +416,8 @@ def rayservice(profile: Profile, model: str = DEFAULT_MODEL) -> dict:
                 autoscale=True,
                 head_env=keys,
                 worker_env=keys,
+                # vLLM's own environment: its transformers is not training's (services/README.md).
+                image=VLLM_IMAGE if serve.engine.kind == "vllm" else IMAGE,
             ),
         },
     }
@@ -495,9 +502,17 @@ def image(profile: Profile) -> str:
     return f"{IMAGE_REPOSITORY}:{IMAGE_VERSION}-{'gpu' if profile.gpu else 'cpu'}"
 
 
+def serving_image(profile: Profile) -> str:
+    """The serving pods' image: the overlay's, or with engine.kind=vllm vLLM's (Dockerfile.vllm)."""
+    return f"{IMAGE_REPOSITORY}:{IMAGE_VERSION}-vllm" if profile.serves_on_vllm else image(profile)
+
+
 def _images(profile: Profile) -> list[dict]:
-    repository, _, tag = image(profile).rpartition(":")
-    return [{"name": IMAGE, "newName": repository, "newTag": tag}]
+    placeholders = {IMAGE: image(profile)} | ({VLLM_IMAGE: serving_image(profile)} if profile.serves_on_vllm else {})
+    return [
+        {"name": name, "newName": full.rpartition(":")[0], "newTag": full.rpartition(":")[2]}
+        for name, full in placeholders.items()
+    ]
 
 
 def render_overlay(profile: Profile, model: str = DEFAULT_MODEL) -> dict[str, str]:

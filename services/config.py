@@ -46,10 +46,22 @@ class SamplingDefaults(Decoding):
 class EngineConfig(_Settings):
     """How a model replica turns prompts into tokens."""
 
+    kind: Literal["dolly", "vllm"] = Field(
+        "dolly",
+        description="dolly: our own engine on transformers (the faster on a laptop CPU); vllm: vLLM through Ray Serve "
+        "LLM's LLMServer (paged KV cache with admission control, continuous batching, prefix caching, tensor "
+        "parallelism), run from vLLM's own environment (`make vllm`, services/README.md)",
+    )
+    vllm: dict = Field(
+        {},
+        description="with kind=vllm: Ray Serve LLM's LLMConfig settings, over those derived from this config "
+        "(model, context, dtype, replicas, GPUs), e.g. engine.vllm.engine_kwargs.gpu_memory_utilization=0.85, "
+        "engine.vllm.accelerator_type=A100, engine.vllm.runtime_env.env_vars.VLLM_CPU_KVCACHE_SPACE=2",
+    )
     batching: Literal["dynamic", "continuous"] = Field(
         "dynamic",
-        description="dynamic: @serve.batch groups arriving requests, which join the running decode between steps "
-        "(the faster on CPU, see bench/RESULTS.md); continuous: transformers' continuous-batching manager (paged KV cache)",
+        description="kind=dolly: dynamic: @serve.batch groups arriving requests, which join the running decode between "
+        "steps (the faster on CPU, see bench/RESULTS.md); continuous: transformers' continuous-batching manager (paged KV cache)",
     )
     max_batch_size: int = Field(32, ge=1, description="requests decoded together at most")
     batch_wait_timeout_s: float = Field(
@@ -77,7 +89,18 @@ class EngineConfig(_Settings):
 
     @property
     def has_top_k(self) -> bool:
-        return self.batching == "dynamic" or self.continuous_top_k
+        return self.kind == "vllm" or self.batching == "dynamic" or self.continuous_top_k
+
+    @model_validator(mode="after")
+    def _vllm_batches_itself(self) -> EngineConfig:
+        if self.kind == "vllm" and self.batching == "continuous":
+            raise ValueError(
+                "engine.batching is our engine's: vLLM always batches continuously (its own settings: "
+                "engine.vllm.engine_kwargs.max_num_seqs=...); leave engine.batching out with engine.kind=vllm"
+            )
+        if self.vllm and self.kind != "vllm":
+            raise ValueError("engine.vllm holds vLLM's settings: set engine.kind=vllm as well, or leave engine.vllm out")
+        return self
 
 
 class ModelDeploymentConfig(_Settings):
@@ -205,6 +228,18 @@ class ServeConfig(_Settings):
             raise ValueError(
                 "engine.device=cuda needs deployment.num_gpus above 0: a replica uses only the GPU Ray gives it "
                 "(one that asked for none would take a GPU another process owns); set deployment.num_gpus=1"
+            )
+        if self.adapters and self.engine.kind == "vllm":
+            raise ValueError(
+                "adapters need engine.kind=dolly: vLLM refuses the trainable token rows of our LoRA adapters (Dolly's "
+                "three new tokens; vllm/lora/lora_model.py: 'unsupported LoRA weight'); serve a merged export with "
+                "engine.kind=vllm (a method=full run, or `dolly train method=lora lora.merged_export=true`, its export-merged/)"
+            )
+        if self.engine.kind == "vllm" and d.num_gpus and d.num_gpus != int(d.num_gpus):
+            raise ValueError(
+                f"deployment.num_gpus={d.num_gpus:g}: with engine.kind=vllm it is the GPUs a replica's engine "
+                "spans (its tensor parallelism), a whole number; vLLM shares a GPU through "
+                "engine.vllm.engine_kwargs.gpu_memory_utilization instead"
             )
         if self.adapters and self.engine.batching == "continuous":
             raise ValueError(

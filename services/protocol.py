@@ -9,6 +9,7 @@ import openai
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from contract import RESERVED_MARKERS
+from contract.decoding import Decoding
 from contract.records import DOLLY_CATEGORIES
 from contract.sampling import SamplingParams
 from services.config import CONTINUOUS_LACKS, EngineConfig, SamplingDefaults
@@ -183,6 +184,10 @@ class ErrorBody(BaseModel):
 class ServedModel(openai.types.Model):
     version: str = Field(..., description="the registry version answering, as dolly@3")
     parent: str | None = Field(None, description="a LoRA adapter's: the served base model it runs on")
+    decoding: Decoding = Field(
+        ...,
+        description="what a request to this model gets for the sampling parameters it leaves out (the chat page starts there)",
+    )
 
 
 class ModelList(BaseModel):

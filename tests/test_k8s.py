@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from cli.configs import load_config
 from cli.k8s import app as k8s_app
 from cluster import k8s
+from contract.errors import UserError
 from loop.configs import RetrainConfig
 from pipelines.configs import TrainConfig
 from pipelines.presets import PRESETS
@@ -225,7 +226,8 @@ def test_every_overlay_and_its_retraining_build_with_kubectl_kustomize(profile):
     ], "the deployment holds no retraining job: it would start one, before there is a model to beat"
     (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
     assert claim["spec"]["resources"]["requests"]["storage"] == f"{k8s.PROFILES[profile].storage_gib}Gi"
-    assert images == {k8s.image(k8s.PROFILES[profile])}, "the overlay's images: sets every pod's"
+    served = k8s.PROFILES[profile]
+    assert images == {k8s.image(served), k8s.serving_image(served)}, "the overlay's images: sets every pod's"
 
     docs, images = build(folder / "retrain")
     assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [("RayJob", k8s.RETRAIN_JOB)]
@@ -267,6 +269,10 @@ def test_the_api_application_builds_from_its_args(profile, tiny_model, tmp_path)
     from services.config import ServeConfig
 
     register(tiny_model, "dolly", tmp_path)  # the registry the training job fills, on the volume
+    if k8s.PROFILES[profile].serves_on_vllm:  # it builds in vLLM's image (tests/test_serve_vllm.py); here it says so
+        with pytest.raises(UserError, match="make vllm"):
+            build(serve_applications(profile)[0], registry=str(tmp_path))
+        return
     api = build(serve_applications(profile)[0], registry=str(tmp_path))
     [config] = [arg for arg in api._bound_deployment.init_args if isinstance(arg, ServeConfig)]
     assert config == k8s.serve_config(k8s.PROFILES[profile]).model_copy(update={"registry": tmp_path})
@@ -553,6 +559,13 @@ def test_the_image_runs_the_ray_and_torch_the_project_pins():
     assert ray_image == k8s.RAY_VERSION == re.search(r'"ray\[[a-z,]+\]==([0-9.]+)"', pyproject)[1]
     torch = re.search(r'"torch==([0-9.]+)"', pyproject)[1]
     assert set(re.findall(r"torch==([0-9.]+)", dockerfile)) == {torch}
+    # The vLLM serving image: the same Ray, with the torch its vLLM pins.
+    vllm = (REPO / "Dockerfile.vllm").read_text()
+    assert (
+        re.findall(r"rayproject/ray:([0-9.]+)-py311-gpu", vllm)
+        == re.findall(r"ray\[serve,llm\]==([0-9.]+)", vllm)
+        == [k8s.RAY_VERSION]
+    )
 
 
 @pytest.mark.timeout(60)
@@ -560,8 +573,9 @@ def test_the_image_holds_every_package_the_project_installs():
     """A package left out of the image imports on a laptop and fails on the cluster."""
     installed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     packages = {name.split(".")[0] for name in installed}  # a folder's COPY brings its sub-packages
-    copied = set(re.findall(r"^COPY --chown=\S+ (\w+) \1$", (REPO / "Dockerfile").read_text(), re.M))
-    assert packages == copied
+    for dockerfile in ("Dockerfile", "Dockerfile.vllm"):
+        copied = set(re.findall(r"^COPY --chown=\S+ (\w+) \1$", (REPO / dockerfile).read_text(), re.M))
+        assert packages == copied, dockerfile
 
 
 @pytest.mark.timeout(60)

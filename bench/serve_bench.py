@@ -5,6 +5,8 @@
    - ours: the Serve application (services/app.py) over HTTP with streaming, one model replica,
      for each engine of --engines (ENGINES: `dynamic`, `continuous`, and `continuous_top_k`, the
      continuous engine with `engine.continuous_top_k` on, which its requests then pay for);
+   - with `vllm` among them, vLLM through Ray Serve LLM behind the same ingress (run this script
+     from vLLM's environment then: `.venv-vllm/bin/python bench/serve_bench.py --engines dynamic,vllm`);
    - Dolly's way: one `generate` per request through an InstructionTextGenerationPipeline-style
      loop (Dolly's template, do_sample, top_p 0.92, top_k 0, eos = `### End`) on the same model
      in one process, one request at a time, as its pipeline serves them; it cannot stream, so its
@@ -60,6 +62,12 @@ ENGINES = {
     "dynamic": {"batching": "dynamic"},
     "continuous": {"batching": "continuous"},
     "continuous_top_k": {"batching": "continuous", "continuous_top_k": True},
+    # vLLM through Ray Serve LLM (run this script from vLLM's environment: .venv-vllm/bin/python);
+    # eager, as the tests start it (torch.compile would cost minutes per start on a CPU).
+    "vllm": {
+        "kind": "vllm",
+        "vllm": {"engine_kwargs": {"enforce_eager": True}, "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "2"}}},
+    },
 }
 KEY = "bench-key"
 PORT = 8765
@@ -240,10 +248,10 @@ def serve_overhead(calls: int) -> dict:
     return {"http_p50_ms": 1000 * statistics.median(over_http), "in_process_p50_ms": 1000 * statistics.median(in_process)}
 
 
-def table(name: str, ours: dict, other: dict, other_name: str = "Dolly") -> str:
+def table(name: str, ours: dict, other: dict, other_name: str = "Dolly", our_name: str = "ours") -> str:
     rows = [
-        f"| concurrency | ours tok/s | {other_name} tok/s | ours / {other_name} | TTFT p50 / p99 ours (s) "
-        f"| TTFT p50 / p99 {other_name} (s) | latency p50 / p99 ours (s) | latency p50 / p99 {other_name} (s) |",
+        f"| concurrency | {our_name} tok/s | {other_name} tok/s | {our_name} / {other_name} | TTFT p50 / p99 {our_name} (s) "
+        f"| TTFT p50 / p99 {other_name} (s) | latency p50 / p99 {our_name} (s) | latency p50 / p99 {other_name} (s) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level in LEVELS:
@@ -307,6 +315,11 @@ def main() -> None:
     for engine in engines:
         print(
             table(f"Ours, engine {engine} ({ENGINES[engine]}), vs Dolly's way:", results[engine], results["Dolly's way"]) + "\n"
+        )
+    if {"dynamic", "vllm"} <= set(engines):
+        print(
+            table("vLLM (engine.kind=vllm) vs ours (dynamic), side by side:", results["vllm"], results["dynamic"], "ours", "vLLM")
+            + "\n"
         )
     if {"continuous", "continuous_top_k"} <= set(engines):
         title = "Continuous batching without top-k (ours) vs with it (engine.continuous_top_k=true), side by side:"

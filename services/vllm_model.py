@@ -111,7 +111,9 @@ def _chunks(batch) -> Iterator[tuple[list[int], str | None]]:
     for item in batch if isinstance(batch, list) else [batch]:
         if not isinstance(item, str):  # ErrorResponse: refused before any token
             raise RuntimeError(f"vLLM refused the request: {getattr(item, 'error', item)}")
-        for line in item.splitlines():
+        # "\n" only: splitlines() also breaks at U+2028, U+0085 and the like, which JSON leaves raw
+        # inside a string (the bench's random model generated one, and the chunk's JSON split).
+        for line in item.split("\n"):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line.removeprefix("data: "))

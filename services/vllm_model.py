@@ -30,7 +30,6 @@ from ray.serve.llm import LLMConfig
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.openai_api_models import CompletionRequest
 
-from contract.devices import ray_gpu_ids
 from contract.models import load_tokenizer, stop_token_ids
 from contract.sampling import SamplingParams
 from contract.settings import merge
@@ -45,7 +44,6 @@ class VLLMModel(LLMServer):
         self._tokenizer = load_tokenizer(folder)
         self._stop_ids = stop_token_ids(Path(folder), self._tokenizer)
         self._metrics = ModelMetrics()
-        self._cancelled = 0
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, interval_s: float) -> AsyncIterator[dict]:
         """DollyModel.generate's events: {"text", "completion_tokens"} (tokens so far) at most every
@@ -88,7 +86,6 @@ class VLLMModel(LLMServer):
                 if finish:
                     break
         except (asyncio.CancelledError, GeneratorExit):
-            self._cancelled += 1
             self._metrics.cancelled.inc()
             raise
         finally:
@@ -97,12 +94,6 @@ class VLLMModel(LLMServer):
                 self._metrics.output_tokens.inc(tokens)
                 self._metrics.ttft.observe(first_s)
         yield {"text": pending + text.finish(), "finish_reason": finish or "stop", "completion_tokens": tokens}
-
-    def stats(self) -> dict:
-        """Requests cancelled by their client so far, and where the replica runs (vLLM's own
-        metrics say what waits and what runs: vllm:num_requests_waiting, vllm:num_requests_running)."""
-        where = {"replica": serve.get_replica_context().replica_id.unique_id, "gpu_ids": ray_gpu_ids()}
-        return {"cancelled": self._cancelled, "adapters": []} | where
 
 
 def _chunks(batch) -> Iterator[tuple[list[int], str | None]]:

@@ -69,6 +69,22 @@ class Profile(BaseModel):
         return self.serve.get("engine", {}).get("kind") == "vllm"
 
 
+_H100 = Profile(
+    name="gpu-h100",
+    hardware="h100",
+    head=PodShape(cpu=8, memory_gib=32),
+    train_pod=PodShape(cpu=192, memory_gib=1600, gpus=8),
+    cluster_max_train_pods=2,
+    serve_pod=PodShape(cpu=20, memory_gib=192, gpus=1),
+    gpu_product="NVIDIA-H100-80GB-HBM3",  # H100 SXM 80 GB
+    storage_gib=1000,
+    job_deadline_s=12 * 3600,
+    model_load_s=240,
+    train=dict(base_model="EleutherAI/pythia-6.9b", num_workers=8, cpus_per_worker=16),
+    serve=dict(deployment=dict(min_replicas=1, max_replicas=4, num_cpus=8, num_gpus=1)),
+)
+
+
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in [
@@ -102,39 +118,20 @@ PROFILES: dict[str, Profile] = {
             train=dict(base_model="EleutherAI/pythia-2.8b", num_workers=8, cpus_per_worker=8),
             serve=dict(deployment=dict(min_replicas=1, max_replicas=4, num_cpus=4, num_gpus=1)),
         ),
-        Profile(
-            name="gpu-h100",
-            hardware="h100",
-            head=PodShape(cpu=8, memory_gib=32),
-            train_pod=PodShape(cpu=192, memory_gib=1600, gpus=8),
-            cluster_max_train_pods=2,
-            serve_pod=PodShape(cpu=20, memory_gib=192, gpus=1),
-            gpu_product="NVIDIA-H100-80GB-HBM3",  # H100 SXM 80 GB
-            storage_gib=1000,
-            job_deadline_s=12 * 3600,
-            model_load_s=240,
-            train=dict(base_model="EleutherAI/pythia-6.9b", num_workers=8, cpus_per_worker=16),
-            serve=dict(deployment=dict(min_replicas=1, max_replicas=4, num_cpus=8, num_gpus=1)),
-        ),
+        _H100,
         # gpu-h100 served on vLLM (engine.kind=vllm) from its own image (Dockerfile.vllm); the
         # training side is gpu-h100's.
-        Profile(
-            name="gpu-h100-vllm",
-            hardware="h100",
-            head=PodShape(cpu=8, memory_gib=32),
-            train_pod=PodShape(cpu=192, memory_gib=1600, gpus=8),
-            cluster_max_train_pods=2,
-            serve_pod=PodShape(cpu=20, memory_gib=192, gpus=1),
-            gpu_product="NVIDIA-H100-80GB-HBM3",
-            storage_gib=1000,
-            job_deadline_s=12 * 3600,
-            model_load_s=300,  # vLLM's start: the weights, then its CUDA graphs and KV cache
-            train=dict(base_model="EleutherAI/pythia-6.9b", num_workers=8, cpus_per_worker=16),
-            serve=dict(
-                # vLLM batches far more than our engine: its KV cache admits what fits.
-                engine=dict(kind="vllm", max_batch_size=128, vllm=dict(accelerator_type="H100")),
-                deployment=dict(min_replicas=1, max_replicas=4, num_cpus=8, num_gpus=1, max_ongoing_requests=256),
-            ),
+        Profile.model_validate(
+            _H100.model_dump()
+            | dict(
+                name="gpu-h100-vllm",
+                model_load_s=300,  # vLLM's start: the weights, then its CUDA graphs and KV cache
+                serve=dict(
+                    # vLLM batches far more than our engine: its KV cache admits what fits.
+                    engine=dict(kind="vllm", max_batch_size=128, vllm=dict(accelerator_type="H100")),
+                    deployment=dict(min_replicas=1, max_replicas=4, num_cpus=8, num_gpus=1, max_ongoing_requests=256),
+                ),
+            )
         ),
     ]
 }

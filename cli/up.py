@@ -16,7 +16,7 @@ EPILOG = settings_help(UpConfig)
 
 def up(
     overrides: list[str] = typer.Argument(
-        None, metavar="[KEY=VALUE]...", help="any setting below, e.g. max_steps=40 train.zero_stage=3"
+        None, metavar="[KEY=VALUE]...", help="any setting below, e.g. train.max_steps=60 train.method=lora"
     ),
     data: Optional[str] = option(UpConfig, "data"),
     base_model: Optional[str] = option(UpConfig, "base_model"),
@@ -47,7 +47,11 @@ def up(
         port=port,
         open_browser=False if no_browser else None,
         **(
-            dict(max_steps=2, eval_examples=8, behaviour={"modes": ["greedy"], "examples": 8, "decoding": {"max_tokens": 32}})
+            dict(
+                train={"max_steps": 2},
+                eval_examples=8,
+                behaviour={"modes": ["greedy"], "examples": 8, "decoding": {"max_tokens": 32}},
+            )
             if smoke
             else {}
         ),

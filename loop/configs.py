@@ -19,16 +19,38 @@ from pipelines.configs import LORA_LR, TrainConfig
 from pipelines.presets import PRESETS, PresetName
 
 _CPU_DEMO = PRESETS["cpu"].demo  # for the help text; the settings themselves are read from the preset
+# The `dolly train` settings `dolly up` sets itself, from the setting of its own named here.
+_UP_OWNS = dict(
+    base_model="base_model",
+    tokenizer="tokenizer",
+    preset="preset",
+    registry="registry",
+    source="data",
+    data_dir="workdir",
+    output_dir="workdir",
+    storage_path="workdir",
+    run_name="workdir",
+    register_as="model_name",
+)
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """{'prepare': {'pack': True}} -> {'prepare.pack': True}: settings as the command line writes them."""
+    flat = {}
+    for key, value in settings.items():
+        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return flat
 
 
 class UpBehaviourConfig(BehaviourConfig):
     """`dolly up`'s behavioural scoring, whose decoding the API then serves with: a small model's
-    greedy answers loop without a frequency penalty, and end with one (bench/RESULTS.md)."""
+    greedy answers loop without a frequency penalty, and end with one; sampled at Dolly's
+    temperature 1 a third of them ramble to the budget, at 0.7 an eighth (bench/RESULTS.md)."""
 
     decoding: Decoding = Field(
-        Decoding(max_tokens=ANSWER_BUDGET, frequency_penalty=0.3),
+        Decoding(max_tokens=ANSWER_BUDGET, temperature=0.7, frequency_penalty=0.3),
         description="how the answers are scored, and the API then serves by default (but its max_tokens, the scoring "
-        "budget); frequency_penalty=0 is Dolly's decoding",
+        "budget); temperature=1 frequency_penalty=0 is Dolly's decoding",
     )
 
 
@@ -55,34 +77,13 @@ class UpConfig(BaseModel):
     workdir: Path = Field(runs.UP, description="prepared data, runs, evaluations and the API key file")
     registry: Path = Field(DEFAULT_ROOT, description="model registry the tuned model is registered in")
     model_name: str = Field("dolly", pattern=r"^[A-Za-z0-9._-]+$", description="registry name, served as the API's model id")
-    max_length: int | None = Field(
-        None,
-        ge=16,
-        description=f"longest example in tokens (default: {_CPU_DEMO['prepare']['max_length']} on cpu, else the model's context)",
+    train: dict = Field(
+        default_factory=dict,
+        description="`dolly train` settings over the preset's demo (on cpu: "
+        + ", ".join(f"{k}={v}" for k, v in _flat(_CPU_DEMO).items())
+        + f"; on a GPU preset Dolly's recipe), e.g. train.max_steps=60 train.method=lora (at lr {LORA_LR:g}) "
+        "train.prepare.test_size=100",
     )
-    test_size: int = Field(200, ge=1, description="held-out examples (Dolly's notebook: 200)")
-    max_steps: int | None = Field(
-        None, ge=1, description=f"optimizer steps (default: {_CPU_DEMO['max_steps']} on cpu, else Dolly's two epochs)"
-    )
-    num_workers: int | None = Field(
-        None, ge=1, description=f"training workers (default: {_CPU_DEMO['num_workers']} on cpu, else 2, one per GPU)"
-    )
-    pack: bool | None = Field(
-        None,
-        description=f"pack several examples per training row (default: {_CPU_DEMO['prepare']['pack']} on cpu, else false: Dolly's padded batches)",
-    )
-    micro_batch_size: int | None = Field(
-        None, ge=1, description=f"rows per worker per step (default: {_CPU_DEMO['micro_batch_size']} on cpu, else the preset's)"
-    )
-    method: Literal["full", "lora"] = Field(
-        "full", description="full fine-tuning, or LoRA adapters on the frozen base (PEFT; their settings: train.lora.r=...)"
-    )
-    lr: float | None = Field(
-        None,
-        gt=0,
-        description=f"peak learning rate (default: {_CPU_DEMO['lr']:g} on cpu, a short run; else Dolly's 5e-6; with method=lora {LORA_LR:g})",
-    )
-    train: dict = Field(default_factory=dict, description="any further `dolly train` setting, e.g. train.zero_stage=3")
     eval_examples: int | None = Field(
         64, ge=1, description="held-out examples whose loss is scored before and after (null: all of them)"
     )
@@ -102,6 +103,10 @@ class UpConfig(BaseModel):
 
     @model_validator(mode="after")
     def _train_settings_valid(self) -> UpConfig:
+        owned = sorted(set(self.train) & set(_UP_OWNS))
+        if owned:
+            key, own = owned[0], _UP_OWNS[owned[0]]
+            raise ValueError(f"train.{key} is set by `dolly up` from its own setting {own}: set {own}=... instead")
         try:
             self.train_config(self.workdir / "data")
         except ValidationError as e:  # name the setting as the user writes it: train.<field>
@@ -109,40 +114,21 @@ class UpConfig(BaseModel):
         return self
 
     def train_config(self, data_dir: Path, run_name: str = "up", test_size: int | None = None) -> TrainConfig:
-        """What `dolly up` trains with: the preset's demo under what this config sets. The preparation
-        settings travel along, so `dolly retrain` prepares again with them."""
-        chosen = dict(
-            method=self.method,
-            num_workers=self.num_workers,
-            max_steps=self.max_steps,
-            micro_batch_size=self.micro_batch_size,
-            lr=self.lr,
-            prepare=dict(pack=self.pack, max_length=self.max_length, test_size=test_size or self.test_size),
-        )
-        demo = dict(PRESETS[self.preset].demo)
-        if self.method == "lora":
+        """What `dolly up` trains with: `train` over the preset's demo (and `test_size`, the corpus's
+        own, under both). The preparation settings travel along, so `dolly retrain` prepares again
+        with them."""
+        demo = merge(dict(PRESETS[self.preset].demo), {"prepare": {"test_size": test_size}} if test_size else {})
+        if self.train.get("method") == "lora" and "lr" not in self.train:
             demo.pop("lr", None)  # the demo's rate suits full fine-tuning; adapters take LoRA's
-        settings = merge(demo, _set(chosen))
+        settings = merge(demo, self.train)
         if not PRESETS[self.preset].settings["use_gpu"] and settings.get("num_workers") == 1:
             # One CPU worker gets every core as its torch threads (Ray gives a worker as many as it claims).
-            settings["cpus_per_worker"] = float(os.cpu_count() or 1)
-        settings.update(
-            base_model=self.base_model,
-            tokenizer=self.tokenizer,
-            data_dir=data_dir,
-            preset=self.preset,
-            run_name=run_name,
-            storage_path=str(self.workdir / "runs"),
-            output_dir=self.workdir / "runs",
-            registry=self.registry,
-        )
+            settings.setdefault("cpus_per_worker", float(os.cpu_count() or 1))
+        own = dict(base_model=self.base_model, tokenizer=self.tokenizer, preset=self.preset, registry=self.registry)
+        runs_dir = self.workdir / "runs"
         # `dolly up` registers the export itself, once, however often it is run.
-        return TrainConfig.model_validate({**merge(settings, self.train), "register_as": None})
-
-
-def _set(values: dict) -> dict:
-    """`values` without the unset (None) ones, nested mappings too."""
-    return {k: _set(v) if isinstance(v, dict) else v for k, v in values.items() if v is not None}
+        where = dict(data_dir=data_dir, run_name=run_name, storage_path=str(runs_dir), output_dir=runs_dir, register_as=None)
+        return TrainConfig.model_validate(settings | own | where)
 
 
 class GateConfig(BaseModel):

@@ -36,7 +36,7 @@ from pipelines.evaluate import ModelScores, show_scores
 from pipelines.manifest import MANIFEST_NAME, VerifiedData
 from pipelines.prepare import prepare
 from pipelines.scoring import RemoteScore, resources
-from pipelines.sources import BUILTIN_SAMPLE, choose_source
+from pipelines.sources import BUILTIN_SAMPLE, SAMPLE_TEST_SIZE, choose_source
 from pipelines.train import train_once
 from services.config import ServeConfig
 
@@ -63,8 +63,7 @@ def up(config: UpConfig, console: Console | None = None, address: str | None = N
         data_dir = workdir / "data"
         base_folder = resolve_base(config.base_model)  # a packaged model is converted once, here
         tokenizer = config.tokenizer or base_folder
-        # The built-in sample has 40 records: hold out 8, so every category still has some to learn from.
-        train_config = config.train_config(data_dir, test_size=8 if source == str(BUILTIN_SAMPLE) else None)
+        train_config = config.train_config(data_dir, test_size=SAMPLE_TEST_SIZE if source == str(BUILTIN_SAMPLE) else None)
         # Verified here, once: the stages below take the verified shards as they are.
         data = prepare(
             PrepareConfig(

@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.table import Table
 
 from contract.decoding import Decoding
@@ -62,6 +62,13 @@ class BehaviourConfig(BaseModel):
         description="how the answers are decoded (Dolly's sampling by default); max_tokens is the budget: an answer "
         "that has not ended by then did not stop; score with what the API serves",
     )
+
+    @field_validator("decoding", mode="before")
+    @classmethod
+    def _over_the_default(cls, value):
+        """A decoding given in part (behaviour.decoding.temperature=1) changes what it names of
+        this config's default, and keeps the rest (the budget, the penalty)."""
+        return cls.model_fields["decoding"].default.model_dump() | value if isinstance(value, dict) else value
 
     def decoding_for(self, mode: Mode) -> Decoding:
         return self.decoding.greedy() if mode == "greedy" else self.decoding

@@ -71,7 +71,9 @@ class PrepareSettings(BaseModel):
     on_bad: Literal["skip", "fail"] = Field(
         "skip", description="a malformed record: skip it (listed in rejects.jsonl) or stop the run"
     )
-    test_size: int = Field(1000, ge=0, description="held-out examples (Dolly used 200 to 1000)")
+    test_size: int = Field(
+        200, ge=0, description="held-out examples (Dolly's training notebook: 200; its trainer's own default: 1000)"
+    )
     seed: int = Field(42, description="seed of the train/test split and the training order")
     pack: bool = Field(False, description="pack several examples per training row (no attention or loss across them)")
     pack_window: int = Field(2048, ge=1, description="examples considered together when packing rows")

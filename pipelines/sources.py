@@ -21,6 +21,8 @@ from pipelines.records import SOURCE_SUFFIXES
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 # Our own instruction records, one handful per Dolly category: a corpus that is always there.
 BUILTIN_SAMPLE = Path(__file__).with_name("sample_data") / "instructions.jsonl"
+# Its 40 records held out as a test split of 8, so every category still has some to learn from.
+SAMPLE_TEST_SIZE = 8
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 

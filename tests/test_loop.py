@@ -38,12 +38,8 @@ def loop(tmp_path_factory, corpus_path, tokenizer_path, ray_cluster):
         tokenizer=tokenizer_path,
         workdir=folder / "up",
         registry=folder / "registry",
-        max_length=128,
-        test_size=3,
+        train=dict(max_steps=1, lr=1e-6, num_workers=1, prepare=dict(max_length=128, test_size=3)),
         eval_examples=None,
-        max_steps=1,
-        lr=1e-6,
-        num_workers=1,
         port=free_port(),
         open_browser=False,
     )
@@ -191,9 +187,29 @@ def test_up_with_method_lora_trains_adapters_at_loras_learning_rate(tmp_path):
     from loop.configs import UpConfig
     from pipelines.configs import LORA_LR
 
-    config = UpConfig(method="lora", train={"lora": {"r": 8}}).train_config(tmp_path / "data")
+    config = UpConfig(train={"method": "lora", "lora": {"r": 8}}).train_config(tmp_path / "data")
     assert (config.method, config.lora.r, config.lr) == ("lora", 8, LORA_LR)
-    assert UpConfig(method="lora", lr=1e-3).train_config(tmp_path / "data").lr == 1e-3
+    assert UpConfig(train={"method": "lora", "lr": 1e-3}).train_config(tmp_path / "data").lr == 1e-3
+
+
+def test_up_trains_its_train_settings_over_the_presets_demo_and_refuses_the_ones_it_sets_itself(tmp_path):
+    from loop.configs import UpConfig
+    from pipelines.presets import PRESETS
+
+    demo = PRESETS["cpu"].demo
+    config = UpConfig(train={"max_steps": 60, "prepare": {"test_size": 100}}).train_config(tmp_path / "data")
+    assert (config.max_steps, config.lr, config.prepare.test_size) == (60, demo["lr"], 100)
+    assert (config.prepare.pack, config.prepare.max_length) == (demo["prepare"]["pack"], demo["prepare"]["max_length"])
+    # The corpus's own held-out size (the built-in sample's) lies under what the user sets.
+    assert UpConfig().train_config(tmp_path, test_size=8).prepare.test_size == 8
+    assert UpConfig(train={"prepare": {"test_size": 5}}).train_config(tmp_path, test_size=8).prepare.test_size == 5
+    # A decoding given in part keeps the rest of dolly up's: Dolly's temperature, with its budget and penalty.
+    dolly = UpConfig(behaviour={"decoding": {"temperature": 1}}).behaviour.decoding
+    assert (dolly.temperature, dolly.max_tokens, dolly.frequency_penalty) == (1, UpConfig().behaviour.decoding.max_tokens, 0.3)
+    with pytest.raises(ValueError, match=r"train.base_model is set by `dolly up` from its own setting base_model"):
+        UpConfig(train={"base_model": "EleutherAI/pythia-70m"})
+    with pytest.raises(ValueError, match=r"train.max_steps: Input should be greater than or equal to 1"):
+        UpConfig(train={"max_steps": 0})
 
 
 @pytest.mark.timeout(60)
@@ -216,6 +232,6 @@ def test_dolly_up_serves_the_measured_decoding_whose_answers_end_most_without_lo
     chosen, why = serving_decoding(UpConfig(), [greedy, sampled])
     assert chosen == Decoding(temperature=0, frequency_penalty=0.3) and "greedy answers end 90%, loop 10%" in why
     tie = report("sampled", "sssssssssl", loops=1)
-    assert serving_decoding(UpConfig(), [greedy, tie])[0].temperature == 1, "a tie goes to sampling"
+    assert serving_decoding(UpConfig(), [greedy, tie])[0].temperature == 0.7, "a tie goes to sampling"
     asked = UpConfig(serve_decoding="sampled")
     assert serving_decoding(asked, [greedy, sampled])[0] == asked.behaviour.decoding.model_copy(update={"max_tokens": 256})

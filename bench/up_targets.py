@@ -33,19 +33,24 @@ sys.path.insert(0, str(REPO))  # run as a plain script, without relying on the e
 STOP_TARGET, LOOP_TARGET = 0.9, 0.1
 
 
+def rouge_below_base(report: dict, tuned: dict) -> list[str]:
+    """The categories where `tuned` (one mode's answers) has a lower ROUGE-L than the base's in
+    that mode, each with both scores."""
+    base = next(b for b in report["base"]["behaviour"] if b["mode"] == tuned["mode"])["by_category"]
+    return [
+        f"{category} {scores['rouge_l']:.3f} < {base[category]['rouge_l']:.3f}"
+        for category, scores in tuned["by_category"].items()
+        if scores["rouge_l"] < base[category]["rouge_l"]
+    ]
+
+
 def checks(report: dict) -> list[tuple[str, bool]]:
     """The targets on one seed's `dolly up` report, each with whether it holds."""
-    base = {b["mode"]: b for b in report["base"]["behaviour"]}
     results = []
     for tuned in report["tuned"]["behaviour"]:
-        mode, overall = tuned["mode"], tuned["overall"]
+        mode, overall, below = tuned["mode"], tuned["overall"], rouge_below_base(report, tuned)
         results.append((f"{mode} ends {overall['stop_rate']:.0%} >= 90%", overall["stop_rate"] >= STOP_TARGET))
         results.append((f"{mode} loops {overall['loop_rate']:.0%} <= 10%", overall["loop_rate"] <= LOOP_TARGET))
-        below = [
-            f"{category} {scores['rouge_l']:.3f} < {base[mode]['by_category'][category]['rouge_l']:.3f}"
-            for category, scores in tuned["by_category"].items()
-            if scores["rouge_l"] < base[mode]["by_category"][category]["rouge_l"]
-        ]
         results.append((f"{mode} ROUGE-L >= base in every category" + (f" ({'; '.join(below)})" if below else ""), not below))
     return results
 
@@ -63,6 +68,7 @@ def main() -> None:
     from rich.console import Console
 
     from cluster.connect import free_port, ray_session
+    from contract import registry
     from contract.decoding import Decoding
     from contract.settings import load_config
     from loop.configs import UpConfig
@@ -80,8 +86,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             serve.shutdown()
             report = json.loads((workdir / "report.json").read_text())
-            run_name = report["tuned"]["loss"]["model"].removeprefix("tuned (").removesuffix(")")
-            served = Decoding.of_model(workdir / "runs" / run_name / "export").describe()
+            served = Decoding.of_model(registry.resolve(urls["model"], config.registry)[0]).describe()
             seeds.append(
                 dict(seed=seed, seconds=seconds, model=urls["model"], served=served, report=report, checks=checks(report))
             )
@@ -116,7 +121,7 @@ def table(seeds: list[dict]) -> str:
         base = {b["mode"]: b for b in s["report"]["base"]["behaviour"]}
         for tuned in s["report"]["tuned"]["behaviour"]:
             mode, t, b = tuned["mode"], tuned["overall"], base[tuned["mode"]]["overall"]
-            held = sum(scores["rouge_l"] >= base[mode]["by_category"][c]["rouge_l"] for c, scores in tuned["by_category"].items())
+            held = len(tuned["by_category"]) - len(rouge_below_base(s["report"], tuned))
             lines.append(
                 f"| {s['seed']} | {mode} | {t['stop_rate']:.0%} ({b['stop_rate']:.0%}) | {t['loop_rate']:.0%} "
                 f"({b['loop_rate']:.0%}) | {t['rouge_l']:.3f} ({b['rouge_l']:.3f}) | {held} of {len(tuned['by_category'])} "

@@ -303,16 +303,24 @@ def test_a_client_that_disconnects_cancels_its_generation(served):
     assert stats["waiting"] == 0
 
 
+def dashboard_metrics() -> set[str]:
+    """Every metric the Grafana dashboard charts, as Prometheus names it: a histogram is exported
+    as <name>_bucket, and the dashboard's rate() of a counter names <name>_total."""
+    dashboard = json.loads((REPO / "services/grafana/dolly.json").read_text())
+    return {m for p in dashboard["panels"] for t in p.get("targets", []) for m in re.findall(r"ray_\w+", t["expr"])}
+
+
+# Counted only once something happens: a request retried or failed (the replica-loss test checks
+# those), feedback sent (test_many_concurrent_submissions_lose_none).
+COUNTED_ON_EVENTS = {"ray_dolly_retried_requests_total", "ray_dolly_failed_requests_total", "ray_dolly_feedback_total"}
+
+
 def test_every_metric_of_the_grafana_dashboard_reaches_prometheus(served):
     import ray
 
-    dashboard = json.loads((REPO / "services/grafana/dolly.json").read_text())
-    expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    # A histogram is exported as <name>_bucket; the dashboard's rate() of a counter names <name>_total.
-    wanted = {m for e in expressions for m in re.findall(r"ray_\w+", e)} | {'code="401"', 'code="422"'}
-    # Counted only once a request is retried or fails: the replica-loss test checks those.
-    wanted -= {"ray_dolly_retried_requests_total", "ray_dolly_failed_requests_total"}
-    wanted -= {"ray_dolly_feedback_total"}  # once feedback is sent: test_many_concurrent_submissions_lose_none checks it
+    # The vLLM row's are vLLM's: tests/test_serve_vllm.py checks them.
+    wanted = {m for m in dashboard_metrics() - COUNTED_ON_EVENTS if not m.startswith("ray_vllm_")}
+    wanted |= {'code="401"', 'code="422"'}
     assert {
         "ray_dolly_requests_total",
         "ray_dolly_time_to_first_token_s_bucket",

@@ -6,14 +6,20 @@ min_tokens, are our engine's."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -24,8 +30,10 @@ from services.config import ServeConfig
 from tests.conftest import free_port
 from tests.test_serve import (  # noqa: F401  (collected here, against the vLLM engine)
     CONTEXT,
+    COUNTED_ON_EVENTS,
     KEY,
     Served,
+    dashboard_metrics,
     test_a_completion_answers_a_dolly_prompt_with_the_response_only,
     test_a_long_conversation_loses_its_oldest_turns_and_says_so,
     test_a_prompt_longer_than_the_context_gets_400_stating_the_limit,
@@ -38,12 +46,50 @@ from tests.test_serve import (  # noqa: F401  (collected here, against the vLLM 
     test_health_needs_no_key_and_models_lists_the_served_version,
     test_malformed_input_gets_422_naming_the_field,
     test_requests_without_a_valid_key_get_401,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(600)
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_ENV = Path(os.environ.get("DOLLY_VLLM_ENV", REPO / ".venv-vllm"))
+
+
+@dataclass
+class VLLMServed(Served):
+    session_dir: Path  # of the Ray cluster `dolly serve` started
+
+    def metrics(self) -> str:
+        """What the cluster's Prometheus endpoints serve now: the ones Ray lists for Prometheus's
+        file-based discovery (one that does not answer yet is left out of this reading)."""
+        groups = json.loads((self.session_dir / "prom_metrics_service_discovery.json").read_text())
+        texts = []
+        for target in (t for group in groups for t in group["targets"]):
+            with contextlib.suppress(httpx.HTTPError):
+                texts.append(httpx.get(f"http://{target}/metrics", timeout=10).text)
+        return "".join(texts)
+
+    def total(self, metric: str) -> float:
+        """The sum of `metric`'s series now."""
+        return sum(float(line.rsplit(" ", 1)[1]) for line in self.metrics().splitlines() if re.match(rf"{metric}[{{ ]", line))
+
+    def settled(self, metric: str) -> float:
+        """`metric`'s total once two readings one export apart agree (Ray's agents export every 10 s)."""
+        readings = [self.total(metric)]
+        while len(readings) < 2 or readings[-1] != readings[-2]:
+            time.sleep(11)
+            readings.append(self.total(metric))
+        return readings[-1]
+
+
+def _session_dir(pid: int) -> Path:
+    """The session folder of the Ray cluster that process `pid` started, from its Ray processes' --log_dir."""
+    for process in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            for arg in process.cmdline():
+                if arg.startswith("--log_dir="):
+                    return Path(arg.removeprefix("--log_dir=")).parent
+    raise AssertionError(f"no Ray process under dolly serve (pid {pid})")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +135,7 @@ def served(tiny_model, tmp_path_factory):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"dolly serve engine.kind=vllm did not come up: {(root / 'serve.log').read_text()[-3000:]}")
             time.sleep(2)
-        yield Served(url, config, root / "registry")
+        yield VLLMServed(url, config, root / "registry", _session_dir(server.pid))
     finally:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the quiet shutdown a person gets
         try:
@@ -138,6 +184,53 @@ def test_a_stop_string_ends_the_answer_before_it(served):
     stopped = client.completions.create(model="dolly", prompt="Tell a story.", max_tokens=24, temperature=0, stop=[word])
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == whole[: whole.index(word)].strip()
+
+
+def test_a_client_that_disconnects_stops_its_generation_in_vllm(served):
+    """The ingress cancels the model replica's call, whose stream closing makes vLLM abort the
+    request. vLLM counts no aborts, so: the engine stops generating, and never finishes it."""
+    cancelled = served.total("ray_dolly_cancelled_requests_total")
+    finished, generated = served.settled("ray_vllm_request_success_total"), served.settled("ray_vllm_generation_tokens_total")
+    body = {"model": "dolly", "prompt": "Write at length.", "max_tokens": 400, "min_tokens": 400, "stream": True}
+    with httpx.stream(
+        "POST", f"{served.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+    ) as response:
+        events = list(itertools.islice((line for line in response.iter_lines() if line), 3))
+    assert len(events) == 3
+    wait_until(
+        lambda: served.total("ray_dolly_cancelled_requests_total") == cancelled + 1, 60, "the replica counting the cancel", 2
+    )
+    assert served.settled("ray_vllm_generation_tokens_total") - generated < 400, "the engine stopped before the 400 tokens"
+    assert served.total("ray_vllm_request_success_total") == finished
+
+
+def test_every_metric_of_the_dashboards_vllm_row_reaches_prometheus(served):
+    wanted = dashboard_metrics() - COUNTED_ON_EVENTS
+    wanted -= {"ray_vllm_num_preemptions_total"}  # counted once the KV cache is too small for the load
+    wanted -= {"ray_dolly_cancelled_requests_total"}  # once a client leaves: the test above checks it
+    # Our engine's batcher's; vLLM's scheduler has its own (the vLLM row).
+    wanted -= {"ray_dolly_queue_length", "ray_dolly_running_requests", "ray_dolly_batch_size_bucket"}
+    assert {"ray_vllm_num_requests_running", "ray_vllm_kv_cache_usage_perc", "ray_vllm_prefix_cache_hits_total"} <= wanted
+    # Over one of vLLM's 128-token KV blocks, so that asking it again hits the prefix cache.
+    prompt = "Summarize this: " + "the river runs down to the sea, " * 24
+    done, seen = threading.Event(), set()
+
+    def ask_until_done():  # vLLM sets its gauges while its engine steps, so they are read while it answers
+        while not done.is_set():
+            served.openai().completions.create(model="dolly", prompt=prompt, max_tokens=64, extra_body={"min_tokens": 64})
+
+    asking = threading.Thread(target=ask_until_done)
+    asking.start()
+    try:
+        deadline = time.monotonic() + 120
+        while (absent := wanted - seen) and time.monotonic() < deadline:
+            text = served.metrics()
+            seen |= {w for w in absent if w in text}
+            time.sleep(1)
+    finally:
+        done.set()
+        asking.join(timeout=120)
+    assert not absent, f"not on the serving cluster's Prometheus endpoints: {sorted(absent)}"
 
 
 PLACEMENT = """

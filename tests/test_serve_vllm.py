@@ -34,6 +34,7 @@ from tests.test_serve import (  # noqa: F401  (collected here, against the vLLM 
     KEY,
     Served,
     dashboard_metrics,
+    replica_processes,
     test_a_completion_answers_a_dolly_prompt_with_the_response_only,
     test_a_long_conversation_loses_its_oldest_turns_and_says_so,
     test_a_prompt_longer_than_the_context_gets_400_stating_the_limit,
@@ -268,3 +269,25 @@ def test_the_gpu_profile_gives_each_replica_engine_gpus_of_its_own(tiny_model, g
     assert bundles[0] == {"CPU": replica_cpus, **engine[0]} and bundles[1:] == engine[1:]
     assert placed["placement_group_strategy"] == "PACK"
     assert placed["ray_actor_options"]["num_cpus"] == replica_cpus and not placed["ray_actor_options"].get("num_gpus")
+
+
+def test_a_stream_cut_by_a_lost_vllm_replica_goes_on_where_it_stopped(served):
+    """Part of a streamed answer had left when its vLLM replica (engine and all) was killed: the
+    ingress sends the prompt and that text to the replacement Serve starts, and the stream goes on
+    to its end, the client none the wiser. Last in the module: the replacement takes a minute."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "dolly", "prompt": "Tell a long story.", "max_tokens": 300, "min_tokens": 300, "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, headers=headers, timeout=300) as response:
+        assert response.status_code == 200
+        events = (json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: {"))
+        before = ""
+        while not before:  # the answer has begun
+            before += next(events)["choices"][0]["text"]
+        lost = replica_processes("VLLMModel")
+        assert len(lost) == 1
+        lost[0].kill()
+        after = list(events)
+    assert not any("error" in e for e in after), after[-1]
+    assert after[-1]["choices"][0]["finish_reason"] == "length"
+    resumed = re.compile(r'ray_dolly_retried_requests_total\{[^}]*cause="replica_lost_mid_answer"')
+    wait_until(lambda: resumed.search(served.metrics()), 60, "the resumption counted", 2)

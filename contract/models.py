@@ -188,16 +188,6 @@ def init_special_tokens(model, tokenizer: PreTrainedTokenizerBase) -> None:
                 table[tokenizer.convert_tokens_to_ids(token)] = table[source].mean(0)
 
 
-def _knows_dolly_tokens(folder: str, gguf_file: str | None) -> bool:
-    """Whether the model's own tokenizer has Dolly's tokens already: a model tuned in Dolly's
-    format (ours or dolly-v2), whose trained rows must be kept as they are."""
-    try:
-        own = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError):  # a weights-only folder: nothing says it was tuned
-        return False
-    return END_KEY in own.get_vocab()
-
-
 def max_length_for(model_name_or_path: str | None, tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
     """The context length to train with, and where it came from (for the report).
 
@@ -237,12 +227,22 @@ def load_model(name_or_path: str, tokenizer: PreTrainedTokenizerBase, **kwargs):
     if size is not None:
         shape_kwargs = {k: kwargs[k] for k in ("dtype", "attn_implementation") if k in kwargs}
         model = AutoModelForCausalLM.from_config(pythia_config(size), **shape_kwargs)
-        tuned = False
     else:
-        folder = resolve_base(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        tuned = _knows_dolly_tokens(folder, kwargs.get("gguf_file"))
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(name_or_path), **kwargs)
     resize_for_tokenizer(model, tokenizer)
-    if not tuned:
+    if learns_dolly_tokens(name_or_path, kwargs.get("gguf_file")):
         init_special_tokens(model, tokenizer)
     return model
+
+
+def learns_dolly_tokens(name_or_path: str, gguf_file: str | None = None) -> bool:
+    """Whether Dolly's tokens are new to the model, their rows started by `init_special_tokens`
+    and still to be learned; not for a model tuned in Dolly's format (ours or dolly-v2), whose
+    tokenizer has them already and whose rows were trained."""
+    if random_pythia_size(name_or_path) is not None:
+        return True
+    try:
+        own = AutoTokenizer.from_pretrained(resolve_base(name_or_path), **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError):  # a weights-only folder: nothing says it was tuned
+        return True
+    return END_KEY not in own.get_vocab()

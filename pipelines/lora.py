@@ -5,6 +5,9 @@ has never seen. A frozen embedding would leave them where `init_special_tokens` 
 model could never learn to say `### End`: PEFT's trainable tokens train those rows alone, in the
 input embedding and, when it is a separate matrix (GPTNeoX's embed_out), in the output one, and
 store them with the adapter. That costs 3 rows, not the whole matrix as `modules_to_save` would.
+
+On a base tuned in Dolly's format (a `dolly up` export, dolly-v2) the rows are trained already and
+the adapter is LoRA alone: the kind vLLM's LoRA serves (it loads no embedding rows).
 """
 
 from __future__ import annotations
@@ -15,15 +18,16 @@ from pipelines.configs import LORA_TARGETS, LoraSettings
 
 
 def adapt(model, settings: LoraSettings, token_ids: list[int], base_name: str) -> PeftModel:
-    """`model` wrapped with LoRA adapters per `settings` and trainable rows for `token_ids`; only
-    those are left trainable. `base_name` is recorded in the adapter as the base to load it on."""
+    """`model` wrapped with LoRA adapters per `settings` and trainable rows for `token_ids` (none:
+    LoRA alone); only those are left trainable. `base_name` is recorded in the adapter as the base
+    to load it on."""
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=settings.target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear"),
-        trainable_token_indices=_token_rows(model, token_ids),
+        trainable_token_indices=_token_rows(model, token_ids) if token_ids else None,
     )
     model.name_or_path = base_name  # PEFT names the adapter's base after it
     return get_peft_model(model, config)

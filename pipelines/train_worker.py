@@ -21,7 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from transformers.integrations import HfDeepSpeedConfig
 
 from contract import IGNORE_INDEX, registry
-from contract.models import load_model, load_tokenizer, special_token_ids
+from contract.models import learns_dolly_tokens, load_model, load_tokenizer, special_token_ids
 from pipelines import checkpoints, lora
 from pipelines.batches import collate, example_lengths, flatten
 from pipelines.configs import TrainConfig
@@ -183,7 +183,12 @@ def _engine(config: TrainConfig, hf_ds_config: HfDeepSpeedConfig, tokenizer, tot
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.method == "lora":
-        model = lora.adapt(model, config.lora, sorted(special_token_ids(tokenizer).values()), config.base_model)
+        # Dolly's token rows train with the adapter only where they are new; on a tuned base the
+        # adapter is LoRA alone, which vLLM can serve.
+        new_tokens = learns_dolly_tokens(config.base_model, model_kwargs.get("gguf_file"))
+        model = lora.adapt(
+            model, config.lora, sorted(special_token_ids(tokenizer).values()) if new_tokens else [], config.base_model
+        )
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],

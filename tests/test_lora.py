@@ -1,7 +1,7 @@
-"""LoRA as a user runs it: `method=lora` trains PEFT adapters and Dolly's new token rows on a
-frozen base, through the same Ray Train + DeepSpeed path as full fine-tuning (two workers,
-ZeRO-2, verified checkpoints, resume), and exports an adapter that names its base, plus a
-merged plain folder on request; loaded again, both compute what training computed.
+"""LoRA as a user runs it: `method=lora` trains PEFT adapters and Dolly's new token rows (where
+they are new) on a frozen base, through the same Ray Train + DeepSpeed path as full fine-tuning
+(two workers, ZeRO-2, verified checkpoints, resume), and exports an adapter that names its base,
+plus a merged plain folder on request; loaded again, both compute what training computed.
 
 (A random base learns slowly through adapters alone: its frozen output layer points nowhere in
 particular. These tests check that the path is right, not how fast LoRA learns: that is for a
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from contract.models import load_model, load_tokenizer, special_token_ids
 from pipelines.batches import collate
@@ -30,12 +30,12 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory, tokenizer_path):
-    """A saved random pythia-14m: a base that the export can name and serving load again."""
+    """A saved random pythia-14m: a base that the export can name and serving load again, with
+    its own tokenizer (Dolly's tokens are new to it)."""
     folder = tmp_path_factory.mktemp("base")
-    tokenizer = load_tokenizer(tokenizer_path)
     torch.manual_seed(0)
-    load_model("pythia-14m-random", tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    load_model("pythia-14m-random", load_tokenizer(tokenizer_path)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(folder)
     return folder
 
 
@@ -75,6 +75,27 @@ def test_lora_trains_the_adapter_and_the_new_token_rows_only(lora_run, base_fold
     ids = sorted(special_token_ids(tokenizer).values())
     assert rows.shape == (len(ids), base.shape[1])
     assert not torch.allclose(rows.float(), base[ids].detach(), atol=1e-3)
+
+
+def test_on_a_base_tuned_in_dollys_format_lora_trains_the_adapter_alone(tmp_path, train_data, tokenizer_path, tiny_model):
+    """A tuned export (its tokenizer has Dolly's tokens, their rows trained) keeps its rows: the
+    adapter holds LoRA weights only, the kind vLLM's LoRA serves (tests/test_serve_vllm.py)."""
+    config = overfit_config(
+        tmp_path,
+        train_data,
+        tokenizer_path,
+        base_model=str(tiny_model),
+        method="lora",
+        num_workers=1,
+        max_steps=2,
+        eval_every=2,
+        checkpoint_every=2,
+        mlflow=False,
+    )
+    export = Path(train(config).metrics["export_dir"])
+    assert json.loads((export / "adapter_config.json").read_text())["trainable_token_indices"] is None
+    with safe_open(str(export / "adapter_model.safetensors"), "pt") as weights:
+        assert weights.keys() and all("lora_" in name for name in weights.keys())  # noqa: SIM118
 
 
 def test_the_adapter_on_its_base_and_the_merged_export_score_what_training_scored(lora_run, train_data, tokenizer):

@@ -48,6 +48,12 @@ def adapter_base(name_or_path: str | Path | None) -> str | None:
     return json.loads(config.read_text())["base_model_name_or_path"] if config.is_file() else None
 
 
+def carries_token_rows(folder: Path) -> bool:
+    """Whether a LoRA adapter folder holds trained embedding rows beside its LoRA weights (PEFT's
+    trainable tokens)."""
+    return bool(json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("trainable_token_indices"))
+
+
 def check_base(folder: Path, version: str, base: str) -> None:
     """Refuse to serve `version` (in `folder`) as an adapter on `base` unless it was trained on
     that very base: its weights mean nothing on another."""

@@ -30,8 +30,8 @@ from services.prompts import context_limit
 def build_app(config: ServeConfig) -> Application:
     served = what_to_serve(config)
     folder = str(served.folder)
-    if config.engine.kind == "vllm":
-        model = _vllm_model(config, served.folder)
+    if config.engine.kind == "vllm":  # with adapters, vLLM holds their base and loads each adapter by its version
+        model = _vllm_model(config, Path(served.base) if config.adapters else served.folder)
     else:
         model = DollyModel.options(**config.model_deployment_options()).bind(folder, config, served.adapter, served.base)
     ingress = OpenAIIngress.options(**config.ingress_deployment_options())

@@ -229,12 +229,6 @@ class ServeConfig(_Settings):
                 "engine.device=cuda needs deployment.num_gpus above 0: a replica uses only the GPU Ray gives it "
                 "(one that asked for none would take a GPU another process owns); set deployment.num_gpus=1"
             )
-        if self.adapters and self.engine.kind == "vllm":
-            raise ValueError(
-                "adapters need engine.kind=dolly: vLLM refuses the trainable token rows of our LoRA adapters (Dolly's "
-                "three new tokens; vllm/lora/lora_model.py: 'unsupported LoRA weight'); serve a merged export with "
-                "engine.kind=vllm (a method=full run, or `dolly train method=lora lora.merged_export=true`, its export-merged/)"
-            )
         if self.engine.kind == "vllm" and d.num_gpus and d.num_gpus != int(d.num_gpus):
             raise ValueError(
                 f"deployment.num_gpus={d.num_gpus:g}: with engine.kind=vllm it is the GPUs a replica's engine "
@@ -359,5 +353,18 @@ def what_to_serve(config: ServeConfig) -> Served:
     for folder, version in adapters:
         registry.check_base(folder, version, base)
         registry.check_servable(folder)
+        if config.engine.kind == "vllm":
+            check_lora_only(folder, version)
     (folder, version), name = adapters[0], Path(base).name
     return Served(folder.resolve(), name, version, base)
+
+
+def check_lora_only(folder: Path, version: str) -> None:
+    """Refuse adapter `version` for vLLM, whose LoRA loads LoRA weights alone, if it carries rows
+    of Dolly's tokens (trained with it because they were new to its base: pipelines/lora.py)."""
+    if registry.carries_token_rows(folder):
+        raise UserError(
+            f"{version} carries its own rows of Dolly's tokens (they were new to the base it was trained on), which "
+            "vLLM's LoRA cannot load: serve it with engine.kind=dolly, or train it on a base tuned in Dolly's format "
+            "(dolly train method=lora base_model=dolly@latest: the adapter is then LoRA alone)"
+        )

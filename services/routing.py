@@ -14,7 +14,7 @@ from pathlib import Path
 
 from contract import registry
 from contract.errors import UserError
-from services.config import SamplingDefaults, ServeConfig
+from services.config import SamplingDefaults, ServeConfig, check_lora_only
 from services.errors import ApiError
 
 
@@ -83,6 +83,8 @@ class ServedModels:
         if version not in self._on_base:
             try:
                 registry.check_base(folder, version, self._base)
+                if self._config.engine.kind == "vllm":
+                    check_lora_only(folder, version)
             except UserError as e:
                 raise ApiError(400, str(e), "model") from None
             self._on_base.add(version)

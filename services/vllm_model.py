@@ -11,7 +11,10 @@ DollyModel's do, so a replica lost mid-answer is resumed the same way (services/
 
 What vLLM brings: a paged KV cache with admission control (a request waits for room instead of
 failing every one in flight), continuous batching with chunked prefill, prefix caching, tensor
-parallelism, its engine metrics (`log_engine_metrics`, beside our dolly_* ones).
+parallelism, its engine metrics (`log_engine_metrics`, beside our dolly_* ones), and multi-LoRA:
+with `adapters`, the ingress sends an adapter's version as the multiplexed model id, as it does to
+our engine, and LLMServer loads it through Serve's multiplexing (at most
+`deployment.max_adapters_per_replica` a replica) from our registry (RegistryAdapters).
 
 Imported only with engine.kind=vllm, in vLLM's own environment (`make vllm`): `ray.serve.llm`
 needs vLLM, which pins a transformers that training's does not meet.
@@ -20,16 +23,20 @@ needs vLLM, which pins a transformers that training's does not meet.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from ray import serve
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig  # what LLMServer's loader returns
 from ray.serve.llm import LLMConfig
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.openai_api_models import CompletionRequest
 
+from contract import registry
 from contract.models import load_tokenizer, stop_token_ids
 from contract.sampling import SamplingParams
 from contract.settings import merge
@@ -38,9 +45,24 @@ from services.metrics import ModelMetrics
 from services.text import TextStream
 
 
+class RegistryAdapters:
+    """LLMServer's adapter loader (its `model_downloader`), reading an adapter version in place from
+    our registry (a local folder, NFS or a PVC): Ray Serve LLM's own loader copies adapters from
+    cloud storage only (LoraConfig.dynamic_lora_loading_path takes s3://, gs:// or azure://)."""
+
+    def __init__(self, root: str, **_):  # LLMServer passes its download timeout and tries: nothing is downloaded
+        self._root, self._ids = Path(root), itertools.count(1)
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config: LLMConfig) -> DiskMultiplexConfig:
+        folder, _ = registry.resolve(lora_model_id, self._root)
+        return DiskMultiplexConfig(
+            model_id=lora_model_id, max_total_tokens=None, local_path=str(folder), lora_assigned_int_id=next(self._ids)
+        )
+
+
 class VLLMModel(LLMServer):
-    async def __init__(self, llm_config: LLMConfig, folder: str):
-        await super().__init__(llm_config)
+    async def __init__(self, llm_config: LLMConfig, folder: str, registry_root: str):
+        await super().__init__(llm_config, model_downloader=functools.partial(RegistryAdapters, registry_root))
         self._tokenizer = load_tokenizer(folder)
         self._stop_ids = stop_token_ids(Path(folder), self._tokenizer)
         self._metrics = ModelMetrics()
@@ -49,7 +71,7 @@ class VLLMModel(LLMServer):
         """DollyModel.generate's events: {"text", "completion_tokens"} (tokens so far) at most every
         interval_s, then one with "finish_reason"."""
         request = CompletionRequest(
-            model=self._llm_config.model_id,
+            model=serve.get_multiplexed_model_id() or self._llm_config.model_id,  # an adapter's version, set by the ingress
             prompt=prompt_ids,
             stream=True,
             return_token_ids=True,  # the text is made here, by our rule, from the ids
@@ -116,7 +138,8 @@ def _chunks(batch) -> Iterator[tuple[list[int], str | None]]:
 
 def llm_config(config: ServeConfig, folder: Path, context: int) -> LLMConfig:
     """Ray Serve LLM's config for `folder`: what this ServeConfig says (replicas, autoscaling,
-    queues, health, context, dtype, GPUs), under the LLMConfig settings of `engine.vllm`."""
+    queues, health, context, dtype, GPUs, adapters), under the LLMConfig settings of `engine.vllm`
+    (e.g. engine_kwargs.max_lora_rank for adapters of a rank above vLLM's 16)."""
     e, gpus = config.engine, int(config.deployment.num_gpus)
     options = config.model_deployment_options()
     # A replica's GPUs are its engine's placement bundles (one per tensor-parallel rank), not the actor's.
@@ -134,10 +157,15 @@ def llm_config(config: ServeConfig, folder: Path, context: int) -> LLMConfig:
         },
         "deployment_config": options,
     }
+    if config.adapters:
+        held = config.deployment.max_adapters_per_replica
+        derived["lora_config"] = {"max_num_adapters_per_replica": held}  # Serve's multiplexing; RegistryAdapters loads
+        derived["engine_kwargs"] |= {"enable_lora": True, "max_loras": held}
     return LLMConfig.model_validate(merge(derived, e.vllm))
 
 
 def vllm_deployment(config: ServeConfig, folder: Path, context: int):
     """The model deployment, bound, for services/app.py."""
     llm = llm_config(config, folder, context)
-    return serve.deployment(VLLMModel, name="VLLMModel").options(**VLLMModel.get_deployment_options(llm)).bind(llm, str(folder))
+    deployment = serve.deployment(VLLMModel, name="VLLMModel").options(**VLLMModel.get_deployment_options(llm))
+    return deployment.bind(llm, str(folder), str(config.registry.resolve()))

@@ -30,15 +30,16 @@ pytestmark = pytest.mark.timeout(300)
 APP = "adapters"
 
 
-def train_adapter(base: Path, answer: str, folder: Path) -> Path:
+def train_adapter(base: Path, answer: str, folder: Path, token_rows: bool = True) -> Path:
     """An adapter on `base` that answers every instruction with `answer`, exported as training
-    exports one: PEFT's adapter folder naming its base, the tokenizer, the generation config."""
+    exports one: PEFT's adapter folder naming its base, the tokenizer, the generation config; with
+    `token_rows`, Dolly's token rows trained with it (as on a base new to them), else LoRA alone."""
     tokenizer = load_tokenizer(str(base))
     torch.manual_seed(0)
     model = adapt(
         load_model(str(base), tokenizer),
         LoraSettings(r=8, alpha=16, dropout=0.0),
-        sorted(special_token_ids(tokenizer).values()),
+        sorted(special_token_ids(tokenizer).values()) if token_rows else [],
         str(base),
     )
     prompt = tokenizer(render_generation_prompt("Who are you?"))["input_ids"]

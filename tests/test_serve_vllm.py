@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,35 +94,20 @@ def _session_dir(pid: int) -> Path:
     raise AssertionError(f"no Ray process under dolly serve (pid {pid})")
 
 
-@pytest.fixture(scope="module")
-def served(tiny_model, tmp_path_factory):
+# Eager: torch.compile costs minutes per start on 2 cores; 1 GiB of KV cache is plenty here.
+VLLM_SETTINGS = {"engine_kwargs": {"enforce_eager": True}, "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}}
+
+
+@contextlib.contextmanager
+def vllm_serving(config: ServeConfig, root: Path) -> Iterator[VLLMServed]:
+    """`dolly serve` of `config` run from vLLM's environment, in a Ray cluster of its own (vLLM's
+    environment is not the one these tests run in), until Ctrl-C; its files in `root`."""
     dolly = VLLM_ENV / "bin" / "dolly"
     if not dolly.exists():
         pytest.skip(f"{dolly} is absent: `make vllm` builds vLLM's environment (or set DOLLY_VLLM_ENV)")
-    root = tmp_path_factory.mktemp("serving-vllm")
-    registry.register(tiny_model, "dolly", root / "registry")
-    (root / "api-keys").write_text(f"{KEY}\n")
-    config = ServeConfig(
-        model="dolly@latest",
-        registry=root / "registry",
-        auth={"api_keys_file": str(root / "api-keys")},
-        engine={
-            "kind": "vllm",
-            "max_context": CONTEXT,
-            "max_batch_size": 4,
-            "stream_interval_s": 0,
-            # Eager: torch.compile costs minutes per start on 2 cores; 1 GiB of KV cache is plenty here.
-            "vllm": {"engine_kwargs": {"enforce_eager": True}, "runtime_env": {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1"}}},
-        },
-        # The replica (0.5) and its engine's bundle (1), the ingress (0.25): within 2 cores.
-        deployment={"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 8, "num_cpus": 0.5},
-        ingress={"num_cpus": 0.25},
-        feedback={"url": f"sqlite:///{root / 'feedback.db'}"},
-    )
     (root / "serve.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True)))
     port = free_port()
     log = (root / "serve.log").open("w")
-    # Its own Ray cluster, in its own session: vLLM's environment is not the one these tests run in.
     server = subprocess.Popen(
         [str(dolly), "serve", "--config", str(root / "serve.yaml"), "--port", str(port)],
         stdout=log,
@@ -136,13 +122,32 @@ def served(tiny_model, tmp_path_factory):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"dolly serve engine.kind=vllm did not come up: {(root / 'serve.log').read_text()[-3000:]}")
             time.sleep(2)
-        yield VLLMServed(url, config, root / "registry", _session_dir(server.pid))
+        yield VLLMServed(url, config, config.registry, _session_dir(server.pid))
     finally:
         os.killpg(server.pid, signal.SIGINT)  # Ctrl-C: the quiet shutdown a person gets
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving-vllm")
+    registry.register(tiny_model, "dolly", root / "registry")
+    (root / "api-keys").write_text(f"{KEY}\n")
+    config = ServeConfig(
+        model="dolly@latest",
+        registry=root / "registry",
+        auth={"api_keys_file": str(root / "api-keys")},
+        engine={"kind": "vllm", "max_context": CONTEXT, "max_batch_size": 4, "stream_interval_s": 0, "vllm": VLLM_SETTINGS},
+        # The replica (0.5) and its engine's bundle (1), the ingress (0.25): within 2 cores.
+        deployment={"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 8, "num_cpus": 0.5},
+        ingress={"num_cpus": 0.25},
+        feedback={"url": f"sqlite:///{root / 'feedback.db'}"},
+    )
+    with vllm_serving(config, root) as served:
+        yield served
 
 
 def _up(url: str) -> bool:

@@ -19,19 +19,6 @@ from pipelines.configs import LORA_LR, TrainConfig
 from pipelines.presets import PRESETS, PresetName
 
 _CPU_DEMO = PRESETS["cpu"].demo  # for the help text; the settings themselves are read from the preset
-# The `dolly train` settings `dolly up` sets itself, from the setting of its own named here.
-_UP_OWNS = dict(
-    base_model="base_model",
-    tokenizer="tokenizer",
-    preset="preset",
-    registry="registry",
-    source="data",
-    data_dir="workdir",
-    output_dir="workdir",
-    storage_path="workdir",
-    run_name="workdir",
-    register_as="model_name",
-)
 
 
 def _flat(settings: dict, prefix: str = "") -> dict:
@@ -103,9 +90,9 @@ class UpConfig(BaseModel):
 
     @model_validator(mode="after")
     def _train_settings_valid(self) -> UpConfig:
-        owned = sorted(set(self.train) & set(_UP_OWNS))
-        if owned:
-            key, own = owned[0], _UP_OWNS[owned[0]]
+        owned = self._own_train_settings(self.workdir / "data", "up")
+        if clash := sorted(set(self.train) & set(owned)):
+            key, (_, own) = clash[0], owned[clash[0]]
             raise ValueError(f"train.{key} is set by `dolly up` from its own setting {own}: set {own}=... instead")
         try:
             self.train_config(self.workdir / "data")
@@ -124,11 +111,25 @@ class UpConfig(BaseModel):
         if not PRESETS[self.preset].settings["use_gpu"] and settings.get("num_workers") == 1:
             # One CPU worker gets every core as its torch threads (Ray gives a worker as many as it claims).
             settings.setdefault("cpus_per_worker", float(os.cpu_count() or 1))
-        own = dict(base_model=self.base_model, tokenizer=self.tokenizer, preset=self.preset, registry=self.registry)
+        own = {key: value for key, (value, _) in self._own_train_settings(data_dir, run_name).items()}
+        return TrainConfig.model_validate(settings | own)
+
+    def _own_train_settings(self, data_dir: Path, run_name: str) -> dict[str, tuple[object, str]]:
+        """The `dolly train` settings `dolly up` sets itself, refused under `train.`: {key: (value,
+        the setting of `dolly up` it comes from)}."""
         runs_dir = self.workdir / "runs"
-        # `dolly up` registers the export itself, once, however often it is run.
-        where = dict(data_dir=data_dir, run_name=run_name, storage_path=str(runs_dir), output_dir=runs_dir, register_as=None)
-        return TrainConfig.model_validate(settings | own | where)
+        return dict(
+            base_model=(self.base_model, "base_model"),
+            tokenizer=(self.tokenizer, "tokenizer"),
+            preset=(self.preset, "preset"),
+            registry=(self.registry, "registry"),
+            source=(None, "data"),  # dolly up prepares the corpus itself; training reads data_dir
+            data_dir=(data_dir, "workdir"),
+            run_name=(run_name, "workdir"),
+            storage_path=(str(runs_dir), "workdir"),
+            output_dir=(runs_dir, "workdir"),
+            register_as=(None, "model_name"),  # dolly up registers the export itself, once, however often it is run
+        )
 
 
 class GateConfig(BaseModel):

@@ -588,17 +588,19 @@ def test_a_request_whose_every_replica_dies_is_answered_by_a_replacement(served)
     wait_until(lambda: retried.search(prometheus_text()), 60, "the retry counted")
 
 
-def streamed_until_the_replicas_die(served, body: dict) -> tuple[str, list[dict]]:
-    """The text that came back before every model replica was killed, and the events after."""
-    wait_until(lambda: running_replicas() >= 1, 90, "a model replica")
+def streamed_until_the_replicas_die(
+    served, body: dict, deployment: str = "DollyModel", timeout: float = 120
+) -> tuple[str, list[dict]]:
+    """The text that came back before every replica of the model `deployment` was killed, and the
+    events after (within `timeout`, the replacement's start-up included)."""
     headers = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, headers=headers, timeout=120) as response:
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, headers=headers, timeout=timeout) as response:
         assert response.status_code == 200
         events = (json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: {"))
         before = ""
         while not before:  # the answer has begun
             before += next(events)["choices"][0]["text"]
-        for process in replica_processes():
+        for process in replica_processes(deployment):
             process.kill()
         return before, list(events)
 
@@ -606,6 +608,7 @@ def streamed_until_the_replicas_die(served, body: dict) -> tuple[str, list[dict]
 def test_a_stream_cut_by_a_lost_replica_goes_on_where_it_stopped(served):
     """Part of a streamed answer had left when its replica died: the ingress sends the prompt and
     that text to a new replica, and the stream goes on to its end, the client none the wiser."""
+    wait_until(lambda: running_replicas() >= 1, 90, "a model replica")
     before, after = streamed_until_the_replicas_die(
         served, {"model": "dolly", "prompt": "Tell a long story.", "max_tokens": 300, "stream": True}
     )
@@ -625,6 +628,7 @@ def test_a_stream_lost_on_every_try_ends_with_an_error_event_not_a_broken_connec
     once = served.config.model_copy(deep=True)
     once.deployment.lost_replica_retries = 0
     serve.run(build_app(once), name="dolly", route_prefix="/")
+    wait_until(lambda: running_replicas() >= 1, 90, "a model replica")
     _, after = streamed_until_the_replicas_die(
         served, {"model": "dolly", "prompt": "Tell a long story.", "max_tokens": 300, "stream": True}
     )

@@ -36,6 +36,7 @@ from tests.test_serve import (  # noqa: F401  (collected here, against the vLLM 
     Served,
     dashboard_metrics,
     replica_processes,
+    streamed_until_the_replicas_die,
     test_a_completion_answers_a_dolly_prompt_with_the_response_only,
     test_a_long_conversation_loses_its_oldest_turns_and_says_so,
     test_a_prompt_longer_than_the_context_gets_400_stating_the_limit,
@@ -280,18 +281,9 @@ def test_a_stream_cut_by_a_lost_vllm_replica_goes_on_where_it_stopped(served):
     """Part of a streamed answer had left when its vLLM replica (engine and all) was killed: the
     ingress sends the prompt and that text to the replacement Serve starts, and the stream goes on
     to its end, the client none the wiser. Last in the module: the replacement takes a minute."""
-    headers = {"Authorization": f"Bearer {KEY}"}
+    assert len(replica_processes("VLLMModel")) == 1
     body = {"model": "dolly", "prompt": "Tell a long story.", "max_tokens": 300, "min_tokens": 300, "stream": True}
-    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, headers=headers, timeout=300) as response:
-        assert response.status_code == 200
-        events = (json.loads(line.removeprefix("data: ")) for line in response.iter_lines() if line.startswith("data: {"))
-        before = ""
-        while not before:  # the answer has begun
-            before += next(events)["choices"][0]["text"]
-        lost = replica_processes("VLLMModel")
-        assert len(lost) == 1
-        lost[0].kill()
-        after = list(events)
+    _, after = streamed_until_the_replicas_die(served, body, "VLLMModel", timeout=300)
     assert not any("error" in e for e in after), after[-1]
     assert after[-1]["choices"][0]["finish_reason"] == "length"
     resumed = re.compile(r'ray_dolly_retried_requests_total\{[^}]*cause="replica_lost_mid_answer"')

@@ -403,21 +403,29 @@ def tables(report: dict) -> str:
             f"| {r['shape']} | {r['path']} | {r['tokens_per_s']:,.0f} | {100 * r['mfu_measured']:.1f}% | {mfu_spec} | {r['step_s']:.3f} "
             f"| {r['warmup_s']:.1f} | {r['tokens_per_step']:,.0f} / {r['positions_per_step']:,.0f} | {memory} | {r['loss']:.4f} |"
         )
-    decode = {(r["engine"], r["concurrency"]): r for r in report["decode"]}
     lines += [
         "",
         f"Decoding, {report['decode_shape']}, Dolly's sampling, {report['new_tokens']} new tokens, a burst of requests at once:",
         "",
-        "| concurrency | ours tok/s | Dolly tok/s | ours / Dolly | TTFT p50 / p99 ours (s) | TTFT p50 / p99 Dolly (s) |",
+        *decode_table(report["decode"], "Dolly's generate", "Dolly"),
+    ]
+    return "\n".join(lines)
+
+
+def decode_table(rows: list[dict], other: str, name: str) -> list[str]:
+    """The Markdown table of decoding `rows` (summary's), ours against the engine `other`, headed `name`."""
+    decode = {(r["engine"], r["concurrency"]): r for r in rows}
+    lines = [
+        f"| concurrency | ours tok/s | {name} tok/s | ours / {name} | TTFT p50 / p99 ours (s) | TTFT p50 / p99 {name} (s) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for level in LEVELS:
-        o, d = decode["ours", level], decode["Dolly's generate", level]
+        o, d = decode["ours", level], decode[other, level]
         lines.append(
             f"| {level} | {o['tokens_per_s']:.1f} | {d['tokens_per_s']:.1f} | **{o['tokens_per_s'] / d['tokens_per_s']:.2f}x** "
             f"| {o['ttft_p50_s']:.3f} / {o['ttft_p99_s']:.3f} | {d['ttft_p50_s']:.3f} / {d['ttft_p99_s']:.3f} |"
         )
-    return "\n".join(lines)
+    return lines
 
 
 def run(lengths_file: Path, out: Path, settings: Settings) -> None:

@@ -34,7 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check, which put
 
 import gpu_check  # noqa: E402
 import torch  # noqa: E402
-from gpu_check import FULL, LENGTHS, LEVELS, ORDINARY_IDS, SMOKE, Sample, our_burst, random_model, summary  # noqa: E402
+from gpu_check import (  # noqa: E402
+    FULL,
+    LENGTHS,
+    LEVELS,
+    ORDINARY_IDS,
+    SMOKE,
+    Sample,
+    decode_table,
+    our_burst,
+    random_model,
+    summary,
+)
 
 from contract.sampling import SamplingParams  # noqa: E402
 
@@ -111,21 +122,11 @@ async def bench(lengths: list[list[int]], settings, device, dtype, end_id: int, 
 
 
 def table(report: dict) -> str:
-    decode = {(r["engine"], r["concurrency"]): r for r in report["decode"]}
-    lines = [
+    heading = (
         f"Decoding on {report['device']}, {report['decode_shape']} ({report['dtype']}), Dolly's sampling, "
-        f"{report['new_tokens']} new tokens, a burst of requests at once, vLLM {report['vllm']}:",
-        "",
-        "| concurrency | ours tok/s | vLLM tok/s | ours / vLLM | TTFT p50 / p99 ours (s) | TTFT p50 / p99 vLLM (s) |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for level in LEVELS:
-        o, v = decode["ours", level], decode["vLLM", level]
-        lines.append(
-            f"| {level} | {o['tokens_per_s']:.1f} | {v['tokens_per_s']:.1f} | **{o['tokens_per_s'] / v['tokens_per_s']:.2f}x** "
-            f"| {o['ttft_p50_s']:.3f} / {o['ttft_p99_s']:.3f} | {v['ttft_p50_s']:.3f} / {v['ttft_p99_s']:.3f} |"
-        )
-    return "\n".join(lines)
+        f"{report['new_tokens']} new tokens, a burst of requests at once, vLLM {report['vllm']}:"
+    )
+    return "\n".join([heading, "", *decode_table(report["decode"], "vLLM", "vLLM")])
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,16 +425,16 @@ def test_dolly_serve_with_ui_starts_the_api_and_the_page_in_one_command(tiny_mod
     server = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
+    # Read as a person does: the announcement says when both are up (the page answering HTTP comes
+    # a moment before `dolly serve` has finished deploying and announced them).
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ui/", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while time.monotonic() < deadline and server.poll() is None and "Ctrl-C stops it." not in "".join(lines):
             time.sleep(1)
-        assert server.poll() is None, server.stdout.read()[-3000:]
+        assert server.poll() is None and "Ctrl-C stops it." in "".join(lines), "".join(lines)[-3000:]
         from gradio_client import Client
 
         history, _, status = Client(f"http://127.0.0.1:{port}/ui/", verbose=False).predict(
@@ -449,7 +450,8 @@ def test_dolly_serve_with_ui_starts_the_api_and_the_page_in_one_command(tiny_mod
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             raise
+        reader.join(timeout=10)
     # The lifecycle dolly up has too (loop.deploy.serving): announced, served until Ctrl-C, stopped.
-    output = server.stdout.read()
+    output = "".join(lines)
     assert f"at http://127.0.0.1:{port}/v1" in output and f"Chat page at http://127.0.0.1:{port}/ui/" in output
     assert "Ctrl-C stops it." in output and "Stopped serving." in output, output[-3000:]

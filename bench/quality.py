@@ -2,14 +2,17 @@
 instructions of the real corpus, greedy and with Dolly's sampling (seeded), and are scored side by
 side: stop rate, repetition, ROUGE-L against the human reference, length (pipelines/behaviour.py).
 
-It does so for each --frequency-penalties value (0 is Dolly's own decoding; `dolly up` serves
-with 0.3), and checks the targets of the instruction-following issue on the greedy answers: the
-tuned model ends at least 90% of its answers and never fewer than the base, repeats itself no
-more than the base, and scores a ROUGE-L at least the base's in every category. With
---temperatures, the tuned model also answers at other sampling temperatures (Dolly's top_p 0.92,
-the last penalty), to choose sampling defaults that suit a small model.
+It does so for each of --decodings: `dolly` (Dolly's own), `served` (what `dolly up` scores and
+serves with by default), or settings over Dolly's such as frequency_penalty=0.6,presence_penalty=1.
+Each checks the targets of the instruction-following issue on the greedy answers: the tuned model
+ends at least 90% of its answers and never fewer than the base, repeats itself no more than the
+base, and scores a ROUGE-L at least the base's in every category. With --temperatures, the tuned
+model also answers at other sampling temperatures (the last decoding's other settings), to choose
+sampling defaults that suit a small model. `dolly up` trains alike on a given seed, so a decoding
+scored here on the models it trained scores as a fresh `dolly up` at that decoding would.
 
     .venv/bin/python bench/quality.py --workdir runs/up          # after `make run` (dolly up)
+    .venv/bin/python bench/quality.py --workdir runs/up --decodings served frequency_penalty=0.6
 """
 
 from __future__ import annotations
@@ -45,6 +48,21 @@ def targets(base, tuned) -> list[tuple[str, bool]]:
     return checks
 
 
+def decoding_of(spec: str, max_tokens: int):
+    """A --decodings value as a Decoding of at most `max_tokens` new tokens."""
+    from contract.decoding import Decoding
+    from contract.settings import parse_overrides
+    from loop.configs import UpBehaviourConfig
+
+    if spec == "dolly":
+        settings = {}
+    elif spec == "served":
+        settings = UpBehaviourConfig().decoding.model_dump()
+    else:
+        settings = parse_overrides(spec.split(","))
+    return Decoding(**settings | {"max_tokens": max_tokens})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "up", help="a `dolly up` workdir: its data and report")
@@ -53,7 +71,10 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64, help="held-out instructions answered (round-robin over categories)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument(
-        "--frequency-penalties", type=float, nargs="+", default=[0.0, 0.3], help="decodings to score both models with"
+        "--decodings",
+        nargs="+",
+        default=["dolly", "served"],
+        help="decodings to score both models with: dolly, served, or KEY=VALUE,... over Dolly's (keys: contract.decoding.Decoding's)",
     )
     parser.add_argument(
         "--temperatures", type=float, nargs="*", default=[], help="also sample the tuned model at these temperatures"
@@ -61,7 +82,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "quality.json")
     args = parser.parse_args()
 
-    from contract.decoding import Decoding
     from pipelines.answers import answer, heldout_prompts
     from pipelines.behaviour import BehaviourConfig, behaviour_table, summarize
     from pipelines.evaluate import score_model, show_scores
@@ -74,10 +94,9 @@ def main() -> None:
     tuned_ref = args.model or str(sorted((args.workdir / "runs").glob("up-*/export"), key=lambda p: p.stat().st_mtime)[-1])
     tuned_lm = LoadedModel(tuned_ref)
     runs, seconds = [], {"base": 0.0, "tuned": 0.0}
-    for penalty in args.frequency_penalties:
-        config = BehaviourConfig(
-            examples=args.examples, decoding=Decoding(max_tokens=args.max_new_tokens, frequency_penalty=penalty)
-        )
+    decodings = {spec: decoding_of(spec, args.max_new_tokens) for spec in args.decodings}
+    for spec, decoding in decodings.items():
+        config = BehaviourConfig(examples=args.examples, decoding=decoding)
         started = time.perf_counter()
         base, _ = score_model(base_ref, data_dir, config, max_examples=args.examples)
         seconds["base"] += time.perf_counter() - started
@@ -85,11 +104,11 @@ def main() -> None:
         tuned, _ = score_model(tuned_lm, data_dir, config, max_examples=args.examples)
         seconds["tuned"] += time.perf_counter() - started
         base, tuned = base.named(f"base ({base_ref})"), tuned.named("tuned")
-        folder = args.out.parent / f"quality-penalty-{penalty:g}"
+        folder = args.out.parent / f"quality-{spec.replace(',', '-')}"
         folder.mkdir(parents=True, exist_ok=True)
         show_scores([base, tuned], folder, console)
         checks = targets(base, tuned)
-        console.print(f"[bold]Targets, greedy, frequency penalty {penalty:g}[/]")
+        console.print(f"[bold]Targets, greedy, {spec}: {decoding.greedy().describe()}[/]")
         for text, ok in checks:
             console.print(f"[{'green' if ok else 'red'}]{'PASS' if ok else 'FAIL'}[/] {text}")
         b, t = base.mode("greedy").overall, tuned.mode("greedy").overall
@@ -99,7 +118,8 @@ def main() -> None:
         )
         runs.append(
             {
-                "frequency_penalty": penalty,
+                "decoding": spec,
+                "settings": decoding.model_dump(),
                 "base": base.model_dump(mode="json"),
                 "tuned": tuned.model_dump(mode="json"),
                 "targets": [{"check": text, "passed": ok} for text, ok in checks],
@@ -110,9 +130,7 @@ def main() -> None:
     if args.temperatures:
         prompts = heldout_prompts(tuned_lm, data_dir, args.examples)
         for temperature in args.temperatures:
-            decoding = Decoding(
-                max_tokens=args.max_new_tokens, temperature=temperature, frequency_penalty=args.frequency_penalties[-1]
-            )
+            decoding = decodings[args.decodings[-1]].model_copy(update={"temperature": temperature})
             sweeps.append(
                 summarize(answer(tuned_lm, prompts, decoding.params(), 42, 16), "sampled", decoding).model_copy(
                     update={"model": f"tuned, T={temperature:g}"}

@@ -31,13 +31,14 @@ def _flat(settings: dict, prefix: str = "") -> dict:
 
 class UpBehaviourConfig(BehaviourConfig):
     """`dolly up`'s behavioural scoring, whose decoding the API then serves with: a small model's
-    greedy answers loop without a frequency penalty, and end with one; sampled at Dolly's
-    temperature 1 a third of them ramble to the budget, at 0.7 an eighth (bench/RESULTS.md)."""
+    greedy answers loop without a frequency penalty, and a fifth of them on some seeds still do
+    with one, unless a presence penalty joins it; sampled at Dolly's temperature 1 a third of them
+    ramble to the budget, at 0.7 an eighth (bench/RESULTS.md)."""
 
     decoding: Decoding = Field(
-        Decoding(max_tokens=ANSWER_BUDGET, temperature=0.7, frequency_penalty=0.3),
+        Decoding(max_tokens=ANSWER_BUDGET, temperature=0.7, frequency_penalty=0.3, presence_penalty=0.6),
         description="how the answers are scored, and the API then serves by default (but its max_tokens, the scoring "
-        "budget); temperature=1 frequency_penalty=0 is Dolly's decoding",
+        "budget); temperature=1 frequency_penalty=0 presence_penalty=0 is Dolly's decoding",
     )
 
 
@@ -82,7 +83,7 @@ class UpConfig(BaseModel):
         "measured",
         description="the decoding the model carries and is served with: measured = whichever of its scored ones "
         "(greedy, sampled) ends the most held-out answers without looping; sampled = behaviour.decoding as it is "
-        "(with behaviour.decoding.frequency_penalty=0: Dolly's own)",
+        "(with behaviour.decoding.frequency_penalty=0 behaviour.decoding.presence_penalty=0: Dolly's own)",
     )
     host: str = Field("127.0.0.1", description="HTTP address of the API and the page (0.0.0.0 to reach them from other machines)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the API and the page")

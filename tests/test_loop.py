@@ -203,9 +203,10 @@ def test_up_trains_its_train_settings_over_the_presets_demo_and_refuses_the_ones
     # The corpus's own held-out size (the built-in sample's) lies under what the user sets.
     assert UpConfig().train_config(tmp_path, test_size=8).prepare.test_size == 8
     assert UpConfig(train={"prepare": {"test_size": 5}}).train_config(tmp_path, test_size=8).prepare.test_size == 5
-    # A decoding given in part keeps the rest of dolly up's: Dolly's temperature, with its budget and penalty.
+    # A decoding given in part keeps the rest of dolly up's: Dolly's temperature, with its budget and penalties.
     dolly = UpConfig(behaviour={"decoding": {"temperature": 1}}).behaviour.decoding
-    assert (dolly.temperature, dolly.max_tokens, dolly.frequency_penalty) == (1, UpConfig().behaviour.decoding.max_tokens, 0.3)
+    assert (dolly.temperature, dolly.max_tokens) == (1, UpConfig().behaviour.decoding.max_tokens)
+    assert (dolly.frequency_penalty, dolly.presence_penalty) == (0.3, 0.6)
     with pytest.raises(ValueError, match=r"train.base_model is set by `dolly up` from its own setting base_model"):
         UpConfig(train={"base_model": "EleutherAI/pythia-70m"})
     with pytest.raises(ValueError, match=r"train.max_steps: Input should be greater than or equal to 1"):
@@ -230,7 +231,8 @@ def test_dolly_up_serves_the_measured_decoding_whose_answers_end_most_without_lo
     # 9 of 10 greedy answers end, one loops (0.8); 7 of 10 sampled ones end, none loops (0.7).
     greedy, sampled = report("greedy", "sssssssssl", loops=1), report("sampled", "sssssssll" + "l")
     chosen, why = serving_decoding(UpConfig(), [greedy, sampled])
-    assert chosen == Decoding(temperature=0, frequency_penalty=0.3) and "greedy answers end 90%, loop 10%" in why
+    assert chosen == Decoding(temperature=0, frequency_penalty=0.3, presence_penalty=0.6)
+    assert "greedy answers end 90%, loop 10%" in why
     tie = report("sampled", "sssssssssl", loops=1)
     assert serving_decoding(UpConfig(), [greedy, tie])[0].temperature == 0.7, "a tie goes to sampling"
     asked = UpConfig(serve_decoding="sampled")

@@ -1,6 +1,7 @@
 """Does the tuned model follow instructions better than its base? Both answer the same held-out
 instructions of the real corpus, greedy and with Dolly's sampling (seeded), and are scored side by
 side: stop rate, repetition, ROUGE-L against the human reference, length (pipelines/behaviour.py).
+The answers themselves are written beside the plots, one file per decoding and mode, to read.
 
 It does so for each of --decodings: `dolly` (Dolly's own), `served` (what `dolly up` scores and
 serves with by default), or settings over Dolly's such as frequency_penalty=0.6,presence_penalty=1.
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "quality.json")
     args = parser.parse_args()
 
-    from pipelines.answers import answer, heldout_prompts
+    from pipelines.answers import answer, heldout_prompts, write_samples
     from pipelines.behaviour import BehaviourConfig, behaviour_table, summarize
     from pipelines.evaluate import score_model, show_scores
     from pipelines.heldout import LoadedModel
@@ -98,15 +99,17 @@ def main() -> None:
     for spec, decoding in decodings.items():
         config = BehaviourConfig(examples=args.examples, decoding=decoding)
         started = time.perf_counter()
-        base, _ = score_model(base_ref, data_dir, config, max_examples=args.examples)
+        base, base_answers = score_model(base_ref, data_dir, config, max_examples=args.examples)
         seconds["base"] += time.perf_counter() - started
         started = time.perf_counter()
-        tuned, _ = score_model(tuned_lm, data_dir, config, max_examples=args.examples)
+        tuned, tuned_answers = score_model(tuned_lm, data_dir, config, max_examples=args.examples)
         seconds["tuned"] += time.perf_counter() - started
         base, tuned = base.named(f"base ({base_ref})"), tuned.named("tuned")
         folder = args.out.parent / f"quality-{spec.replace(',', '-')}"
         folder.mkdir(parents=True, exist_ok=True)
         show_scores([base, tuned], folder, console)
+        for mode, given in base_answers.items():  # as `dolly eval` writes them: the base's, then the tuned model's
+            write_samples(given + tuned_answers[mode], folder / f"answers-{mode}.jsonl")
         checks = targets(base, tuned)
         console.print(f"[bold]Targets, greedy, {spec}: {decoding.greedy().describe()}[/]")
         for text, ok in checks:
